@@ -1,0 +1,5 @@
+"""Run ckptavg as ``python -m ckptavg``."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,236 @@
+"""The library entry points: `plan_checkpoints` (weights only) and `average_checkpoints` (the work)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .errors import NonFiniteError, PlanError
+from .plans import Plan, Swa, Weights
+from .reduce import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout, reduce_tensor
+from .select import Selection, order_checkpoints, select_checkpoints
+from .sources import Checkpoint, LoadOptions, PathLike, find_checkpoints, open_checkpoint
+from .writer import SafetensorsWriter, check_output
+
+Progress = Callable[[int, int], None]  # (bytes read so far, total bytes to read)
+
+
+@dataclass
+class PlanReport:
+    """What an average would do: the checkpoints in order, their weights, and the output layout."""
+
+    plan: Plan
+    checkpoints: list[Checkpoint]
+    weights: Weights
+    order: str
+    specs: list[TensorSpec] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the output tensors."""
+        return sum(s.nbytes for s in self.specs)
+
+    def to_json(self) -> dict[str, Any]:
+        """The stable `plan --json` schema (documented in the README)."""
+        return {
+            "method": self.plan.method,
+            "params": self.plan.params(),
+            "order": self.order,
+            "checkpoints": [
+                {
+                    "path": str(c.path), "step": c.meta.step, "epoch": c.meta.epoch, "metric": None,
+                    "weight": w, "step_source": c.meta.step_source, "epoch_source": c.meta.epoch_source,
+                    "format": c.format,
+                }
+                for c, w in zip(self.checkpoints, self.weights.values, strict=True)
+            ],
+            "residual": self.weights.residual,
+            "tensors": len(self.specs),
+            "bytes": self.nbytes,
+        }
+
+
+@dataclass
+class AverageResult:
+    """What `average_checkpoints` wrote."""
+
+    output: Path
+    report: PlanReport
+    nbytes: int
+    sha256: str
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "output": str(self.output), "method": self.report.plan.method,
+            "checkpoints": len(self.report.checkpoints), "tensors": len(self.report.specs),
+            "bytes": self.nbytes, "sha256": self.sha256, "seconds": round(self.seconds, 3),
+        }
+
+
+def plan_checkpoints(
+    inputs: Sequence[PathLike] | PathLike,
+    plan: Plan | None = None,
+    *,
+    select: Selection = Selection(),
+    load: LoadOptions = LoadOptions(),
+    dtype: str | None = None,
+) -> PlanReport:
+    """Find, order and select checkpoints and compute the plan's weights; read no tensor data.
+
+    Args:
+        inputs: files, directories or glob patterns.
+        plan: the weighting method (default: uniform `Swa()`).
+        select: which checkpoints to use.
+        load: how to read them.
+        dtype: output dtype for floating tensors (``float32``, ``float16``, ``bfloat16``); None keeps each
+            tensor's input dtype.
+
+    Raises:
+        CkptavgError: with a message naming the file, the key and the fix.
+    """
+    plan = plan or Swa()
+    out_dtype = _out_dtype(dtype)
+    paths = find_checkpoints(inputs)
+    opened = [open_checkpoint(p, load) for p in paths]
+    ordered, used = order_checkpoints(opened, select.order)
+    chosen = select_checkpoints(ordered, select)
+    weights = plan.weights(chosen)
+    specs = check_layout(chosen, out_dtype)
+    return PlanReport(plan, chosen, weights, used, specs)
+
+
+def average_checkpoints(
+    inputs: Sequence[PathLike] | PathLike,
+    output: PathLike,
+    plan: Plan | None = None,
+    *,
+    select: Selection = Selection(),
+    load: LoadOptions = LoadOptions(),
+    dtype: str | None = None,
+    accum_dtype: str = "float64",
+    allow_nonfinite: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> AverageResult:
+    """Average checkpoints into one safetensors file, streaming one tensor at a time.
+
+    Example:
+        >>> from ckptavg import average_checkpoints, Selection
+        >>> average_checkpoints("runs/", "avg.safetensors", select=Selection(last=5))  # doctest: +SKIP
+
+    Args:
+        inputs: files, directories or glob patterns.
+        output: the safetensors file to write (atomically: nothing appears there on failure).
+        plan: the weighting method (default: uniform `Swa()`).
+        select, load, dtype: as for `plan_checkpoints`.
+        accum_dtype: ``float64`` (default) or ``float32`` accumulator for floating tensors.
+        allow_nonfinite: average NaN/Inf values instead of refusing them.
+        force: overwrite an existing output.
+        progress: called with (bytes read, total bytes) as the work advances.
+    """
+    started = time.perf_counter()
+    if accum_dtype not in ACCUM_DTYPES:
+        raise PlanError(f"accum_dtype must be one of {', '.join(ACCUM_DTYPES)}, not {accum_dtype!r}.")
+    out = Path(output)
+    report = plan_checkpoints(inputs, plan, select=select, load=load, dtype=dtype)
+    check_output(out, _files_read(report.checkpoints), force)
+    weights = report.weights.values
+    total = sum(c.tensors[s.name].nbytes for s in report.specs for c in report.checkpoints)
+    done = 0
+
+    def on_read(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    with SafetensorsWriter(out, report.specs, provenance(report)) as writer:
+        for spec in writer.order:
+            tensor = reduce_tensor(spec, report.checkpoints, weights, ACCUM_DTYPES[accum_dtype], on_read)
+            if spec.averaged and not allow_nonfinite:
+                _check_finite(spec, tensor, report.checkpoints)
+            writer.write(tensor)
+    return AverageResult(out, report, writer.nbytes, writer.sha256, time.perf_counter() - started)
+
+
+def provenance(report: PlanReport) -> dict[str, str]:
+    """The output's __metadata__: which files, in which order, with which weights, by which version."""
+    inputs = [
+        {"path": str(c.path), "weight": w, "step": c.meta.step, "epoch": c.meta.epoch}
+        for c, w in zip(report.checkpoints, report.weights.values, strict=True)
+    ]
+    return {
+        "format": "pt",
+        "ckptavg_version": __version__,
+        "ckptavg_method": report.plan.method,
+        "ckptavg_params": json.dumps(report.plan.params(), sort_keys=True),
+        "ckptavg_order": report.order,
+        "ckptavg_residual": repr(report.weights.residual),
+        "ckptavg_inputs": json.dumps(inputs),
+    }
+
+
+def _out_dtype(dtype: str | None) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if dtype not in OUT_DTYPES:
+        raise PlanError(f"dtype must be one of {', '.join(OUT_DTYPES)}, not {dtype!r}.")
+    return OUT_DTYPES[dtype]
+
+
+def _files_read(ckpts: Sequence[Checkpoint]) -> list[Path]:
+    files = {c.path for c in ckpts} | {t.path for c in ckpts for t in c.tensors.values()}
+    return sorted(files, key=os.fspath)
+
+
+def _check_finite(spec: TensorSpec, result: torch.Tensor, ckpts: Sequence[Checkpoint]) -> None:
+    if bool(torch.isfinite(result).all()):
+        return
+    for c in ckpts:  # find the culprit; this costs a second read of one tensor, only on failure
+        if not bool(torch.isfinite(c.tensors[spec.name].load()).all()):
+            raise NonFiniteError(
+                f"{c.path}: '{spec.name}' contains NaN or Inf; pass --allow-nonfinite to average it anyway."
+            )
+    raise NonFiniteError(
+        f"'{spec.name}': the average overflows {spec.out_dtype}; choose a wider --dtype."
+    )
+
+
+def inspect_checkpoint(path: PathLike, load: LoadOptions = LoadOptions()) -> dict[str, Any]:
+    """Describe one checkpoint without reading its tensor data: format, weights location, metadata, tensors.
+
+    For a file written by ckptavg, the ``ckptavg`` entry holds its provenance (version, method,
+    parameters, inputs with their weights).
+    """
+    c = open_checkpoint(path, load)
+    info: dict[str, Any] = {
+        "path": str(c.path), "format": c.format, "location": c.location, "stripped_prefix": c.stripped_prefix,
+        "step": c.meta.step, "step_source": c.meta.step_source,
+        "epoch": c.meta.epoch, "epoch_source": c.meta.epoch_source,
+        "other_entries": c.other_entries, "file_metadata": c.file_metadata,
+        "tensors": [
+            {"name": k, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "bytes": t.nbytes}
+            for k, t in c.tensors.items()
+        ],
+        "bytes": c.nbytes,
+    }
+    meta = c.file_metadata
+    if "ckptavg_version" in meta:
+        try:
+            info["ckptavg"] = {
+                "version": meta["ckptavg_version"], "method": meta.get("ckptavg_method"),
+                "params": json.loads(meta.get("ckptavg_params", "{}")), "order": meta.get("ckptavg_order"),
+                "inputs": json.loads(meta.get("ckptavg_inputs", "[]")),
+            }
+        except json.JSONDecodeError:
+            pass  # foreign or damaged provenance: show the raw metadata instead
+    return info

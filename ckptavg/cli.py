@@ -1,0 +1,241 @@
+"""The Typer command line: flags become one `ckptavg.api` call; errors become one stderr line.
+
+Options shared by several commands are declared once, as groups of parameters, and each command's
+signature is composed from the groups it needs, so `swa` and `plan swa` cannot drift apart.
+"""
+
+import enum
+import inspect
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from . import __version__
+from .api import average_checkpoints, inspect_checkpoint, plan_checkpoints
+from .errors import CkptavgError
+from .plans import Plan, Swa
+from .report import format_inspect, format_plan, format_summary
+from .select import Selection, parse_start
+from .sources import LoadOptions
+
+app = typer.Typer(
+    help="Average PyTorch checkpoints after training (SWA, EMA, grafting), streaming tensor by tensor.\n\n"
+    "Example: ckptavg swa runs/ --last 5 -o avg.safetensors",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+plan_app = typer.Typer(
+    help="Show which checkpoints a method would use, in which order, with which weights. Reads no tensor data.",
+    no_args_is_help=True,
+)
+app.add_typer(plan_app, name="plan")
+
+SEL, LOAD, OUT = "Selection", "Loading", "Output"
+
+
+class Order(str, enum.Enum):
+    auto = "auto"
+    step = "step"
+    epoch = "epoch"
+    name = "name"
+    mtime = "mtime"
+
+
+class OutDtype(str, enum.Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+class AccumDtype(str, enum.Enum):
+    float64 = "float64"
+    float32 = "float32"
+
+
+def _opt(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+
+INPUTS = inspect.Parameter(
+    "inputs", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    annotation=Annotated[list[str], typer.Argument(
+        help="Checkpoint files, directories or glob patterns (quote a glob to let ckptavg expand it).",
+        show_default=False)],
+)
+SELECT_OPTS = [
+    _opt("last", Annotated[int | None, typer.Option(min=1, help="Keep the newest K checkpoints.", rich_help_panel=SEL)], None),
+    _opt("start", Annotated[str | None, typer.Option(
+        help="Integer: keep checkpoints with epoch (or step, without epochs) >= S. Fraction 0<S<1: drop the "
+        "first floor(S*N) checkpoints, like Lightning's swa_epoch_start.", rich_help_panel=SEL)], None),
+    _opt("every", Annotated[int | None, typer.Option(min=1, help="Keep every N-th checkpoint.", rich_help_panel=SEL)], None),
+    _opt("upto", Annotated[int | None, typer.Option(min=0, help="Keep checkpoints with step <= STEP.", rich_help_panel=SEL)], None),
+    _opt("order", Annotated[Order, typer.Option(
+        help="Checkpoint order. auto: by step, else epoch, else natural file name.", rich_help_panel=SEL)], Order.auto),
+]
+LOAD_OPTS = [
+    _opt("key", Annotated[str | None, typer.Option(
+        help="Dotted path of the weights in a training checkpoint, e.g. state_dict_ema. "
+        "Default: state_dict, model, model_state_dict, module, net, or the top level.", rich_help_panel=LOAD)], None),
+    _opt("keep_prefix", Annotated[bool, typer.Option(
+        help="Keep a module. (DDP) or _orig_mod. (torch.compile) prefix shared by every key.", rich_help_panel=LOAD)], False),
+    _opt("trust_pickle", Annotated[bool, typer.Option(
+        help="Allow full unpickling, which can run code from the file. Only for files you trust.", rich_help_panel=LOAD)], False),
+]
+DTYPE_OPT = _opt("dtype", Annotated[OutDtype | None, typer.Option(
+    help="Output dtype of floating tensors. Default: each tensor's input dtype.", rich_help_panel=OUT)], None)
+WRITE_OPTS = [
+    _opt("output", Annotated[Path, typer.Option("--output", "-o", help="Safetensors file to write.",
+                                                show_default=False, rich_help_panel=OUT)], inspect.Parameter.empty),
+    DTYPE_OPT,
+    _opt("accum_dtype", Annotated[AccumDtype, typer.Option(help="Accumulator dtype.", rich_help_panel=OUT)], AccumDtype.float64),
+    _opt("allow_nonfinite", Annotated[bool, typer.Option(help="Average NaN/Inf values instead of refusing them.",
+                                                         rich_help_panel=OUT)], False),
+    _opt("force", Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.", rich_help_panel=OUT)], False),
+    _opt("json_out", Annotated[bool, typer.Option("--json", help="Print the summary as JSON.", rich_help_panel=OUT)], False),
+    _opt("quiet", Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.", rich_help_panel=OUT)], False),
+]
+JSON_OPT = _opt("json_out", Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")], False)
+
+
+def _with_signature(fn: Callable[..., None], params: list[inspect.Parameter]) -> Callable[..., None]:
+    fn.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    fn.__annotations__ = {p.name: p.annotation for p in params}
+    return fn
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn ckptavg errors into one `Error:` line and exit 1; warnings into `Warning:` lines."""
+    seen: set[str] = set()
+
+    def show(message: Warning | str, *_: Any, **__: Any) -> None:
+        text = str(message)
+        if text not in seen:
+            seen.add(text)
+            print(f"Warning: {text}", file=sys.stderr)
+
+    old = warnings.showwarning
+    warnings.showwarning = show  # type: ignore[assignment]
+    try:
+        yield
+    except CkptavgError as e:
+        if os.environ.get("CKPTAVG_DEBUG") == "1":
+            raise
+        print(f"Error: {e}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        print("Error: interrupted; nothing was written.", file=sys.stderr)
+        raise typer.Exit(130) from None
+    finally:
+        warnings.showwarning = old
+
+
+def _selection(kw: dict[str, Any]) -> Selection:
+    start = parse_start(kw["start"]) if kw["start"] is not None else None
+    return Selection(order=kw["order"].value, upto=kw["upto"], start=start, every=kw["every"], last=kw["last"])
+
+
+def _load(kw: dict[str, Any]) -> LoadOptions:
+    return LoadOptions(key=kw["key"], keep_prefix=kw["keep_prefix"], trust_pickle=kw["trust_pickle"])
+
+
+def add_method(name: str, build: Callable[..., Plan], params: list[inspect.Parameter], help: str) -> None:
+    """Register `ckptavg NAME` (average) and `ckptavg plan NAME` (weights only) for one method."""
+    own = [p.name for p in params]
+
+    def run(**kw: Any) -> None:
+        with _errors():
+            plan = build(**{k: kw[k] for k in own})
+            bar = _progress_bar(kw["quiet"])
+            try:
+                result = average_checkpoints(
+                    kw["inputs"], kw["output"], plan, select=_selection(kw), load=_load(kw),
+                    dtype=kw["dtype"].value if kw["dtype"] else None, accum_dtype=kw["accum_dtype"].value,
+                    allow_nonfinite=kw["allow_nonfinite"], force=kw["force"], progress=bar,
+                )
+            finally:
+                if bar:
+                    bar.close()
+            if not kw["quiet"]:
+                print(json.dumps(result.to_json()) if kw["json_out"] else format_summary(result))
+
+    def plan_only(**kw: Any) -> None:
+        with _errors():
+            report = plan_checkpoints(
+                kw["inputs"], build(**{k: kw[k] for k in own}), select=_selection(kw), load=_load(kw),
+                dtype=kw["dtype"].value if kw["dtype"] else None,
+            )
+            print(json.dumps(report.to_json(), indent=2) if kw["json_out"] else format_plan(report))
+
+    app.command(name, help=help)(_with_signature(run, [INPUTS, *params, *SELECT_OPTS, *LOAD_OPTS, *WRITE_OPTS]))
+    plan_app.command(name, help=f"Weights of `ckptavg {name}`, without doing the work.")(
+        _with_signature(plan_only, [INPUTS, *params, *SELECT_OPTS, *LOAD_OPTS, DTYPE_OPT, JSON_OPT])
+    )
+
+
+class _Bar:
+    """A tqdm bar on stderr fed with (done, total) byte counts."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, desc="averaging")
+
+    def __call__(self, done: int, total: int) -> None:
+        self._bar.total = total
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _progress_bar(quiet: bool) -> _Bar | None:
+    return None if quiet or not sys.stderr.isatty() else _Bar()
+
+
+add_method(
+    "swa", Swa, [],
+    help="Uniform average of the selected checkpoints (stochastic weight averaging).\n\n"
+    "Example: ckptavg swa runs/ --last 5 -o avg.safetensors",
+)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    path: Annotated[Path, typer.Argument(help="A checkpoint file or Hugging Face checkpoint folder.", show_default=False)],
+    key: Annotated[str | None, typer.Option(help="Dotted path of the weights inside the checkpoint.")] = None,
+    keep_prefix: Annotated[bool, typer.Option(help="Keep a module./_orig_mod. prefix.")] = False,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow full unpickling (can run code).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show a checkpoint's format, where its weights were found, its metadata and its tensors."""
+    with _errors():
+        info = inspect_checkpoint(path, LoadOptions(key=key, keep_prefix=keep_prefix, trust_pickle=trust_pickle))
+        print(json.dumps(info, indent=2) if json_out else format_inspect(info))
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"ckptavg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """Average PyTorch checkpoints after training."""
+
+
+def main() -> None:
+    """Entry point of the `ckptavg` command."""
+    app(prog_name="ckptavg")

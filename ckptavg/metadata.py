@@ -1,0 +1,92 @@
+"""Step and epoch of a checkpoint, each with the place it was read from."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .formats import LazyTensor
+
+STEP_KEYS = ("global_step", "step", "num_updates", "iteration")
+EPOCH_KEYS = ("epoch",)
+
+_BOUND = r"(?:^|(?<=[^A-Za-z]))"  # the word must not continue a longer word ("step" in "timestep" is fine)
+_STEP_NAME = [
+    re.compile(_BOUND + r"(?:global_)?steps?[=_-]?(\d+)", re.I),
+    re.compile(_BOUND + r"iter(?:ation)?s?[=_-]?(\d+)", re.I),
+]
+_FOLDER_STEP = re.compile(r"^checkpoint-(\d+)$")
+_EPOCH_NAME = [
+    re.compile(_BOUND + r"epochs?[=_-]?(\d+)", re.I),
+    re.compile(_BOUND + r"ep[=_-]?(\d+)", re.I),
+]
+
+Number = int | float
+
+
+@dataclass(frozen=True)
+class Meta:
+    """Step and epoch of one checkpoint, and where each came from (None when unknown)."""
+
+    step: int | None = None
+    step_source: str | None = None
+    epoch: Number | None = None
+    epoch_source: str | None = None
+
+    def fill(self, other: Meta) -> Meta:
+        """Fill the unknown fields of this Meta from `other`."""
+        out = self
+        if out.step is None and other.step is not None:
+            out = replace(out, step=other.step, step_source=other.step_source)
+        if out.epoch is None and other.epoch is not None:
+            out = replace(out, epoch=other.epoch, epoch_source=other.epoch_source)
+        return out
+
+
+def _number(value: Any) -> Number | None:
+    if isinstance(value, LazyTensor):
+        if value.numel != 1 or value.dtype.is_complex:
+            return None
+        value = value.load().item()
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value == value:  # not NaN
+        return int(value) if value.is_integer() else value
+    return None
+
+
+def meta_from_mapping(obj: Mapping[Any, Any], source: str) -> Meta:
+    """Read step and epoch from the top level of a checkpoint dict or trainer_state.json."""
+    step = epoch = None
+    step_src = epoch_src = None
+    for key in STEP_KEYS:
+        n = _number(obj.get(key))
+        if isinstance(n, int) and n >= 0:
+            step, step_src = n, f"{source} '{key}'"
+            break
+    for key in EPOCH_KEYS:
+        n = _number(obj.get(key))
+        if n is not None and n >= 0:
+            epoch, epoch_src = n, f"{source} '{key}'"
+            break
+    return Meta(step, step_src, epoch, epoch_src)
+
+
+def meta_from_name(name: str, folder: bool = False) -> Meta:
+    """Read step and epoch from a file or folder name (``step=1200``, ``epoch=3``, ``checkpoint-1200/``)."""
+    m = _FOLDER_STEP.match(name) if folder else None
+    if m is None:
+        m = next((found for p in _STEP_NAME if (found := p.search(name))), None)
+    e = next((found for p in _EPOCH_NAME if (found := p.search(name))), None)
+    step = int(m.group(1)) if m else None
+    epoch = int(e.group(1)) if e else None
+    return Meta(step, "file name" if m else None, epoch, "file name" if e else None)

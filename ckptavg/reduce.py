@@ -1,0 +1,123 @@
+"""Check that checkpoints share one layout, then reduce them one tensor name at a time.
+
+At any moment only one input tensor and one accumulator are alive, so memory does not grow with
+the number of checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import IncompatibleCheckpointsError
+from .sources import Checkpoint
+
+ACCUM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One output tensor: its name, shape, the input dtype and the dtype written."""
+
+    name: str
+    shape: tuple[int, ...]
+    in_dtype: torch.dtype
+    out_dtype: torch.dtype
+
+    @property
+    def averaged(self) -> bool:
+        """Floating and complex tensors are averaged; the others are copied."""
+        return self.in_dtype.is_floating_point or self.in_dtype.is_complex
+
+    @property
+    def nbytes(self) -> int:
+        n = self.out_dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def _kind(dtype: torch.dtype) -> str:
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "floating"
+    return "bool" if dtype == torch.bool else "integer"
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+def check_layout(ckpts: Sequence[Checkpoint], out_dtype: torch.dtype | None = None) -> list[TensorSpec]:
+    """Return the output specs, or raise listing every way the checkpoints disagree.
+
+    Keys and shapes must match, and so must dtype kinds. Floating dtypes that differ
+    (fp16 in one, fp32 in another) are an error unless `out_dtype` says what to write.
+    """
+    ref = ckpts[0]
+    problems: list[str] = []
+    for other in ckpts[1:]:
+        missing = [k for k in ref.tensors if k not in other.tensors]
+        extra = [k for k in other.tensors if k not in ref.tensors]
+        problems += [f"{other.name}: lacks '{k}', which {ref.name} has" for k in missing]
+        problems += [f"{other.name}: has '{k}', which {ref.name} lacks" for k in extra]
+        for key, t in ref.tensors.items():
+            o = other.tensors.get(key)
+            if o is None:
+                continue
+            if o.shape != t.shape:
+                problems.append(
+                    f"{other.name}: '{key}' has shape {_fmt_shape(o.shape)} but {ref.name} has {_fmt_shape(t.shape)}"
+                )
+            elif _kind(o.dtype) != _kind(t.dtype):
+                problems.append(
+                    f"{other.name}: '{key}' is {_kind(o.dtype)} ({o.dtype}) but in {ref.name} it is "
+                    f"{_kind(t.dtype)} ({t.dtype})"
+                )
+            elif o.dtype != t.dtype and not (out_dtype is not None and t.dtype.is_floating_point):
+                problems.append(
+                    f"{other.name}: '{key}' is {o.dtype} but {ref.name} has {t.dtype} (pass --dtype to choose)"
+                )
+    if problems:
+        shown = "; ".join(problems[:10])
+        more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise IncompatibleCheckpointsError(
+            f"checkpoints do not match: {shown}{more}. All checkpoints must come from the same architecture."
+        )
+    return [
+        TensorSpec(k, t.shape, t.dtype, out_dtype if (out_dtype is not None and t.dtype.is_floating_point) else t.dtype)
+        for k, t in ref.tensors.items()
+    ]
+
+
+def reduce_tensor(
+    spec: TensorSpec,
+    ckpts: Sequence[Checkpoint],
+    weights: Sequence[float],
+    accum_dtype: torch.dtype = torch.float64,
+    on_read: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Weighted sum of one tensor across checkpoints, rounded once to the output dtype.
+
+    Non-floating tensors (e.g. ``num_batches_tracked``) are copied from the newest checkpoint
+    with a non-zero weight.
+    """
+    if not spec.averaged:
+        newest = max(i for i, w in enumerate(weights) if w != 0) if any(weights) else len(ckpts) - 1
+        t = ckpts[newest].tensors[spec.name]
+        if on_read:
+            on_read(t.nbytes)
+        return t.load()
+    dtype = accum_dtype if not spec.in_dtype.is_complex else torch.complex128
+    acc = torch.zeros(spec.shape, dtype=dtype)
+    for ckpt, w in zip(ckpts, weights, strict=True):
+        lazy = ckpt.tensors[spec.name]
+        if w != 0:
+            acc.add_(lazy.load(), alpha=w)
+        if on_read:
+            on_read(lazy.nbytes)
+    return acc.to(spec.out_dtype)

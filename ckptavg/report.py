@@ -1,0 +1,80 @@
+"""Human-readable text for the CLI: the plan table, the one-line summary, the inspect view."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .api import AverageResult, PlanReport
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover - the loop returns at GiB
+
+
+def _value(value: Any, source: str | None) -> str:
+    return "-" if value is None else f"{value} ({source})"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def format_plan(report: PlanReport) -> str:
+    """The `ckptavg plan` table."""
+    params = ", ".join(f"{k}={v}" for k, v in report.plan.params().items()) or "none"
+    rows = [["#", "checkpoint", "step", "epoch", "weight"]]
+    for i, (c, w) in enumerate(zip(report.checkpoints, report.weights.values, strict=True), 1):
+        rows.append([str(i), str(c.path), _value(c.meta.step, c.meta.step_source),
+                     _value(c.meta.epoch, c.meta.epoch_source), f"{w:.6f}"])
+    lines = [
+        f"method: {report.plan.method} (params: {params})",
+        f"order: {report.order}; {len(report.checkpoints)} checkpoints selected",
+        "",
+        _table(rows),
+        "",
+        f"sum of weights: {sum(report.weights.values):.6f}; residual: {report.weights.residual:.6f}",
+        f"output: {len(report.specs)} tensors, {human_bytes(report.nbytes)}",
+    ]
+    return "\n".join(lines)
+
+
+def format_summary(result: AverageResult) -> str:
+    """The one-line success message."""
+    r = result.report
+    return (
+        f"wrote {result.output}: {r.plan.method} of {len(r.checkpoints)} checkpoints, {len(r.specs)} tensors, "
+        f"{human_bytes(result.nbytes)}, sha256 {result.sha256}, {result.seconds:.2f} s"
+    )
+
+
+def format_inspect(info: dict[str, Any]) -> str:
+    """The `ckptavg inspect` view."""
+    lines = [
+        f"path: {info['path']}",
+        f"format: {info['format']}",
+        f"weights: {info['location']}" + (f" (stripped prefix '{info['stripped_prefix']}')" if info["stripped_prefix"] else ""),
+        f"step: {_value(info['step'], info['step_source'])}",
+        f"epoch: {_value(info['epoch'], info['epoch_source'])}",
+    ]
+    if info["other_entries"]:
+        lines.append("other entries: " + ", ".join(info["other_entries"]))
+    provenance = info.get("ckptavg")
+    if provenance:
+        lines.append(f"made by ckptavg {provenance.get('version')}: {provenance.get('method')} "
+                     f"{json.dumps(provenance.get('params'))}, order {provenance.get('order')}")
+        lines += [f"  {i['weight']:.6f}  {i['path']}" for i in provenance.get("inputs", [])]
+    elif info["file_metadata"]:
+        lines.append("metadata: " + ", ".join(f"{k}={v}" for k, v in info["file_metadata"].items()))
+    lines.append(f"tensors: {len(info['tensors'])}, {human_bytes(info['bytes'])}")
+    rows = [["name", "dtype", "shape", "size"]]
+    rows += [[t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar", human_bytes(t["bytes"])]
+             for t in info["tensors"]]
+    return "\n".join(lines) + "\n\n" + _table(rows)

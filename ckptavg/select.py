@@ -1,0 +1,131 @@
+"""Order checkpoints (by step, epoch, name or mtime) and choose which of them to average."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import SelectionError
+from .sources import Checkpoint
+
+ORDERS = ("auto", "step", "epoch", "name", "mtime")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which checkpoints to use, applied in this order: upto, start, every, last.
+
+    Attributes:
+        order: ``auto`` (step, else epoch, else natural name), ``step``, ``epoch``, ``name`` or ``mtime``.
+        upto: keep checkpoints whose step is at most this.
+        start: an int keeps checkpoints whose epoch (or step, without epochs) is at least it; a
+            fraction 0 < start < 1 drops the first ``floor(start * N)`` checkpoints (like
+            Lightning's ``swa_epoch_start``).
+        every: keep every n-th checkpoint, counting from the first one left.
+        last: keep the newest k.
+    """
+
+    order: str = "auto"
+    upto: int | None = None
+    start: int | float | None = None
+    every: int | None = None
+    last: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise SelectionError(f"order must be one of {', '.join(ORDERS)}, not {self.order!r}.")
+        for name in ("every", "last"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise SelectionError(f"{name} must be a positive integer, not {value!r}.")
+        if self.upto is not None and self.upto < 0:
+            raise SelectionError(f"upto must be a step >= 0, not {self.upto!r}.")
+        s = self.start
+        if s is not None and not (
+            (isinstance(s, int) and s >= 0) or (isinstance(s, float) and 0 < s < 1)
+        ):
+            raise SelectionError(f"start must be an integer >= 0 or a fraction 0 < S < 1, not {s!r}.")
+
+
+def parse_start(text: str) -> int | float:
+    """Parse ``--start``: ``"3"`` is epoch 3 (an int); ``"0.5"`` is a fraction."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise SelectionError(f"--start must be an integer or a fraction, not {text!r}.") from None
+    if not 0 < value < 1:
+        raise SelectionError(f"--start as a fraction must be between 0 and 1 (exclusive), not {text}.")
+    return value
+
+
+def natural_key(text: str) -> tuple[tuple[int, int, str], ...]:
+    """Sort key that puts ``epoch=10`` after ``epoch=9``."""
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", text) if t)
+
+
+def order_checkpoints(ckpts: Sequence[Checkpoint], order: str = "auto") -> tuple[list[Checkpoint], str]:
+    """Sort checkpoints oldest first; return them and the order actually used."""
+    used = order
+    if order == "auto":
+        if all(c.meta.step is not None for c in ckpts):
+            used = "step"
+        elif all(c.meta.epoch is not None for c in ckpts):
+            used = "epoch"
+        else:
+            used = "name"
+    if used in ("step", "epoch"):
+        _require(ckpts, used, f"--order {used}")
+
+    def key(c: Checkpoint) -> tuple[object, ...]:
+        name = natural_key(str(c.path))
+        if used == "step":
+            return (c.meta.step, name)
+        if used == "epoch":
+            return (c.meta.epoch, name)
+        if used == "mtime":
+            return (c.path.stat().st_mtime_ns, name)
+        return (name,)
+
+    return sorted(ckpts, key=key), used
+
+
+def _require(ckpts: Sequence[Checkpoint], field: str, why: str) -> None:
+    missing = [c.name for c in ckpts if getattr(c.meta, field) is None]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise SelectionError(f"{why} needs the {field} of every checkpoint, but it is unknown for {shown}.")
+
+
+def select_checkpoints(ordered: Sequence[Checkpoint], sel: Selection) -> list[Checkpoint]:
+    """Apply ``upto``, ``start``, ``every`` and ``last`` to checkpoints already in order."""
+    chosen = list(ordered)
+    if not chosen:
+        raise SelectionError("no checkpoints to select from.")
+    if sel.upto is not None:
+        _require(chosen, "step", f"--upto {sel.upto}")
+        chosen = [c for c in chosen if c.meta.step is not None and c.meta.step <= sel.upto]
+        _nonempty(chosen, f"--upto {sel.upto}")
+    if isinstance(sel.start, float):
+        chosen = chosen[math.floor(sel.start * len(chosen)):]
+        _nonempty(chosen, f"--start {sel.start}")
+    elif isinstance(sel.start, int):
+        field = "epoch" if all(c.meta.epoch is not None for c in chosen) else "step"
+        _require(chosen, field, f"--start {sel.start}")
+        chosen = [c for c in chosen if getattr(c.meta, field) >= sel.start]
+        _nonempty(chosen, f"--start {sel.start} (compared with each checkpoint's {field})")
+    if sel.every is not None:
+        chosen = chosen[:: sel.every]
+    if sel.last is not None:
+        chosen = chosen[-sel.last:]
+    return chosen
+
+
+def _nonempty(chosen: list[Checkpoint], why: str) -> None:
+    if not chosen:
+        raise SelectionError(f"{why} leaves no checkpoint to average.")

@@ -1,0 +1,151 @@
+"""Streaming safetensors writer: header first, then each tensor as it is produced; atomic rename.
+
+The layout follows safetensors' own `save_file` (tensors ordered by dtype rank, then name; the JSON
+header padded with spaces to a multiple of 8), so the bytes are deterministic.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from .errors import OutputError
+from .formats import DTYPE_NAMES
+from .reduce import TensorSpec
+
+# safetensors' write order: larger-rank dtypes first (its Dtype enum, descending).
+_RANK = [
+    "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
+    "I32", "U32", "F32", "C64", "F64", "I64", "U64",
+]
+TEMP_SUFFIX = ".ckptavg-partial"
+
+
+def write_order(specs: Sequence[TensorSpec]) -> list[TensorSpec]:
+    """The order in which tensors lie in the file."""
+    return sorted(specs, key=lambda s: (-_RANK.index(DTYPE_NAMES[s.out_dtype]), s.name))
+
+
+def check_output(output: Path, inputs: Sequence[Path], force: bool) -> None:
+    """Refuse an output that is an input, that exists (without force), or whose directory is missing."""
+    if output.is_dir():
+        raise OutputError(f"{output}: is a directory; give a file path such as {output / 'avg.safetensors'}.")
+    parent = output.parent
+    if not parent.is_dir():
+        raise OutputError(f"{output}: directory {parent} does not exist; create it first.")
+    for src in inputs:
+        if _same(output, src):
+            raise OutputError(f"{output}: is one of the inputs; choose another output path.")
+    if output.exists() and not force:
+        raise OutputError(f"{output}: already exists; pass --force to overwrite it.")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{output}: directory {parent} is not writable.")
+
+
+def _same(output: Path, src: Path) -> bool:
+    if output.resolve() == src.resolve():
+        return True
+    try:
+        return output.exists() and os.path.samefile(output, src)
+    except OSError:
+        return False
+
+
+class SafetensorsWriter:
+    """Write tensors to `path` in `write_order`, through a temp file renamed into place on success.
+
+    Use as a context manager; on any exception (Ctrl-C included) the temp file is removed and
+    nothing appears at `path`.
+    """
+
+    def __init__(self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str]) -> None:
+        self.path = path
+        self.order = write_order(specs)
+        self._next = 0
+        self._sha = hashlib.sha256()
+        self.nbytes = 0
+        self._header = self._build_header(metadata)
+        self._file: tempfile._TemporaryFileWrapper[bytes] | None = None
+
+    def _build_header(self, metadata: dict[str, str]) -> bytes:
+        header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+        offset = 0
+        for s in self.order:
+            header[s.name] = {
+                "dtype": DTYPE_NAMES[s.out_dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]
+            }
+            offset += s.nbytes
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        raw += b" " * (-len(raw) % 8)
+        return struct.pack("<Q", len(raw)) + raw
+
+    def __enter__(self) -> SafetensorsWriter:
+        try:
+            self._file = tempfile.NamedTemporaryFile(
+                dir=self.path.parent, prefix=f".{self.path.name}.", suffix=TEMP_SUFFIX, delete=False
+            )
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot create a file in {self.path.parent} ({e.strerror}).") from None
+        self._emit(memoryview(self._header))
+        return self
+
+    def write(self, tensor: torch.Tensor) -> None:
+        """Write the next tensor of `order`; its shape and dtype must match the spec."""
+        spec = self.order[self._next]
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.out_dtype:
+            raise AssertionError(f"writer got {tensor.dtype}{list(tensor.shape)} for {spec}")  # a bug, not input
+        t = tensor.contiguous()
+        if t.numel():
+            self._emit(memoryview((ctypes.c_char * t.nbytes).from_address(t.data_ptr())))
+        self._next += 1
+
+    def _emit(self, data: memoryview) -> None:
+        assert self._file is not None
+        try:
+            self._file.write(data)
+        except OSError as e:
+            raise OutputError(f"{self.path}: write failed ({e.strerror}); nothing was written.") from None
+        self._sha.update(data)
+        self.nbytes += len(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._file is not None
+        tmp = Path(self._file.name)
+        try:
+            if exc_type is None:
+                if self._next != len(self.order):
+                    raise AssertionError("writer closed before every tensor was written")
+                self._finish(tmp)
+        finally:
+            if not self._file.closed:
+                self._file.close()
+            if tmp.exists():
+                tmp.unlink()
+
+    def _finish(self, tmp: Path) -> None:
+        assert self._file is not None
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # tempfile makes 0600; give the usual permissions
+            os.replace(tmp, self.path)
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot finish writing ({e.strerror}); nothing was written.") from None
