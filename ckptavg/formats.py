@@ -238,8 +238,8 @@ def load_torch(path: Path, fmt: str, trust_pickle: bool) -> Any:
         ) from None
     if not lazy:
         warnings.warn(
-            f"{path}: legacy (non-zip) torch file is read whole into memory; "
-            "re-save it with a current torch.save to stream it.",
+            "legacy (non-zip) torch files are read whole into memory instead of streamed; "
+            "re-save them with a current torch.save to stream them.",
             CkptavgWarning,
             stacklevel=2,
         )
