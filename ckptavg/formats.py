@@ -215,11 +215,10 @@ def load_torch(path: Path, fmt: str, trust_pickle: bool) -> Any:
         _check_torch_zip(path)
     lazy = fmt == "torch-zip"
     try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(_SAFE_EXTRAS):
+        # An open file, not a path: torch.load hands paths ending in .safetensors to safetensors.
+        with open(path, "rb") as f, warnings.catch_warnings(), torch.serialization.safe_globals(_SAFE_EXTRAS):
             warnings.simplefilter("ignore")
-            obj = torch.load(
-                path, map_location="meta" if lazy else "cpu", weights_only=not trust_pickle, mmap=False
-            )
+            obj = torch.load(f, map_location="meta" if lazy else "cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
         m = re.search(r"GLOBAL ([\w.]+)", str(e))
         if m and not trust_pickle:
