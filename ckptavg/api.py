@@ -32,6 +32,7 @@ class PlanReport:
     weights: Weights
     order: str
     specs: list[TensorSpec] = field(default_factory=list)
+    metric: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -46,7 +47,7 @@ class PlanReport:
             "order": self.order,
             "checkpoints": [
                 {
-                    "path": str(c.path), "step": c.meta.step, "epoch": c.meta.epoch, "metric": None,
+                    "path": str(c.path), "step": c.meta.step, "epoch": c.meta.epoch, "metric": self.metric_of(c),
                     "weight": w, "step_source": c.meta.step_source, "epoch_source": c.meta.epoch_source,
                     "format": c.format,
                 }
@@ -55,7 +56,27 @@ class PlanReport:
             "residual": self.weights.residual,
             "tensors": len(self.specs),
             "bytes": self.nbytes,
-        }
+        } | self.details()
+
+    def metric_of(self, c: Checkpoint) -> float | None:
+        """The value of the selection metric for one checkpoint, when a metric was named."""
+        found = c.meta.metric(self.metric) if self.metric else None
+        return found[0] if found else None
+
+    def details(self) -> dict[str, Any]:
+        """Method-specific parts of the plan: graft groups, soup scores, the metric name."""
+        out: dict[str, Any] = {}
+        if self.metric:
+            out["metric_name"] = self.metric
+        if self.weights.groups:
+            out["groups"] = [
+                {"tensor": g.tensor, "members": list(g.members), "entropies": list(g.entropies),
+                 "weights": list(g.weights)}
+                for g in self.weights.groups
+            ]
+        if self.weights.scores:
+            out["scores"] = list(self.weights.scores)
+        return out
 
 
 @dataclass
@@ -103,9 +124,9 @@ def plan_checkpoints(
     opened = [open_checkpoint(p, load) for p in paths]
     ordered, used = order_checkpoints(opened, select.order)
     chosen = select_checkpoints(ordered, select)
+    specs = check_layout(chosen, out_dtype)  # before the weights: grafts and soups read tensor data
     weights = plan.weights(chosen)
-    specs = check_layout(chosen, out_dtype)
-    return PlanReport(plan, chosen, weights, used, specs)
+    return PlanReport(plan, chosen, weights, used, specs, select.metric)
 
 
 def average_checkpoints(
@@ -143,7 +164,6 @@ def average_checkpoints(
     out = Path(output)
     report = plan_checkpoints(inputs, plan, select=select, load=load, dtype=dtype)
     check_output(out, _files_read(report.checkpoints), force)
-    weights = report.weights.values
     total = sum(c.tensors[s.name].nbytes for s in report.specs for c in report.checkpoints)
     done = 0
 
@@ -155,6 +175,7 @@ def average_checkpoints(
 
     with SafetensorsWriter(out, report.specs, provenance(report)) as writer:
         for spec in writer.order:
+            weights = report.weights.for_tensor(spec.name)
             tensor = reduce_tensor(spec, report.checkpoints, weights, ACCUM_DTYPES[accum_dtype], on_read)
             if spec.averaged and not allow_nonfinite:
                 _check_finite(spec, tensor, report.checkpoints)
@@ -176,7 +197,7 @@ def provenance(report: PlanReport) -> dict[str, str]:
         "ckptavg_order": report.order,
         "ckptavg_residual": repr(report.weights.residual),
         "ckptavg_inputs": json.dumps(inputs),
-    }
+    } | ({"ckptavg_details": json.dumps(report.details())} if report.details() else {})
 
 
 def _out_dtype(dtype: str | None) -> torch.dtype | None:

@@ -20,7 +20,7 @@ import typer
 from . import __version__
 from .api import average_checkpoints, inspect_checkpoint, plan_checkpoints
 from .errors import CkptavgError
-from .plans import Plan, Swa
+from .plans import Plan
 from .report import format_inspect, format_plan, format_summary
 from .select import Selection, parse_start
 from .sources import LoadOptions
@@ -56,6 +56,11 @@ class OutDtype(str, enum.Enum):
     bfloat16 = "bfloat16"
 
 
+class MetricMode(str, enum.Enum):
+    min = "min"
+    max = "max"
+
+
 class AccumDtype(str, enum.Enum):
     float64 = "float64"
     float32 = "float32"
@@ -71,8 +76,20 @@ INPUTS = inspect.Parameter(
         help="Checkpoint files, directories or glob patterns (quote a glob to let ckptavg expand it).",
         show_default=False)],
 )
+def select_opts(mode_alias: bool) -> list[inspect.Parameter]:
+    """Selection options; `--mode` is an alias of `--metric-mode` unless the method has its own --mode."""
+    names = ["--metric-mode", "--mode"] if mode_alias else ["--metric-mode"]
+    return [*SELECT_OPTS, _opt("metric_mode", Annotated[MetricMode | None, typer.Option(
+        *names, help="With --best: min if lower is better (losses), max if higher is better.",
+        rich_help_panel=SEL)], None)]
+
+
 SELECT_OPTS = [
     _opt("last", Annotated[int | None, typer.Option(min=1, help="Keep the newest K checkpoints.", rich_help_panel=SEL)], None),
+    _opt("best", Annotated[int | None, typer.Option(
+        min=1, help="Keep the K best checkpoints by --metric (found in the checkpoint, trainer_state.json or the "
+        "file name, e.g. val_loss=0.231).", rich_help_panel=SEL)], None),
+    _opt("metric", Annotated[str | None, typer.Option(help="Metric name for --best.", rich_help_panel=SEL)], None),
     _opt("start", Annotated[str | None, typer.Option(
         help="Integer: keep checkpoints with epoch (or step, without epochs) >= S. Fraction 0<S<1: drop the "
         "first floor(S*N) checkpoints, like Lightning's swa_epoch_start.", rich_help_panel=SEL)], None),
@@ -141,7 +158,9 @@ def _errors() -> Iterator[None]:
 
 def _selection(kw: dict[str, Any]) -> Selection:
     start = parse_start(kw["start"]) if kw["start"] is not None else None
-    return Selection(order=kw["order"].value, upto=kw["upto"], start=start, every=kw["every"], last=kw["last"])
+    mode = kw["metric_mode"].value if kw["metric_mode"] else None
+    return Selection(order=kw["order"].value, upto=kw["upto"], start=start, every=kw["every"], best=kw["best"],
+                     metric=kw["metric"], mode=mode, last=kw["last"])
 
 
 def _load(kw: dict[str, Any]) -> LoadOptions:
@@ -151,6 +170,7 @@ def _load(kw: dict[str, Any]) -> LoadOptions:
 def add_method(name: str, build: Callable[..., Plan], params: list[inspect.Parameter], help: str) -> None:
     """Register `ckptavg NAME` (average) and `ckptavg plan NAME` (weights only) for one method."""
     own = [p.name for p in params]
+    selection = select_opts(mode_alias="mode" not in own)
 
     def run(**kw: Any) -> None:
         with _errors():
@@ -176,9 +196,9 @@ def add_method(name: str, build: Callable[..., Plan], params: list[inspect.Param
             )
             print(json.dumps(report.to_json(), indent=2) if kw["json_out"] else format_plan(report))
 
-    app.command(name, help=help)(_with_signature(run, [INPUTS, *params, *SELECT_OPTS, *LOAD_OPTS, *WRITE_OPTS]))
+    app.command(name, help=help)(_with_signature(run, [INPUTS, *params, *selection, *LOAD_OPTS, *WRITE_OPTS]))
     plan_app.command(name, help=f"Weights of `ckptavg {name}`, without doing the work.")(
-        _with_signature(plan_only, [INPUTS, *params, *SELECT_OPTS, *LOAD_OPTS, DTYPE_OPT, JSON_OPT])
+        _with_signature(plan_only, [INPUTS, *params, *selection, *LOAD_OPTS, DTYPE_OPT, JSON_OPT])
     )
 
 
@@ -201,12 +221,6 @@ class _Bar:
 def _progress_bar(quiet: bool) -> _Bar | None:
     return None if quiet or not sys.stderr.isatty() else _Bar()
 
-
-add_method(
-    "swa", Swa, [],
-    help="Uniform average of the selected checkpoints (stochastic weight averaging).\n\n"
-    "Example: ckptavg swa runs/ --last 5 -o avg.safetensors",
-)
 
 
 @app.command("inspect")
@@ -239,3 +253,6 @@ def _root(
 def main() -> None:
     """Entry point of the `ckptavg` command."""
     app(prog_name="ckptavg")
+
+
+from . import cli_methods  # noqa: E402,F401 - registers the method commands on `app`

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .formats import LazyTensor
@@ -23,6 +23,8 @@ _EPOCH_NAME = [
     re.compile(_BOUND + r"ep[=_-]?(\d+)", re.I),
 ]
 
+_NAME_METRIC = re.compile(r"([A-Za-z][A-Za-z0-9_]*)=(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
+
 Number = int | float
 
 
@@ -34,10 +36,18 @@ class Meta:
     step_source: str | None = None
     epoch: Number | None = None
     epoch_source: str | None = None
+    metrics: dict[str, tuple[float, str]] = field(default_factory=dict)  # name -> (value, source)
+
+    def metric(self, name: str) -> tuple[float, str] | None:
+        """The value of metric `name` and its source; ``loss`` also finds Hugging Face's ``eval_loss``."""
+        for candidate in (name, "eval_" + name, name.removeprefix("eval_")):
+            if candidate in self.metrics:
+                return self.metrics[candidate]
+        return None
 
     def fill(self, other: Meta) -> Meta:
-        """Fill the unknown fields of this Meta from `other`."""
-        out = self
+        """Fill the unknown fields of this Meta from `other` (metrics: add the names it lacks)."""
+        out = replace(self, metrics={**other.metrics, **self.metrics})
         if out.step is None and other.step is not None:
             out = replace(out, step=other.step, step_source=other.step_source)
         if out.epoch is None and other.epoch is not None:
@@ -78,7 +88,48 @@ def meta_from_mapping(obj: Mapping[Any, Any], source: str) -> Meta:
         if n is not None and n >= 0:
             epoch, epoch_src = n, f"{source} '{key}'"
             break
-    return Meta(step, step_src, epoch, epoch_src)
+    return Meta(step, step_src, epoch, epoch_src, _numeric_entries(obj, source))
+
+
+def _numeric_entries(obj: Mapping[Any, Any], source: str) -> dict[str, tuple[float, str]]:
+    skip = set(STEP_KEYS) | set(EPOCH_KEYS)
+    found = {}
+    for k, v in obj.items():
+        # tensors at the top level are weights of a bare state dict, never metrics
+        if isinstance(k, str) and k not in skip and not isinstance(v, dict | list | LazyTensor):
+            n = _number(v)
+            if n is not None:
+                found[k] = (float(n), f"{source} '{k}'")
+    return found
+
+
+def metrics_from_checkpoint(obj: Mapping[Any, Any], file_name: str) -> dict[str, tuple[float, str]]:
+    """Metrics stored in a training checkpoint: timm's `metric`/`metrics`, Lightning's ModelCheckpoint state."""
+    found = {}
+    nested = obj.get("metrics")
+    if isinstance(nested, dict):
+        found.update(_numeric_entries(nested, "checkpoint 'metrics'"))
+    callbacks = obj.get("callbacks")
+    for state in callbacks.values() if isinstance(callbacks, dict) else ():
+        if not isinstance(state, dict) or not isinstance(state.get("monitor"), str):
+            continue
+        score = _number(state.get("current_score"))
+        if score is None and isinstance(state.get("best_k_models"), dict):
+            score = next((_number(v) for k, v in state["best_k_models"].items()
+                          if str(k).replace("\\", "/").rsplit("/", 1)[-1] == file_name), None)
+        if score is not None:
+            found[state["monitor"]] = (float(score), "Lightning ModelCheckpoint")
+    return found
+
+
+def metrics_from_trainer_state(state: Mapping[str, Any]) -> dict[str, tuple[float, str]]:
+    """The log_history entries of trainer_state.json logged at this checkpoint's global step."""
+    found: dict[str, tuple[float, str]] = {}
+    step = state.get("global_step")
+    for entry in state.get("log_history") or ():
+        if isinstance(entry, dict) and entry.get("step") == step:
+            found.update(_numeric_entries(entry, "trainer_state.json log_history"))
+    return found
 
 
 def meta_from_name(name: str, folder: bool = False) -> Meta:
@@ -89,4 +140,6 @@ def meta_from_name(name: str, folder: bool = False) -> Meta:
     e = next((found for p in _EPOCH_NAME if (found := p.search(name))), None)
     step = int(m.group(1)) if m else None
     epoch = int(e.group(1)) if e else None
-    return Meta(step, "file name" if m else None, epoch, "file name" if e else None)
+    metrics = {k: (float(v), "file name") for k, v in _NAME_METRIC.findall(name)
+               if k.lower() not in ("step", "global_step", "epoch", "iter", "iteration")}
+    return Meta(step, "file name" if m else None, epoch, "file name" if e else None, metrics)

@@ -30,10 +30,12 @@ def _table(rows: list[list[str]]) -> str:
 def format_plan(report: PlanReport) -> str:
     """The `ckptavg plan` table."""
     params = ", ".join(f"{k}={v}" for k, v in report.plan.params().items()) or "none"
-    rows = [["#", "checkpoint", "step", "epoch", "weight"]]
+    metric = [report.metric] if report.metric else []
+    rows = [["#", "checkpoint", "step", "epoch", *metric, "weight"]]
     for i, (c, w) in enumerate(zip(report.checkpoints, report.weights.values, strict=True), 1):
+        value = [f"{report.metric_of(c):.6g}"] if report.metric else []
         rows.append([str(i), str(c.path), _value(c.meta.step, c.meta.step_source),
-                     _value(c.meta.epoch, c.meta.epoch_source), f"{w:.6f}"])
+                     _value(c.meta.epoch, c.meta.epoch_source), *value, f"{w:.6f}"])
     lines = [
         f"method: {report.plan.method} (params: {params})",
         f"order: {report.order}; {len(report.checkpoints)} checkpoints selected",
@@ -43,7 +45,27 @@ def format_plan(report: PlanReport) -> str:
         f"sum of weights: {sum(report.weights.values):.6f}; residual: {report.weights.residual:.6f}",
         f"output: {len(report.specs)} tensors, {human_bytes(report.nbytes)}",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + _groups(report) + _scores(report))
+
+
+def _groups(report: PlanReport) -> list[str]:
+    if not report.weights.groups:
+        return []
+    rows = [["group", "tensors", "entropies", "weights"]]
+    for g in report.weights.groups:
+        rows.append([g.tensor or "(before the first group: uniform)", str(len(g.members)),
+                     " ".join(f"{h:.4f}" for h in g.entropies) or "-", " ".join(f"{w:.4f}" for w in g.weights)])
+    return ["", "per-tensor weights (weight column above: mean weighted by parameter count):", _table(rows)]
+
+
+def _scores(report: PlanReport) -> list[str]:
+    if not report.weights.scores:
+        return []
+    rows = [["evaluated", "score", "kept"]]
+    for s in report.weights.scores:
+        names = " + ".join(p.rsplit("/", 1)[-1] for p in s["members"])
+        rows.append([f"{s['kind']}: {names}", f"{s['score']:.6g}", "yes" if s["accepted"] else "no"])
+    return ["", _table(rows)]
 
 
 def format_summary(result: AverageResult) -> str:

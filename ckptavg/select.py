@@ -15,7 +15,7 @@ ORDERS = ("auto", "step", "epoch", "name", "mtime")
 
 @dataclass(frozen=True)
 class Selection:
-    """Which checkpoints to use, applied in this order: upto, start, every, last.
+    """Which checkpoints to use, applied in this order: upto, start, every, best, last.
 
     Attributes:
         order: ``auto`` (step, else epoch, else natural name), ``step``, ``epoch``, ``name`` or ``mtime``.
@@ -24,6 +24,7 @@ class Selection:
             fraction 0 < start < 1 drops the first ``floor(start * N)`` checkpoints (like
             Lightning's ``swa_epoch_start``).
         every: keep every n-th checkpoint, counting from the first one left.
+        best, metric, mode: keep the `best` checkpoints by `metric` (``min``: lower is better), in order.
         last: keep the newest k.
     """
 
@@ -31,12 +32,22 @@ class Selection:
     upto: int | None = None
     start: int | float | None = None
     every: int | None = None
+    best: int | None = None
+    metric: str | None = None
+    mode: str | None = None
     last: int | None = None
 
     def __post_init__(self) -> None:
+        if self.best is not None and self.metric is None:
+            raise SelectionError("--best needs --metric NAME (e.g. --metric val_loss).")
+        if self.best is not None and self.mode not in ("min", "max"):
+            raise SelectionError(
+                f"--best {self.best} --metric {self.metric} needs a direction: min (lower is better, e.g. a loss) "
+                "or max (e.g. an accuracy)."
+            )
         if self.order not in ORDERS:
             raise SelectionError(f"order must be one of {', '.join(ORDERS)}, not {self.order!r}.")
-        for name in ("every", "last"):
+        for name in ("every", "last", "best"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise SelectionError(f"{name} must be a positive integer, not {value!r}.")
@@ -121,6 +132,8 @@ def select_checkpoints(ordered: Sequence[Checkpoint], sel: Selection) -> list[Ch
         _nonempty(chosen, f"--start {sel.start} (compared with each checkpoint's {field})")
     if sel.every is not None:
         chosen = chosen[:: sel.every]
+    if sel.best is not None:
+        chosen = _best(chosen, sel)
     if sel.last is not None:
         chosen = chosen[-sel.last:]
     return chosen
@@ -129,3 +142,24 @@ def select_checkpoints(ordered: Sequence[Checkpoint], sel: Selection) -> list[Ch
 def _nonempty(chosen: list[Checkpoint], why: str) -> None:
     if not chosen:
         raise SelectionError(f"{why} leaves no checkpoint to average.")
+
+
+def metric_values(ckpts: Sequence[Checkpoint], name: str) -> list[float]:
+    """The metric `name` of each checkpoint, or an error naming those that lack it."""
+    found = [c.meta.metric(name) for c in ckpts]
+    missing = [c.name for c, f in zip(ckpts, found, strict=True) if f is None]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        known = sorted({k for c in ckpts for k in c.meta.metrics})
+        hint = f" Metrics found: {', '.join(known[:12])}." if known else ""
+        raise SelectionError(f"metric '{name}' is missing for {shown}.{hint}")
+    return [f[0] for f in found if f is not None]
+
+
+def _best(chosen: list[Checkpoint], sel: Selection) -> list[Checkpoint]:
+    assert sel.metric is not None and sel.best is not None
+    values = metric_values(chosen, sel.metric)
+    sign = 1.0 if sel.mode == "min" else -1.0
+    # ties go to the newer checkpoint; the result keeps checkpoint order
+    ranked = sorted(range(len(chosen)), key=lambda i: (sign * values[i], -i))[: sel.best]
+    return [chosen[i] for i in sorted(ranked)]

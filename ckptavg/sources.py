@@ -11,13 +11,13 @@ import json
 import os
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointFormatError, CkptavgWarning, SelectionError
 from .formats import LazyTensor, load_torch, read_safetensors_header, sniff
-from .metadata import Meta, meta_from_mapping, meta_from_name
+from .metadata import Meta, meta_from_mapping, meta_from_name, metrics_from_checkpoint, metrics_from_trainer_state
 
 PathLike = str | os.PathLike[str]
 
@@ -166,7 +166,10 @@ def _open_file(path: Path, fmt: str, options: LoadOptions) -> Checkpoint:
         return Checkpoint(path, fmt, tensors, options.key or "(top level)", meta, file_metadata=file_meta)
     obj = load_torch(path, fmt, options.trust_pickle)
     tensors, location, others = locate_weights(path, obj, options.key)
-    meta = meta_from_mapping(obj, "checkpoint") if isinstance(obj, dict) else Meta()
+    meta = Meta()
+    if isinstance(obj, dict):
+        meta = meta_from_mapping(obj, "checkpoint")
+        meta = replace(meta, metrics={**metrics_from_checkpoint(obj, path.name), **meta.metrics})
     return Checkpoint(path, fmt, tensors, location, meta.fill(meta_from_name(path.name)), other_entries=others)
 
 
@@ -184,7 +187,9 @@ def _open_hf_folder(path: Path, options: LoadOptions) -> Checkpoint:
     meta = Meta()
     state = path / "trainer_state.json"
     if state.is_file():
-        meta = meta_from_mapping(_read_json(state), "trainer_state.json")
+        data = _read_json(state)
+        meta = meta_from_mapping({k: v for k, v in data.items() if k in ("global_step", "epoch")}, "trainer_state.json")
+        meta = replace(meta, metrics=metrics_from_trainer_state(data))
     meta = meta.fill(meta_from_name(path.name, folder=True))
     return Checkpoint(path, fmt, tensors, weights.name, meta)
 
