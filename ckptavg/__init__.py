@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .api import AverageResult, PlanReport, average_checkpoints, plan_checkpoints  # noqa: E402
+from .api import AverageResult, PlanReport, average_checkpoints, inspect_checkpoint, plan_checkpoints  # noqa: E402
 from .errors import (  # noqa: E402
     BatchNormError,
     CheckpointFormatError,
@@ -14,13 +14,16 @@ from .errors import (  # noqa: E402
     PlanError,
     SelectionError,
 )
-from .plans import PLANS, Plan, Swa, Weights  # noqa: E402
+from .graft import Graft  # noqa: E402
+from .plans import PLANS, Ema, Group, Linear, Plan, Swa, Weights  # noqa: E402
+from .soup import Soup  # noqa: E402
 from .select import Selection  # noqa: E402
 from .sources import Checkpoint, LoadOptions, find_checkpoints, open_checkpoint  # noqa: E402
 
 __all__ = [
     "PLANS", "AverageResult", "BatchNormError", "CheckpointFormatError", "Checkpoint", "CkptavgError",
-    "CkptavgWarning", "IncompatibleCheckpointsError", "LoadOptions", "NonFiniteError", "OutputError",
-    "Plan", "PlanError", "PlanReport", "Selection", "SelectionError", "Swa", "Weights",
-    "__version__", "average_checkpoints", "find_checkpoints", "open_checkpoint", "plan_checkpoints",
+    "CkptavgWarning", "Ema", "Graft", "Group", "IncompatibleCheckpointsError", "Linear", "LoadOptions",
+    "NonFiniteError", "OutputError", "Plan", "PlanError", "PlanReport", "Selection", "SelectionError", "Soup",
+    "Swa", "Weights", "__version__", "average_checkpoints", "find_checkpoints", "inspect_checkpoint",
+    "open_checkpoint", "plan_checkpoints",
 ]

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import warnings
 
+from . import schedules
 from .errors import CkptavgWarning, PlanError
 from .sources import Checkpoint
 
@@ -93,12 +94,6 @@ class Swa(Plan):
         return Weights(tuple(1.0 / n for _ in range(n)))
 
 
-def _schedules():  # type: ignore[no-untyped-def]
-    from . import schedules
-
-    return schedules
-
-
 HOLDS = ("backward", "midpoint", "forward")
 INITS = ("first", "bias-correct", "zero")
 
@@ -134,7 +129,7 @@ class Ema(Plan):
             if value is not None and not 0.0 <= value <= 1.0:
                 raise PlanError(f"--{name.replace('_', '-')} must be between 0 and 1, not {value}.")
         if self.sigma_rel is not None:
-            _schedules().sigma_rel_to_gamma(self.sigma_rel)  # validates the range
+            schedules.sigma_rel_to_gamma(self.sigma_rel)  # validates the range
         timm_options = self.warmup or self.update_after_step != 0 or self.min_decay != 0.0
         if timm_options and self.step_decay is None:
             raise PlanError("--warmup, --min-decay and --update-after-step apply to --step-decay only.")
@@ -149,7 +144,7 @@ class Ema(Plan):
         if self.decay is not None:
             return {"decay": self.decay, "per": "checkpoint", "init": self.init}
         if self.sigma_rel is not None:
-            return {"sigma_rel": self.sigma_rel, "gamma": _schedules().sigma_rel_to_gamma(self.sigma_rel),
+            return {"sigma_rel": self.sigma_rel, "gamma": schedules.sigma_rel_to_gamma(self.sigma_rel),
                     "hold": self.hold, "init": self.init}
         return {"step_decay": self.step_decay, "per": "step", "warmup": self.warmup,
                 "warmup_gamma": self.warmup_gamma, "warmup_power": self.warmup_power, "min_decay": self.min_decay,
@@ -158,14 +153,14 @@ class Ema(Plan):
     def weights(self, ckpts: Sequence[Checkpoint]) -> Weights:
         self.check_count(len(ckpts))
         if self.decay is not None:
-            values, residual = _schedules().ema_checkpoint_weights(len(ckpts), self.decay, self.init)
+            values, residual = schedules.ema_checkpoint_weights(len(ckpts), self.decay, self.init)
             return Weights(tuple(values), residual)
         steps = _steps(ckpts, "--step-decay" if self.step_decay is not None else "--sigma-rel")
         if self.sigma_rel is not None:
-            values, residual = _schedules().power_weights(steps, self.sigma_rel, hold=self.hold, init=self.init)
+            values, residual = schedules.power_weights(steps, self.sigma_rel, hold=self.hold, init=self.init)
         else:
             assert self.step_decay is not None
-            values, residual = _schedules().ema_step_weights(
+            values, residual = schedules.ema_step_weights(
                 steps, self.step_decay, hold=self.hold, init=self.init, warmup=self.warmup,
                 warmup_gamma=self.warmup_gamma, warmup_power=self.warmup_power, min_decay=self.min_decay,
                 update_after_step=self.update_after_step,

@@ -1,0 +1,383 @@
+"""Checkpoint weights for EMA, power-function EMA and filter grafting (ALGORITHMS.md §2-§4), in float64."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from numbers import Integral, Real
+
+import torch
+
+from .errors import PlanError
+
+Weights = tuple[list[float], float]
+"""One weight per checkpoint, in order, and the residual mass left on the initial value."""
+
+INITS = ("first", "bias-correct", "zero")
+HOLDS = ("backward", "midpoint", "forward")
+GRAFT_MODES = ("pairwise", "cyclic")
+SIGMA_REL_MAX = 1.0 / math.sqrt(12.0)  # sigma_rel of gamma = 0 (uniform average): 0.288675
+_Sched = tuple[float, bool, float, float, float, int]  # decay, warmup, gamma, power, min_decay, update_after_step
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> str:
+    key = value.replace("_", "-") if isinstance(value, str) else value
+    if key not in options:
+        raise PlanError(f"{name} must be one of {', '.join(options)}; got {value!r}")
+    return key
+
+
+def _integer(name: str, value: int, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or (minimum is not None and value < minimum):
+        raise PlanError(f"{name} must be an integer{'' if minimum is None else f' >= {minimum}'}, got {value!r}")
+    return int(value)
+
+
+def _number(name: str, value: float, lo: float, hi: float = math.inf, *, open_lo: bool = False) -> float:
+    ok = isinstance(value, Real) and not isinstance(value, bool) and lo <= value <= hi and math.isfinite(value)
+    if not ok or (open_lo and value == lo):
+        interval = f"{'(' if open_lo else '['}{lo}, {hi}{']' if math.isfinite(hi) else ')'}"
+        raise PlanError(f"{name} must be a finite number in {interval}, got {value!r}")
+    return float(value)
+
+
+def _times_log(count: int, log_value: float) -> float:
+    """``count * log_value`` with ``0 * -inf = 0``: an empty product is 1 even when a factor is 0."""
+    return 0.0 if count == 0 else count * log_value
+
+
+def _log(value: float) -> float:
+    return -math.inf if value == 0.0 else math.log(value)
+
+
+def _weights_from_logs(logs: Sequence[float], init: str, context: str) -> Weights:
+    """Block weights ``P(b_k) - P(b_{k-1})`` from ``logs[k] = log P(b_k)``; ``logs[0]`` is ``log R``."""
+    surv = [math.exp(v) for v in logs]
+    w = [0.0 if surv[k] == 0.0 else surv[k] * -math.expm1(logs[k - 1] - logs[k]) for k in range(1, len(logs))]
+    if init == "first":
+        w[0] = surv[1]
+        return w, 0.0
+    if init == "zero":
+        return w, surv[0]
+    if surv[0] == 1.0:
+        raise PlanError(f"init='bias-correct' is undefined when all mass stays on the initial value ({context})")
+    return [x / -math.expm1(logs[0]) for x in w], 0.0
+
+
+def ema_checkpoint_weights(n: int, decay: float, init: str = "first") -> Weights:
+    """EMA updated once per checkpoint, steps ignored (ALGORITHMS §2.4).
+
+    Args:
+        n: Number of checkpoints (>= 1).
+        decay: beta in [0, 1].
+        init: ``"first"`` (starts as checkpoint 1, like torch ``AveragedModel``), ``"bias-correct"`` (zero start
+            divided by ``1 - beta**n``; beta = 1 is an error) or ``"zero"`` (zero start, no correction).
+
+    Returns:
+        ``(w, residual)``: residual ``beta**n`` for ``"zero"``, else 0.0.
+    """
+    n = _integer("n", n, 1)
+    log_beta = _log(_number("decay", decay, 0.0, 1.0))
+    logs = [_times_log(n - k, log_beta) for k in range(n + 1)]
+    return _weights_from_logs(logs, _choice("init", init, INITS), f"decay={decay!r}")
+
+
+def _timm_unchecked(step: int, decay: float, warmup: bool, gamma: float, power: float, floor: float,
+                    after: int) -> float:
+    k = max(0, step - after - 1)
+    if k <= 0:
+        return 0.0
+    if not warmup:
+        return decay
+    return max(min(1.0 - float((1.0 + k / gamma) ** -power), decay), floor)
+
+
+def _check_timm(decay: float, gamma: float, power: float, min_decay: float, after: int) -> None:
+    _number("decay", decay, 0.0, 1.0)
+    _number("warmup_gamma", gamma, 0.0, open_lo=True)
+    _number("warmup_power", power, 0.0, open_lo=True)
+    _number("min_decay", min_decay, 0.0, 1.0)
+    _integer("update_after_step", after, 0)
+
+
+def timm_decay(step: int, decay: float, *, warmup: bool = False, warmup_gamma: float = 1.0,
+               warmup_power: float = 2 / 3, min_decay: float = 0.0, update_after_step: int = 0) -> float:
+    """The decay timm ``ModelEmaV3.get_decay(step)`` uses (ALGORITHMS §2.1).
+
+    ``k = max(0, step - update_after_step - 1)``; 0.0 (copy) if ``k == 0``, else ``decay``, or with warmup
+    ``max(min(1 - (1 + k/warmup_gamma) ** -warmup_power, decay), min_decay)``.
+
+    Args:
+        step: Optimizer steps completed (>= 0), counted from 1 like timm ``train.py``.
+        decay: Target decay in [0, 1].
+        warmup: timm ``use_warmup``.
+        warmup_gamma: Warmup inverse gamma (> 0).
+        warmup_power: Warmup power (> 0).
+        min_decay: Lower clamp in [0, 1]; only acts with warmup, as in timm.
+        update_after_step: Steps before the EMA starts (>= 0).
+
+    Returns:
+        ``d_step`` in [0, 1].
+    """
+    _check_timm(decay, warmup_gamma, warmup_power, min_decay, update_after_step)
+    step = _integer("step", step, 0)
+    return _timm_unchecked(step, decay, warmup, warmup_gamma, warmup_power, min_decay, update_after_step)
+
+
+def _check_steps(steps: Sequence[int], s0: int, *, allow_equal: bool = False) -> list[int]:
+    out = [_integer(f"steps[{i}]", s) for i, s in enumerate(steps)]
+    if not out:
+        raise PlanError("steps is empty: at least one checkpoint step is needed")
+    for i in range(1, len(out)):
+        if out[i] <= out[i - 1]:
+            raise PlanError(f"steps must be strictly increasing: steps[{i - 1}] = {out[i - 1]}, steps[{i}] = {out[i]}")
+    if out[0] < s0 or (out[0] == s0 and not allow_equal):
+        raise PlanError(f"steps[0] = {out[0]} must be {'>=' if allow_equal else '>'} the start step s0 = {s0}")
+    return out
+
+
+def hold_bounds(steps: Sequence[int], hold: str, s0: int = 0) -> list[int]:
+    """Boundaries ``[b_0, ..., b_N]``: checkpoint k stands for steps ``b_{k-1} < t <= b_k`` (ALGORITHMS §2.3).
+
+    Args:
+        steps: Checkpoint steps, strictly increasing integers, ``steps[0] > s0``.
+        hold: ``"backward"`` (``b_k = s_k``), ``"midpoint"`` (``(s_k + s_{k+1}) // 2``) or ``"forward"``
+            (``s_{k+1} - 1``); always ``b_0 = s0`` and ``b_N = s_N``.
+        s0: Step at which the EMA starts.
+
+    Returns:
+        N + 1 non-decreasing boundaries.
+    """
+    hold = _choice("hold", hold, HOLDS)
+    s = _check_steps(steps, _integer("s0", s0))
+    pairs = list(zip(s[:-1], s[1:], strict=True))
+    inner = {"backward": s[:-1], "midpoint": [(a + b) // 2 for a, b in pairs], "forward": [b - 1 for _, b in pairs]}
+    return [int(s0), *inner[hold], s[-1]]
+
+
+def _timm_log_survival(bounds: Sequence[int], total: int, sched: _Sched) -> list[float]:
+    """``log P(b) = sum_{b < r <= total} log d_r`` for timm decays ``d_r``, for each b in ``bounds``."""
+    decay, warmup, gamma, power, floor, after = sched
+    final = max(decay, floor) if warmup else decay
+    lo, hi = 1, total + 1  # first step from which d_r stays at `final` (d_r never decreases once k >= 1)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _timm_unchecked(mid, *sched) == final else (mid + 1, hi)
+    dense = lo - 1  # steps 1..dense get their own log d_r, summed by a float64 reverse cumulative sum
+    k = (torch.arange(1, dense + 1, dtype=torch.float64) - after - 1).clamp(min=0)
+    if warmup:
+        x = (1.0 + k / gamma) ** -power
+        d = (1.0 - x).clamp(max=decay).clamp(min=floor)
+        log_d = torch.where(d == 1.0 - x, torch.log1p(-x), torch.log(d))
+    else:
+        log_d = torch.full_like(k, _log(decay))
+    log_d = torch.where(k > 0, log_d, -math.inf)
+    suffix = torch.cat([log_d.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
+    picked = suffix[torch.tensor([min(b, dense) for b in bounds])].tolist()
+    return [_times_log(total - max(b, dense), _log(final)) + v for b, v in zip(bounds, picked, strict=True)]
+
+
+def ema_step_weights(steps: Sequence[int], decay: float, *, hold: str = "backward", init: str = "first",
+                     warmup: bool = False, warmup_gamma: float = 1.0, warmup_power: float = 2 / 3,
+                     min_decay: float = 0.0, update_after_step: int = 0) -> Weights:
+    """Per-step EMA over sparse checkpoints: ``W_k = P(b_k) - P(b_{k-1})`` (ALGORITHMS §2.2, §2.3).
+
+    The EMA starts at s0 = 0 and updates at steps ``r = 1..T = steps[-1]``; ``P(s) = prod_{r > s} d_r`` and
+    ``R = P(0)`` stays on the initial value. Without warmup or update_after_step, ``d_r = decay`` for every r
+    (closed form with expm1/log1p); otherwise ``d_r = timm_decay(r, ...)``, whose first update copies (R = 0).
+
+    Args:
+        steps: Checkpoint steps, strictly increasing integers > 0.
+        decay: Decay in [0, 1].
+        hold: Block boundaries, see `hold_bounds`.
+        init: ``"first"`` (``W_1 += R``), ``"bias-correct"`` (``W / (1 - R)``, error if R = 1) or ``"zero"``.
+        warmup, warmup_gamma, warmup_power, min_decay, update_after_step: As in `timm_decay`.
+
+    Returns:
+        ``(W, residual)``, ``sum(W) + residual = 1``; residual is R for ``"zero"``, else 0.0.
+    """
+    _check_timm(decay, warmup_gamma, warmup_power, min_decay, update_after_step)
+    init = _choice("init", init, INITS)
+    bounds = hold_bounds(steps, hold, 0)
+    total = bounds[-1]
+    if warmup or update_after_step:
+        sched = (decay, warmup, warmup_gamma, warmup_power, min_decay, update_after_step)
+        logs = _timm_log_survival(bounds, total, sched)
+    else:
+        logs = [_times_log(total - b, _log(decay)) for b in bounds]
+    return _weights_from_logs(logs, init, f"decay={decay!r}")
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """EDM2 power-EMA exponent: largest real root of ``g^3 + 7g^2 + (16 - s^-2) g + 12 - s^-2`` (ALGORITHMS §4.1).
+
+    Args:
+        sigma_rel: Relative width s, ``0 < s < 1/sqrt(12) = 0.288675`` (gamma > 0).
+
+    Returns:
+        gamma, found by bisection to the last bit on ``[0, 1/s]`` where the cubic changes sign once.
+    """
+    if not isinstance(sigma_rel, Real) or isinstance(sigma_rel, bool) or not 0.0 < sigma_rel < SIGMA_REL_MAX:
+        raise PlanError(f"sigma_rel must be in (0, {SIGMA_REL_MAX:.6f}) (gamma > 0), got {sigma_rel!r}")
+    s2 = float(sigma_rel) ** 2  # sign of the cubic = sign of (g+2)^2 (g+3) s^2 - (g+1), which cannot overflow
+    lo, hi = 0.0, 1.0 / float(sigma_rel)
+    while True:
+        mid = 0.5 * (lo + hi)
+        if mid <= lo or mid >= hi:
+            return mid
+        lo, hi = (mid, hi) if (mid + 2.0) ** 2 * (mid + 3.0) * s2 < mid + 1.0 else (lo, mid)
+
+
+def power_weights(steps: Sequence[int], sigma_rel: float, *, hold: str = "backward", init: str = "first") -> Weights:
+    """Power-function EMA over raw checkpoints, ``P(s) = (s/T)^(gamma+1)``, ``T = steps[-1]`` (ALGORITHMS §4.3).
+
+    The EMA starts at the first checkpoint, so its initial mass is ``R = P(steps[0])`` (the profile's mass on
+    training before it). ``"first"`` gives R to checkpoint 1: exactly ``W_k = (b_k/T)^(g+1) - (b_{k-1}/T)^(g+1)``
+    with ``b_0 = 0`` for every hold. ``"bias-correct"``: ``W_1 = P(b_1) - R``, all divided by ``1 - R``.
+    ``"zero"``: ``W_1 = P(b_1) - R`` and R is returned as the residual.
+
+    Args:
+        steps: Strictly increasing integers >= 0 (step 0 has an empty backward block: weight 0).
+        sigma_rel: Relative width, see `sigma_rel_to_gamma`.
+        hold: Block boundaries, see `hold_bounds`.
+        init: ``"first"``, ``"bias-correct"`` or ``"zero"``.
+
+    Returns:
+        ``(W, residual)``; one checkpoint gets ``([1.0], 0.0)``.
+    """
+    gamma = sigma_rel_to_gamma(sigma_rel)
+    hold, init = _choice("hold", hold, HOLDS), _choice("init", init, INITS)
+    s = _check_steps(steps, 0, allow_equal=True)
+    if len(s) == 1:
+        return [1.0], 0.0
+    bounds = hold_bounds(s, hold, s0=-1)[1:]
+    logs = [(gamma + 1.0) * _log(b / s[-1]) for b in [s[0], *bounds]]
+    return _weights_from_logs(logs, init, f"sigma_rel={sigma_rel!r}")
+
+
+def graft_entropy(t: torch.Tensor, bins: int = 10) -> float:
+    """Filter-grafting layer entropy, the reference definition exactly (ALGORITHMS §3.1).
+
+    On a float32 copy: edges ``e_i = min + i * ((max - min) / bins)`` in float32, bin i counts
+    ``e_i <= x < e_{i+1}`` (the maximum usually falls outside every bin), ``p_i = count_i / numel``,
+    ``H = -sum_{p_i > 0} p_i ln p_i``. Counts equal the reference's; the sum is float64 (reference: float32).
+
+    Args:
+        t: A real tensor of any dtype (converted to float32 first).
+        bins: Number of bins (>= 1).
+
+    Returns:
+        H in nats; 0.0 for an empty or constant tensor.
+    """
+    bins = _integer("bins", bins, 1)
+    if t.is_complex():
+        raise PlanError(f"graft entropy needs a real tensor, got dtype {t.dtype}")
+    x = t.detach().reshape(-1).to(torch.float32)
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise PlanError(f"graft entropy of a tensor with NaN/Inf (or beyond float32 range), shape {tuple(t.shape)}")
+    if x.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(x)
+    edges = lo + torch.arange(bins + 1, dtype=torch.float32, device=x.device) * ((hi - lo) / bins)
+    at_or_above = [int((x >= e).sum()) for e in edges]
+    h = 0.0
+    for count in (at_or_above[i] - at_or_above[i + 1] for i in range(bins)):
+        if count > 0:
+            h -= count / x.numel() * math.log(count / x.numel())
+    return h
+
+
+def _check_graft(a: float, c: float, round_digits: int | None) -> None:
+    _number("a", a, 0.0, 1.0)
+    _number("c", c, 0.0)
+    if round_digits is not None:
+        _integer("round_digits", round_digits, 0)
+
+
+def _alpha(h_own: float, h_donor: float, a: float, c: float, round_digits: int | None) -> float:
+    value = a / math.pi * math.atan(c * (h_own - h_donor)) + 0.5
+    return value if round_digits is None else round(value, round_digits)
+
+
+def graft_alpha(h_own: float, h_donor: float, *, a: float = 0.4, c: float = 500.0,
+                round_digits: int | None = 2) -> float:
+    """Grafting coefficient the receiving network keeps; the donor gets ``1 - alpha`` (ALGORITHMS §3.1).
+
+    ``alpha = round((a/pi) * atan(c * (h_own - h_donor)) + 0.5, round_digits)`` with Python's ``round`` on a float,
+    which rounds the exact binary value (0.615, stored just below, gives 0.61); only exactly representable ties
+    (0.375, 0.625) go to even. The reference's ``round`` on a numpy float64 (scale, round half to even) can
+    differ within a few ulp of a tie.
+
+    Args:
+        h_own: Entropy of the receiver's tensor.
+        h_donor: Entropy of the donor's tensor.
+        a: Amplitude in [0, 1]; alpha lies in [0.5 - a/2, 0.5 + a/2].
+        c: Steepness (>= 0).
+        round_digits: Decimals kept (>= 0), or None for no rounding.
+
+    Returns:
+        alpha.
+    """
+    _check_graft(a, c, round_digits)
+    return _alpha(_number("h_own", h_own, -math.inf), _number("h_donor", h_donor, -math.inf), a, c, round_digits)
+
+
+def graft_weights(entropies: Sequence[float], *, mode: str = "pairwise", a: float = 0.4, c: float = 500.0,
+                  round_digits: int | None = 2) -> list[float]:
+    """Weights of N checkpoints in one graft group from their entropies (ALGORITHMS §3.3); they sum to 1.
+
+    Args:
+        entropies: One finite entropy per checkpoint, in checkpoint order (at least one).
+        mode: ``"pairwise"`` (mean of all N(N-1)/2 two-network grafts, ``alpha_ij`` for i < j and
+            ``1 - alpha_ij`` for j) or ``"cyclic"`` (checkpoint k receives from k-1, 1 from N, then the mean).
+        a, c, round_digits: As in `graft_alpha`.
+
+    Returns:
+        One weight per checkpoint; N = 2 gives the paper's ``(alpha, 1 - alpha)``.
+    """
+    mode = _choice("mode", mode, GRAFT_MODES)
+    _check_graft(a, c, round_digits)
+    h = [_number(f"entropies[{i}]", v, -math.inf) for i, v in enumerate(entropies)]
+    n = len(h)
+    if n < 2:
+        if not h:
+            raise PlanError("entropies is empty: at least one checkpoint is needed")
+        return [1.0]
+    if mode == "cyclic":
+        alphas = [_alpha(h[k], h[k - 1], a, c, round_digits) for k in range(n)]
+        return [(alphas[i] + 1.0 - alphas[(i + 1) % n]) / n for i in range(n)]
+    w = [0.0] * n
+    for i in range(n):
+        for j in range(i + 1, n):
+            alpha = _alpha(h[i], h[j], a, c, round_digits)
+            w[i] += alpha
+            w[j] += 1.0 - alpha
+    return [x * 2.0 / (n * (n - 1)) for x in w]
+
+
+def graft_sequential_weights(tensors: Sequence[torch.Tensor], *, a: float = 0.4, c: float = 500.0, bins: int = 10,
+                             round_digits: int | None = 2) -> list[float]:
+    """Effective weights of ``G_1 = theta_1``, ``G_k = alpha_k theta_k + (1 - alpha_k) G_{k-1}`` (ALGORITHMS §3.3).
+
+    ``alpha_k = graft_alpha(H(theta_k), H(G_{k-1}))``; G is merged in float64, its entropy taken on a float32 copy.
+
+    Args:
+        tensors: One real tensor per checkpoint (one graft group), all of one shape, in checkpoint order.
+        a, c, round_digits: As in `graft_alpha`.
+        bins: Entropy bins (>= 1).
+
+    Returns:
+        One weight per checkpoint, summing to 1.
+    """
+    _check_graft(a, c, round_digits)
+    bins = _integer("bins", bins, 1)
+    if not tensors or any(t.is_complex() for t in tensors) or len({tuple(t.shape) for t in tensors}) > 1:
+        shapes = [f"{tuple(t.shape)} {t.dtype}" for t in tensors]
+        raise PlanError(f"sequential grafting needs one or more real tensors of one shape, got {shapes}")
+    weights = [1.0]
+    merged = tensors[0].detach().to(torch.float64)
+    for t in tensors[1:]:
+        alpha = _alpha(graft_entropy(t, bins), graft_entropy(merged.to(torch.float32), bins), a, c, round_digits)
+        weights = [(1.0 - alpha) * w for w in weights] + [alpha]
+        merged = alpha * t.detach().to(torch.float64) + (1.0 - alpha) * merged
+    return weights
