@@ -16,8 +16,8 @@ from .errors import (  # noqa: E402
 )
 from .graft import Graft  # noqa: E402
 from .plans import PLANS, Ema, Group, Linear, Plan, Swa, Weights  # noqa: E402
-from .soup import Soup  # noqa: E402
 from .select import Selection  # noqa: E402
+from .soup import Soup  # noqa: E402
 from .sources import Checkpoint, LoadOptions, find_checkpoints, open_checkpoint  # noqa: E402
 
 __all__ = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -246,12 +247,10 @@ def inspect_checkpoint(path: PathLike, load: LoadOptions = LoadOptions()) -> dic
     }
     meta = c.file_metadata
     if "ckptavg_version" in meta:
-        try:
+        with contextlib.suppress(json.JSONDecodeError):  # damaged provenance: show the raw metadata instead
             info["ckptavg"] = {
                 "version": meta["ckptavg_version"], "method": meta.get("ckptavg_method"),
                 "params": json.loads(meta.get("ckptavg_params", "{}")), "order": meta.get("ckptavg_order"),
                 "inputs": json.loads(meta.get("ckptavg_inputs", "[]")),
             }
-        except json.JSONDecodeError:
-            pass  # foreign or damaged provenance: show the raw metadata instead
     return info

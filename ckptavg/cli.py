@@ -141,7 +141,7 @@ def _errors() -> Iterator[None]:
             print(f"Warning: {text}", file=sys.stderr)
 
     old = warnings.showwarning
-    warnings.showwarning = show  # type: ignore[assignment]
+    warnings.showwarning = show
     try:
         yield
     except CkptavgError as e:

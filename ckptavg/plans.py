@@ -7,12 +7,11 @@ mass the method leaves on an initial value) before a single tensor is read.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
-
-import warnings
 
 from . import schedules
 from .errors import CkptavgWarning, PlanError

@@ -219,13 +219,13 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """
     if not isinstance(sigma_rel, Real) or isinstance(sigma_rel, bool) or not 0.0 < sigma_rel < SIGMA_REL_MAX:
         raise PlanError(f"sigma_rel must be in (0, {SIGMA_REL_MAX:.6f}) (gamma > 0), got {sigma_rel!r}")
-    s2 = float(sigma_rel) ** 2  # sign of the cubic = sign of (g+2)^2 (g+3) s^2 - (g+1), which cannot overflow
-    lo, hi = 0.0, 1.0 / float(sigma_rel)
+    sigma = float(sigma_rel)  # the cubic's sign is that of ((g+2) s)^2 (g+3) - (g+1), which cannot overflow
+    lo, hi = 0.0, 1.0 / sigma
     while True:
         mid = 0.5 * (lo + hi)
         if mid <= lo or mid >= hi:
             return mid
-        lo, hi = (mid, hi) if (mid + 2.0) ** 2 * (mid + 3.0) * s2 < mid + 1.0 else (lo, mid)
+        lo, hi = (mid, hi) if ((mid + 2.0) * sigma) ** 2 * (mid + 3.0) < mid + 1.0 else (lo, mid)
 
 
 def power_weights(steps: Sequence[int], sigma_rel: float, *, hold: str = "backward", init: str = "first") -> Weights:
