@@ -163,6 +163,7 @@ def average_checkpoints(
     if accum_dtype not in ACCUM_DTYPES:
         raise PlanError(f"accum_dtype must be one of {', '.join(ACCUM_DTYPES)}, not {accum_dtype!r}.")
     out = Path(output)
+    check_output(out, [], force)  # fail fast, before planning (a graft or soup plan reads tensors)
     report = plan_checkpoints(inputs, plan, select=select, load=load, dtype=dtype)
     check_output(out, _files_read(report.checkpoints), force)
     total = sum(c.tensors[s.name].nbytes for s in report.specs for c in report.checkpoints)

@@ -8,6 +8,7 @@ import enum
 import inspect
 import json
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -250,8 +251,13 @@ def _root(
     """Average PyTorch checkpoints after training."""
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C, so the writer removes its temp file
+
+
 def main() -> None:
     """Entry point of the `ckptavg` command."""
+    signal.signal(signal.SIGTERM, _terminate)
     app(prog_name="ckptavg")
 
 

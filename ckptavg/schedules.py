@@ -70,11 +70,11 @@ def ema_checkpoint_weights(n: int, decay: float, init: str = "first") -> Weights
     Args:
         n: Number of checkpoints (>= 1).
         decay: beta in [0, 1].
-        init: ``"first"`` (starts as checkpoint 1, like torch ``AveragedModel``), ``"bias-correct"`` (zero start
-            divided by ``1 - beta**n``; beta = 1 is an error) or ``"zero"`` (zero start, no correction).
+        init: ``"first"`` (start at checkpoint 1, like torch ``AveragedModel``), ``"bias-correct"`` (zero start
+            divided by ``1 - beta**n``; error for beta = 1) or ``"zero"`` (zero start, residual ``beta**n``).
 
     Returns:
-        ``(w, residual)``: residual ``beta**n`` for ``"zero"``, else 0.0.
+        ``(w, residual)``.
     """
     n = _integer("n", n, 1)
     log_beta = _log(_number("decay", decay, 0.0, 1.0))
@@ -102,22 +102,17 @@ def _check_timm(decay: float, gamma: float, power: float, min_decay: float, afte
 
 def timm_decay(step: int, decay: float, *, warmup: bool = False, warmup_gamma: float = 1.0,
                warmup_power: float = 2 / 3, min_decay: float = 0.0, update_after_step: int = 0) -> float:
-    """The decay timm ``ModelEmaV3.get_decay(step)`` uses (ALGORITHMS §2.1).
-
-    ``k = max(0, step - update_after_step - 1)``; 0.0 (copy) if ``k == 0``, else ``decay``, or with warmup
-    ``max(min(1 - (1 + k/warmup_gamma) ** -warmup_power, decay), min_decay)``.
+    """The decay of timm ``ModelEmaV3.get_decay(step)`` (ALGORITHMS §2.1).
 
     Args:
         step: Optimizer steps completed (>= 0), counted from 1 like timm ``train.py``.
         decay: Target decay in [0, 1].
-        warmup: timm ``use_warmup``.
-        warmup_gamma: Warmup inverse gamma (> 0).
-        warmup_power: Warmup power (> 0).
-        min_decay: Lower clamp in [0, 1]; only acts with warmup, as in timm.
-        update_after_step: Steps before the EMA starts (>= 0).
+        warmup, warmup_gamma, warmup_power, min_decay, update_after_step: timm's ``use_warmup`` and the others of
+            the same name (gamma and power > 0; min_decay in [0, 1], acting with warmup only; after-step >= 0).
 
     Returns:
-        ``d_step`` in [0, 1].
+        0.0 (copy) if ``k = max(0, step - update_after_step - 1)`` is 0, else ``decay``, or with warmup
+        ``max(min(1 - (1 + k/warmup_gamma) ** -warmup_power, decay), min_decay)``.
     """
     _check_timm(decay, warmup_gamma, warmup_power, min_decay, update_after_step)
     step = _integer("step", step, 0)
@@ -142,11 +137,11 @@ def hold_bounds(steps: Sequence[int], hold: str, s0: int = 0) -> list[int]:
     Args:
         steps: Checkpoint steps, strictly increasing integers, ``steps[0] > s0``.
         hold: ``"backward"`` (``b_k = s_k``), ``"midpoint"`` (``(s_k + s_{k+1}) // 2``) or ``"forward"``
-            (``s_{k+1} - 1``); always ``b_0 = s0`` and ``b_N = s_N``.
+            (``s_{k+1} - 1``), for k < N.
         s0: Step at which the EMA starts.
 
     Returns:
-        N + 1 non-decreasing boundaries.
+        N + 1 non-decreasing boundaries, ``b_0 = s0`` and ``b_N = steps[-1]``.
     """
     hold = _choice("hold", hold, HOLDS)
     s = _check_steps(steps, _integer("s0", s0))
@@ -194,7 +189,7 @@ def ema_step_weights(steps: Sequence[int], decay: float, *, hold: str = "backwar
         warmup, warmup_gamma, warmup_power, min_decay, update_after_step: As in `timm_decay`.
 
     Returns:
-        ``(W, residual)``, ``sum(W) + residual = 1``; residual is R for ``"zero"``, else 0.0.
+        ``(W, residual)`` with ``sum(W) + residual = 1``; the residual is R for ``"zero"``, else 0.0.
     """
     _check_timm(decay, warmup_gamma, warmup_power, min_decay, update_after_step)
     init = _choice("init", init, INITS)
@@ -215,7 +210,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
         sigma_rel: Relative width s, ``0 < s < 1/sqrt(12) = 0.288675`` (gamma > 0).
 
     Returns:
-        gamma, found by bisection to the last bit on ``[0, 1/s]`` where the cubic changes sign once.
+        gamma, bisected to the last bit on ``[0, 1/s]``, where the cubic changes sign once.
     """
     if not isinstance(sigma_rel, Real) or isinstance(sigma_rel, bool) or not 0.0 < sigma_rel < SIGMA_REL_MAX:
         raise PlanError(f"sigma_rel must be in (0, {SIGMA_REL_MAX:.6f}) (gamma > 0), got {sigma_rel!r}")
@@ -239,8 +234,7 @@ def power_weights(steps: Sequence[int], sigma_rel: float, *, hold: str = "backwa
     Args:
         steps: Strictly increasing integers >= 0 (step 0 has an empty backward block: weight 0).
         sigma_rel: Relative width, see `sigma_rel_to_gamma`.
-        hold: Block boundaries, see `hold_bounds`.
-        init: ``"first"``, ``"bias-correct"`` or ``"zero"``.
+        hold, init: See `hold_bounds` and above.
 
     Returns:
         ``(W, residual)``; one checkpoint gets ``([1.0], 0.0)``.
@@ -303,20 +297,18 @@ def graft_alpha(h_own: float, h_donor: float, *, a: float = 0.4, c: float = 500.
                 round_digits: int | None = 2) -> float:
     """Grafting coefficient the receiving network keeps; the donor gets ``1 - alpha`` (ALGORITHMS §3.1).
 
-    ``alpha = round((a/pi) * atan(c * (h_own - h_donor)) + 0.5, round_digits)`` with Python's ``round`` on a float,
-    which rounds the exact binary value (0.615, stored just below, gives 0.61); only exactly representable ties
-    (0.375, 0.625) go to even. The reference's ``round`` on a numpy float64 (scale, round half to even) can
-    differ within a few ulp of a tie.
+    Python's ``round`` rounds the exact binary value (0.615, stored just below, gives 0.61); only exactly
+    representable ties (0.375, 0.625) go to even. The reference rounds a numpy float64 (scale by 100, round half
+    to even), which can differ within a few ulp of a tie.
 
     Args:
-        h_own: Entropy of the receiver's tensor.
-        h_donor: Entropy of the donor's tensor.
+        h_own, h_donor: Entropies of the receiver's and of the donor's tensor.
         a: Amplitude in [0, 1]; alpha lies in [0.5 - a/2, 0.5 + a/2].
         c: Steepness (>= 0).
         round_digits: Decimals kept (>= 0), or None for no rounding.
 
     Returns:
-        alpha.
+        ``round((a/pi) * atan(c * (h_own - h_donor)) + 0.5, round_digits)``.
     """
     _check_graft(a, c, round_digits)
     return _alpha(_number("h_own", h_own, -math.inf), _number("h_donor", h_donor, -math.inf), a, c, round_digits)
