@@ -34,6 +34,7 @@ class PlanReport:
     order: str
     specs: list[TensorSpec] = field(default_factory=list)
     metric: str | None = None
+    considered: list[Checkpoint] = field(default_factory=list)  # every checkpoint found, before selection
 
     @property
     def nbytes(self) -> int:
@@ -127,7 +128,7 @@ def plan_checkpoints(
     chosen = select_checkpoints(ordered, select)
     specs = check_layout(chosen, out_dtype)  # before the weights: grafts and soups read tensor data
     weights = plan.weights(chosen)
-    return PlanReport(plan, chosen, weights, used, specs, select.metric)
+    return PlanReport(plan, chosen, weights, used, specs, select.metric, ordered)
 
 
 def average_checkpoints(
@@ -165,7 +166,7 @@ def average_checkpoints(
     out = Path(output)
     check_output(out, [], force)  # fail fast, before planning (a graft or soup plan reads tensors)
     report = plan_checkpoints(inputs, plan, select=select, load=load, dtype=dtype)
-    check_output(out, _files_read(report.checkpoints), force)
+    check_output(out, _files_read(report.considered), force)  # unselected inputs are still inputs
     total = sum(c.tensors[s.name].nbytes for s in report.specs for c in report.checkpoints)
     done = 0
 

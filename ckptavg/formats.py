@@ -111,7 +111,7 @@ def sniff(path: Path) -> str | None:
         return "torch-legacy"  # pickle protocol 2 opening with the LONG1 torch magic number
     if len(head) >= 9 and head[8:9] == b"{":
         (n,) = struct.unpack("<Q", head[:8])
-        if n <= size - 8:
+        if n <= MAX_HEADER_BYTES:  # plausible header length; a truncated file is reported when read
             return "safetensors"
     return None
 
@@ -136,7 +136,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, LazyTensor], dict[str
     read_exact(path, 8, raw)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointFormatError(f"{path}: safetensors header is not valid JSON ({e}).") from e
     if not isinstance(header, dict):
         raise CheckpointFormatError(f"{path}: safetensors header is not a JSON object.")
@@ -173,14 +173,15 @@ def _entry_offsets(path: Path, key: str, v: Any) -> tuple[int, int]:
     offs = v.get("data_offsets") if isinstance(v, dict) else None
     if (
         not isinstance(offs, list) or len(offs) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offs) or offs[0] > offs[1]
+        or not all(type(o) is int and o >= 0 for o in offs) or offs[0] > offs[1]
     ):
         raise CheckpointFormatError(f"{path}: tensor '{key}' has bad data_offsets {offs!r}.")
     return offs[0], offs[1]
 
 
 def _entry_dtype(path: Path, key: str, v: dict[str, Any]) -> torch.dtype:
-    dtype = SAFETENSORS_DTYPES.get(v.get("dtype"))  # type: ignore[arg-type]
+    name = v.get("dtype")
+    dtype = SAFETENSORS_DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
         raise CheckpointFormatError(f"{path}: tensor '{key}' has unsupported dtype {v.get('dtype')!r}.")
     return dtype
@@ -188,7 +189,7 @@ def _entry_dtype(path: Path, key: str, v: dict[str, Any]) -> torch.dtype:
 
 def _entry_shape(path: Path, key: str, v: dict[str, Any]) -> tuple[int, ...]:
     shape = v.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
         raise CheckpointFormatError(f"{path}: tensor '{key}' has bad shape {shape!r}.")
     return tuple(shape)
 
@@ -231,9 +232,11 @@ def load_torch(path: Path, fmt: str, trust_pickle: bool) -> Any:
         raise CheckpointFormatError(
             f"{path}: unpickling needs code that is not importable here ({_first_line(e)})."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+    except CheckpointFormatError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch's loaders raise many types on corrupt bytes
         raise CheckpointFormatError(
-            f"{path}: unreadable torch checkpoint ({_first_line(e)}); the file may be truncated."
+            f"{path}: unreadable torch checkpoint ({type(e).__name__}: {_first_line(e)}); the file may be truncated."
         ) from None
     if not lazy:
         warnings.warn(

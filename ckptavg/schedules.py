@@ -1,4 +1,7 @@
-"""Checkpoint weights for EMA, power-function EMA and filter grafting (ALGORITHMS.md §2-§4), in float64."""
+"""Checkpoint weights for EMA, power-function EMA and filter grafting (ALGORITHMS.md §2-§4).
+
+Pure maths on metadata and tensor values, in float64 (grafting entropies in float32, as the reference); no I/O.
+"""
 
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ def _weights_from_logs(logs: Sequence[float], init: str, context: str) -> Weight
         return w, 0.0
     if init == "zero":
         return w, surv[0]
-    if surv[0] == 1.0:
+    if logs[0] == 0.0:
         raise PlanError(f"init='bias-correct' is undefined when all mass stays on the initial value ({context})")
     return [x / -math.expm1(logs[0]) for x in w], 0.0
 
@@ -252,9 +255,10 @@ def power_weights(steps: Sequence[int], sigma_rel: float, *, hold: str = "backwa
 def graft_entropy(t: torch.Tensor, bins: int = 10) -> float:
     """Filter-grafting layer entropy, the reference definition exactly (ALGORITHMS §3.1).
 
-    On a float32 copy: edges ``e_i = min + i * ((max - min) / bins)`` in float32, bin i counts
-    ``e_i <= x < e_{i+1}`` (the maximum usually falls outside every bin), ``p_i = count_i / numel``,
-    ``H = -sum_{p_i > 0} p_i ln p_i``. Counts equal the reference's; the sum is float64 (reference: float32).
+    On a float32 copy: edges ``e_i = min + i * ((max - min) / bins)``, bin i counts ``e_i <= x < e_{i+1}`` (the
+    maximum usually falls outside every bin), ``p_i = count_i / numel``, ``H = -sum_{p_i > 0} p_i ln p_i``, all
+    in float32 scalar arithmetic bin by bin like the reference (counts exact; the reference's float32 count sum
+    is exact too below 2**24 elements).
 
     Args:
         t: A real tensor of any dtype (converted to float32 first).
@@ -274,11 +278,12 @@ def graft_entropy(t: torch.Tensor, bins: int = 10) -> float:
     lo, hi = torch.aminmax(x)
     edges = lo + torch.arange(bins + 1, dtype=torch.float32, device=x.device) * ((hi - lo) / bins)
     at_or_above = [int((x >= e).sum()) for e in edges]
-    h = 0.0
+    h = torch.zeros((), dtype=torch.float32)
     for count in (at_or_above[i] - at_or_above[i + 1] for i in range(bins)):
         if count > 0:
-            h -= count / x.numel() * math.log(count / x.numel())
-    return h
+            p = torch.tensor(count, dtype=torch.float32) / x.numel()
+            h = h - p * torch.log(p)
+    return float(h)
 
 
 def _check_graft(a: float, c: float, round_digits: int | None) -> None:

@@ -120,8 +120,20 @@ def _expand_existing(path: Path, explicit: bool) -> list[Path]:
     return []
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors")
+
+
 def _is_checkpoint_file(path: Path) -> bool:
-    return path.is_file() and sniff(path) is not None
+    if not path.is_file():
+        return False
+    if sniff(path) is not None:
+        return True
+    if path.name.endswith(CHECKPOINT_SUFFIXES):
+        # named like a checkpoint but not one: a failed or truncated save; skipping it would
+        # silently average fewer checkpoints than the user expects
+        why = "an empty file" if path.stat().st_size == 0 else "unrecognised bytes"
+        raise CheckpointFormatError(f"{path}: named like a checkpoint but holds {why}; remove it or fix the save.")
+    return False
 
 
 def is_hf_folder(path: Path) -> bool:
