@@ -164,7 +164,7 @@ def average_checkpoints(
     if accum_dtype not in ACCUM_DTYPES:
         raise PlanError(f"accum_dtype must be one of {', '.join(ACCUM_DTYPES)}, not {accum_dtype!r}.")
     out = Path(output)
-    check_output(out, [], force)  # fail fast, before planning (a graft or soup plan reads tensors)
+    check_output(out, find_checkpoints(inputs), force)  # fail fast, before a graft or soup plan reads tensors
     report = plan_checkpoints(inputs, plan, select=select, load=load, dtype=dtype)
     check_output(out, _files_read(report.considered), force)  # unselected inputs are still inputs
     total = sum(c.tensors[s.name].nbytes for s in report.specs for c in report.checkpoints)
@@ -212,7 +212,10 @@ def _out_dtype(dtype: str | None) -> torch.dtype | None:
 
 
 def _files_read(ckpts: Sequence[Checkpoint]) -> list[Path]:
+    """Every file an input is made of: the file itself, its shards, and all files of a checkpoint folder
+    (index, trainer_state.json, config), so that none can be overwritten by the output."""
     files = {c.path for c in ckpts} | {t.path for c in ckpts for t in c.tensors.values()}
+    files |= {p for c in ckpts if c.path.is_dir() for p in c.path.iterdir() if p.is_file()}
     return sorted(files, key=os.fspath)
 
 

@@ -68,11 +68,16 @@ def _scores(report: PlanReport) -> list[str]:
     return ["", _table(rows)]
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def format_summary(result: AverageResult) -> str:
     """The one-line success message."""
     r = result.report
     return (
-        f"wrote {result.output}: {r.plan.method} of {len(r.checkpoints)} checkpoints, {len(r.specs)} tensors, "
+        f"wrote {result.output}: {r.plan.method} of {_count(len(r.checkpoints), 'checkpoint')}, "
+        f"{_count(len(r.specs), 'tensor')}, "
         f"{human_bytes(result.nbytes)}, sha256 {result.sha256}, {result.seconds:.2f} s"
     )
 
