@@ -102,9 +102,8 @@ def sniff(path: Path) -> str | None:
     try:
         with open(path, "rb") as f:
             head = f.read(16)
-            size = os.fstat(f.fileno()).st_size
     except OSError as e:
-        raise CheckpointFormatError(f"{path}: cannot read ({e.strerror}).") from e
+        raise CheckpointFormatError(f"{path}: cannot read ({e.strerror}).") from None
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
     if len(head) >= 9 and head[0] == 0x80 and head[2] == 0x8A:
