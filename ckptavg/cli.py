@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,8 +22,9 @@ from . import __version__
 from .api import average_checkpoints, inspect_checkpoint, plan_checkpoints
 from .errors import CkptavgError
 from .plans import Plan
+from .reduce import ACCUM_DTYPES, OUT_DTYPES
 from .report import format_inspect, format_plan, format_summary
-from .select import Selection, parse_start
+from .select import ORDERS, Selection, parse_start
 from .sources import LoadOptions
 
 app = typer.Typer(
@@ -43,28 +44,15 @@ app.add_typer(plan_app, name="plan")
 SEL, LOAD, OUT = "Selection", "Loading", "Output"
 
 
-class Order(str, enum.Enum):
-    auto = "auto"
-    step = "step"
-    epoch = "epoch"
-    name = "name"
-    mtime = "mtime"
+def choices(name: str, values: Sequence[str]) -> Any:
+    """A str Enum for Typer, built from the very tuple the library validates against."""
+    return enum.Enum(name, [(v.replace("-", "_"), v) for v in values], type=str)
 
 
-class OutDtype(str, enum.Enum):
-    float32 = "float32"
-    float16 = "float16"
-    bfloat16 = "bfloat16"
-
-
-class MetricMode(str, enum.Enum):
-    min = "min"
-    max = "max"
-
-
-class AccumDtype(str, enum.Enum):
-    float64 = "float64"
-    float32 = "float32"
+Order = choices("Order", ORDERS)
+OutDtype = choices("OutDtype", list(OUT_DTYPES))
+AccumDtype = choices("AccumDtype", list(ACCUM_DTYPES))
+MetricMode = choices("MetricMode", ("min", "max"))
 
 
 def _opt(name: str, annotation: Any, default: Any) -> inspect.Parameter:
@@ -97,7 +85,7 @@ SELECT_OPTS = [
     _opt("every", Annotated[int | None, typer.Option(min=1, help="Keep every N-th checkpoint.", rich_help_panel=SEL)], None),
     _opt("upto", Annotated[int | None, typer.Option(min=0, help="Keep checkpoints with step <= STEP.", rich_help_panel=SEL)], None),
     _opt("order", Annotated[Order, typer.Option(
-        help="Checkpoint order. auto: by step, else epoch, else natural file name.", rich_help_panel=SEL)], Order.auto),
+        help="Checkpoint order. auto: by step, else epoch, else natural file name.", rich_help_panel=SEL)], Order("auto")),
 ]
 LOAD_OPTS = [
     _opt("key", Annotated[str | None, typer.Option(
@@ -114,7 +102,7 @@ WRITE_OPTS = [
     _opt("output", Annotated[Path, typer.Option("--output", "-o", help="Safetensors file to write.",
                                                 show_default=False, rich_help_panel=OUT)], inspect.Parameter.empty),
     DTYPE_OPT,
-    _opt("accum_dtype", Annotated[AccumDtype, typer.Option(help="Accumulator dtype.", rich_help_panel=OUT)], AccumDtype.float64),
+    _opt("accum_dtype", Annotated[AccumDtype, typer.Option(help="Accumulator dtype.", rich_help_panel=OUT)], AccumDtype("float64")),
     _opt("allow_nonfinite", Annotated[bool, typer.Option(help="Average NaN/Inf values instead of refusing them.",
                                                          rich_help_panel=OUT)], False),
     _opt("force", Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.", rich_help_panel=OUT)], False),

@@ -3,47 +3,25 @@
 Each is registered twice by `add_method`: `ckptavg NAME` does the work, `ckptavg plan NAME` shows it.
 """
 
-import enum
 from typing import Annotated, Any
 
 import typer
 
-from .cli import _opt, add_method
+from .cli import _opt, add_method, choices
 from .errors import PlanError
-from .graft import Graft
-from .plans import Ema, Linear, Swa, parse_weights
+from .graft import GROUPINGS, MODES, Graft
+from .plans import HOLDS, INITS, Ema, Linear, Swa, parse_weights
 from .soup import Soup
 from .userfn import load_callable
 
 M = "Method"
 
 
-class Hold(str, enum.Enum):
-    backward = "backward"
-    midpoint = "midpoint"
-    forward = "forward"
-
-
-class Init(str, enum.Enum):
-    first = "first"
-    bias_correct = "bias-correct"
-    zero = "zero"
-
-
-class GraftMode(str, enum.Enum):
-    pairwise = "pairwise"
-    cyclic = "cyclic"
-    sequential = "sequential"
-
-
-class GraftGroups(str, enum.Enum):
-    auto = "auto"
-    conv = "conv"
-
-
-class SoupMode(str, enum.Enum):
-    max = "max"
-    min = "min"
+Hold = choices("Hold", HOLDS)
+Init = choices("Init", INITS)
+GraftMode = choices("GraftMode", MODES)
+GraftGroups = choices("GraftGroups", GROUPINGS)
+SoupMode = choices("SoupMode", ("max", "min"))
 
 
 def _o(name: str, annotation: Any, default: Any, help: str, **kw: Any) -> Any:
@@ -76,9 +54,9 @@ add_method(
         _o("warmup_power", float, 2 / 3, "--step-decay --warmup: power."),
         _o("min_decay", float, 0.0, "--step-decay --warmup: lower bound of the decay.", min=0.0, max=1.0),
         _o("update_after_step", int, 0, "--step-decay: the EMA copies the weights up to this step.", min=0),
-        _o("hold", Hold, Hold.backward, "Which optimizer steps a sparse checkpoint stands for: since the "
+        _o("hold", Hold, Hold("backward"), "Which optimizer steps a sparse checkpoint stands for: since the "
            "previous save (backward), nearest save (midpoint), or until the next save (forward)."),
-        _o("init", Init, Init.first, "Where the initial mass goes: onto the first checkpoint (first), spread by "
+        _o("init", Init, Init("first"), "Where the initial mass goes: onto the first checkpoint (first), spread by "
            "renormalising (bias-correct), or dropped (zero)."),
     ],
     help="Exponential moving average weights over checkpoints, computed in closed form.\n\n"
@@ -105,8 +83,8 @@ add_method(
         _o("a", float, 0.4, "Coefficient range: weights lie within 0.5 +- a/2 for two checkpoints.", min=0.0, max=1.0),
         _o("c", float, 500.0, "Sharpness of the arctan in the entropy difference.", min=0.0),
         _o("bins", int, 10, "Histogram bins of the layer entropy.", min=1),
-        _o("mode", GraftMode, GraftMode.pairwise, "How N checkpoints are grafted."),
-        _o("groups", GraftGroups, GraftGroups.auto, "auto: every 2+-D tensor has its own weights; conv: keys "
+        _o("mode", GraftMode, GraftMode("pairwise"), "How N checkpoints are grafted."),
+        _o("groups", GraftGroups, GraftGroups("auto"), "auto: every 2+-D tensor has its own weights; conv: keys "
            "containing 'conv' (the paper's code)."),
         _o("round_digits", str, "2", "Decimals of each coefficient, as the paper's code rounds them; 'none' to keep all."),
     ],
@@ -135,7 +113,7 @@ add_method(
     "soup", _soup,
     [
         _o("eval", str | None, None, "MODULE:FUNCTION or file.py:FUNCTION taking a state dict and returning a score."),
-        _o("mode", SoupMode, SoupMode.max, "max if a higher score is better, min for losses."),
+        _o("mode", SoupMode, SoupMode("max"), "max if a higher score is better, min for losses."),
         _o("uniform", bool, False, "Uniform soup of every selected checkpoint (no --eval needed)."),
         _o("strict", bool, False, "Add a checkpoint only if it improves the score (default: also on ties)."),
     ],
