@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import schedules
+from . import entropy
 from .errors import PlanError
 from .plans import Group, Plan, Weights, register
 from .sources import Checkpoint
@@ -96,16 +96,16 @@ class Graft(Plan):
         if self.mode == "sequential":
             tensors = [c.tensors[lead].load() for c in ckpts]
             entropies = [self._entropy(c, lead, t) for c, t in zip(ckpts, tensors, strict=True)]
-            w = schedules.graft_sequential_weights(
+            w = entropy.graft_sequential_weights(
                 tensors, a=self.a, c=self.c, bins=self.bins, round_digits=self.round_digits
             )
         else:  # one tensor in memory at a time
             entropies = [self._entropy(c, lead, c.tensors[lead].load()) for c in ckpts]
-            w = schedules.graft_weights(entropies, mode=self.mode, a=self.a, c=self.c, round_digits=self.round_digits)
+            w = entropy.graft_weights(entropies, mode=self.mode, a=self.a, c=self.c, round_digits=self.round_digits)
         return Group(lead, tuple(members), tuple(entropies), tuple(w))
 
     def _entropy(self, ckpt: Checkpoint, name: str, tensor: torch.Tensor) -> float:
         try:
-            return schedules.graft_entropy(tensor, self.bins)
+            return entropy.graft_entropy(tensor, self.bins)
         except PlanError as e:
             raise PlanError(f"{ckpt.path}: '{name}': {e}") from None

@@ -93,8 +93,7 @@ class Swa(Plan):
         return Weights(tuple(1.0 / n for _ in range(n)))
 
 
-HOLDS = ("backward", "midpoint", "forward")
-INITS = ("first", "bias-correct", "zero")
+HOLDS, INITS = schedules.HOLDS, schedules.INITS
 
 
 @register

@@ -1,6 +1,6 @@
-"""Checkpoint weights for EMA, power-function EMA and filter grafting (ALGORITHMS.md §2-§4).
+"""Checkpoint weights for EMA and power-function EMA (ALGORITHMS.md §2, §4).
 
-Pure maths on metadata and tensor values, in float64 (grafting entropies in float32, as the reference); no I/O.
+Pure maths on metadata, in float64; no I/O.
 """
 
 from __future__ import annotations
@@ -18,25 +18,24 @@ Weights = tuple[list[float], float]
 
 INITS = ("first", "bias-correct", "zero")
 HOLDS = ("backward", "midpoint", "forward")
-GRAFT_MODES = ("pairwise", "cyclic")
 SIGMA_REL_MAX = 1.0 / math.sqrt(12.0)  # sigma_rel of gamma = 0 (uniform average): 0.288675
 _Sched = tuple[float, bool, float, float, float, int]  # decay, warmup, gamma, power, min_decay, update_after_step
 
 
-def _choice(name: str, value: str, options: tuple[str, ...]) -> str:
+def check_choice(name: str, value: str, options: tuple[str, ...]) -> str:
     key = value.replace("_", "-") if isinstance(value, str) else value
     if key not in options:
         raise PlanError(f"{name} must be one of {', '.join(options)}; got {value!r}")
     return key
 
 
-def _integer(name: str, value: int, minimum: int | None = None) -> int:
+def check_integer(name: str, value: int, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or (minimum is not None and value < minimum):
         raise PlanError(f"{name} must be an integer{'' if minimum is None else f' >= {minimum}'}, got {value!r}")
     return int(value)
 
 
-def _number(name: str, value: float, lo: float, hi: float = math.inf, *, open_lo: bool = False) -> float:
+def check_number(name: str, value: float, lo: float, hi: float = math.inf, *, open_lo: bool = False) -> float:
     ok = isinstance(value, Real) and not isinstance(value, bool) and lo <= value <= hi and math.isfinite(value)
     if not ok or (open_lo and value == lo):
         interval = f"{'(' if open_lo else '['}{lo}, {hi}{']' if math.isfinite(hi) else ')'}"
@@ -79,10 +78,10 @@ def ema_checkpoint_weights(n: int, decay: float, init: str = "first") -> Weights
     Returns:
         ``(w, residual)``.
     """
-    n = _integer("n", n, 1)
-    log_beta = _log(_number("decay", decay, 0.0, 1.0))
+    n = check_integer("n", n, 1)
+    log_beta = _log(check_number("decay", decay, 0.0, 1.0))
     logs = [_times_log(n - k, log_beta) for k in range(n + 1)]
-    return _weights_from_logs(logs, _choice("init", init, INITS), f"decay={decay!r}")
+    return _weights_from_logs(logs, check_choice("init", init, INITS), f"decay={decay!r}")
 
 
 def _timm_unchecked(step: int, decay: float, warmup: bool, gamma: float, power: float, floor: float,
@@ -96,11 +95,11 @@ def _timm_unchecked(step: int, decay: float, warmup: bool, gamma: float, power: 
 
 
 def _check_timm(decay: float, gamma: float, power: float, min_decay: float, after: int) -> None:
-    _number("decay", decay, 0.0, 1.0)
-    _number("warmup_gamma", gamma, 0.0, open_lo=True)
-    _number("warmup_power", power, 0.0, open_lo=True)
-    _number("min_decay", min_decay, 0.0, 1.0)
-    _integer("update_after_step", after, 0)
+    check_number("decay", decay, 0.0, 1.0)
+    check_number("warmup_gamma", gamma, 0.0, open_lo=True)
+    check_number("warmup_power", power, 0.0, open_lo=True)
+    check_number("min_decay", min_decay, 0.0, 1.0)
+    check_integer("update_after_step", after, 0)
 
 
 def timm_decay(step: int, decay: float, *, warmup: bool = False, warmup_gamma: float = 1.0,
@@ -118,12 +117,12 @@ def timm_decay(step: int, decay: float, *, warmup: bool = False, warmup_gamma: f
         ``max(min(1 - (1 + k/warmup_gamma) ** -warmup_power, decay), min_decay)``.
     """
     _check_timm(decay, warmup_gamma, warmup_power, min_decay, update_after_step)
-    step = _integer("step", step, 0)
+    step = check_integer("step", step, 0)
     return _timm_unchecked(step, decay, warmup, warmup_gamma, warmup_power, min_decay, update_after_step)
 
 
 def _check_steps(steps: Sequence[int], s0: int, *, allow_equal: bool = False) -> list[int]:
-    out = [_integer(f"steps[{i}]", s) for i, s in enumerate(steps)]
+    out = [check_integer(f"steps[{i}]", s) for i, s in enumerate(steps)]
     if not out:
         raise PlanError("steps is empty: at least one checkpoint step is needed")
     for i in range(1, len(out)):
@@ -146,8 +145,8 @@ def hold_bounds(steps: Sequence[int], hold: str, s0: int = 0) -> list[int]:
     Returns:
         N + 1 non-decreasing boundaries, ``b_0 = s0`` and ``b_N = steps[-1]``.
     """
-    hold = _choice("hold", hold, HOLDS)
-    s = _check_steps(steps, _integer("s0", s0))
+    hold = check_choice("hold", hold, HOLDS)
+    s = _check_steps(steps, check_integer("s0", s0))
     pairs = list(zip(s[:-1], s[1:], strict=True))
     inner = {"backward": s[:-1], "midpoint": [(a + b) // 2 for a, b in pairs], "forward": [b - 1 for _, b in pairs]}
     return [int(s0), *inner[hold], s[-1]]
@@ -195,7 +194,7 @@ def ema_step_weights(steps: Sequence[int], decay: float, *, hold: str = "backwar
         ``(W, residual)`` with ``sum(W) + residual = 1``; the residual is R for ``"zero"``, else 0.0.
     """
     _check_timm(decay, warmup_gamma, warmup_power, min_decay, update_after_step)
-    init = _choice("init", init, INITS)
+    init = check_choice("init", init, INITS)
     bounds = hold_bounds(steps, hold, 0)
     total = bounds[-1]
     if warmup or update_after_step:
@@ -243,138 +242,10 @@ def power_weights(steps: Sequence[int], sigma_rel: float, *, hold: str = "backwa
         ``(W, residual)``; one checkpoint gets ``([1.0], 0.0)``.
     """
     gamma = sigma_rel_to_gamma(sigma_rel)
-    hold, init = _choice("hold", hold, HOLDS), _choice("init", init, INITS)
+    hold, init = check_choice("hold", hold, HOLDS), check_choice("init", init, INITS)
     s = _check_steps(steps, 0, allow_equal=True)
     if len(s) == 1:
         return [1.0], 0.0
     bounds = hold_bounds(s, hold, s0=-1)[1:]
     logs = [(gamma + 1.0) * _log(b / s[-1]) for b in [s[0], *bounds]]
     return _weights_from_logs(logs, init, f"sigma_rel={sigma_rel!r}")
-
-
-def graft_entropy(t: torch.Tensor, bins: int = 10) -> float:
-    """Filter-grafting layer entropy, the reference definition exactly (ALGORITHMS §3.1).
-
-    On a float32 copy: edges ``e_i = min + i * ((max - min) / bins)``, bin i counts ``e_i <= x < e_{i+1}`` (the
-    maximum usually falls outside every bin), ``p_i = count_i / numel``, ``H = -sum_{p_i > 0} p_i ln p_i``, all
-    in float32 scalar arithmetic bin by bin like the reference (counts exact; the reference's float32 count sum
-    is exact too below 2**24 elements).
-
-    Args:
-        t: A real tensor of any dtype (converted to float32 first).
-        bins: Number of bins (>= 1).
-
-    Returns:
-        H in nats; 0.0 for an empty or constant tensor.
-    """
-    bins = _integer("bins", bins, 1)
-    if t.is_complex():
-        raise PlanError(f"graft entropy needs a real tensor, got dtype {t.dtype}")
-    x = t.detach().reshape(-1).to(torch.float32)
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise PlanError(f"graft entropy of a tensor with NaN/Inf (or beyond float32 range), shape {tuple(t.shape)}")
-    if x.numel() == 0:
-        return 0.0
-    lo, hi = torch.aminmax(x)
-    edges = lo + torch.arange(bins + 1, dtype=torch.float32, device=x.device) * ((hi - lo) / bins)
-    at_or_above = [int((x >= e).sum()) for e in edges]
-    h = torch.zeros((), dtype=torch.float32)
-    for count in (at_or_above[i] - at_or_above[i + 1] for i in range(bins)):
-        if count > 0:
-            p = torch.tensor(count, dtype=torch.float32) / x.numel()
-            h = h - p * torch.log(p)
-    return float(h)
-
-
-def _check_graft(a: float, c: float, round_digits: int | None) -> None:
-    _number("a", a, 0.0, 1.0)
-    _number("c", c, 0.0)
-    if round_digits is not None:
-        _integer("round_digits", round_digits, 0)
-
-
-def _alpha(h_own: float, h_donor: float, a: float, c: float, round_digits: int | None) -> float:
-    value = a / math.pi * math.atan(c * (h_own - h_donor)) + 0.5
-    return value if round_digits is None else round(value, round_digits)
-
-
-def graft_alpha(h_own: float, h_donor: float, *, a: float = 0.4, c: float = 500.0,
-                round_digits: int | None = 2) -> float:
-    """Grafting coefficient the receiving network keeps; the donor gets ``1 - alpha`` (ALGORITHMS §3.1).
-
-    Python's ``round`` rounds the exact binary value (0.615, stored just below, gives 0.61); only exactly
-    representable ties (0.375, 0.625) go to even. The reference rounds a numpy float64 (scale by 100, round half
-    to even), which can differ within a few ulp of a tie.
-
-    Args:
-        h_own, h_donor: Entropies of the receiver's and of the donor's tensor.
-        a: Amplitude in [0, 1]; alpha lies in [0.5 - a/2, 0.5 + a/2].
-        c: Steepness (>= 0).
-        round_digits: Decimals kept (>= 0), or None for no rounding.
-
-    Returns:
-        ``round((a/pi) * atan(c * (h_own - h_donor)) + 0.5, round_digits)``.
-    """
-    _check_graft(a, c, round_digits)
-    return _alpha(_number("h_own", h_own, -math.inf), _number("h_donor", h_donor, -math.inf), a, c, round_digits)
-
-
-def graft_weights(entropies: Sequence[float], *, mode: str = "pairwise", a: float = 0.4, c: float = 500.0,
-                  round_digits: int | None = 2) -> list[float]:
-    """Weights of N checkpoints in one graft group from their entropies (ALGORITHMS §3.3); they sum to 1.
-
-    Args:
-        entropies: One finite entropy per checkpoint, in checkpoint order (at least one).
-        mode: ``"pairwise"`` (mean of all N(N-1)/2 two-network grafts, ``alpha_ij`` for i < j and
-            ``1 - alpha_ij`` for j) or ``"cyclic"`` (checkpoint k receives from k-1, 1 from N, then the mean).
-        a, c, round_digits: As in `graft_alpha`.
-
-    Returns:
-        One weight per checkpoint; N = 2 gives the paper's ``(alpha, 1 - alpha)``.
-    """
-    mode = _choice("mode", mode, GRAFT_MODES)
-    _check_graft(a, c, round_digits)
-    h = [_number(f"entropies[{i}]", v, -math.inf) for i, v in enumerate(entropies)]
-    n = len(h)
-    if n < 2:
-        if not h:
-            raise PlanError("entropies is empty: at least one checkpoint is needed")
-        return [1.0]
-    if mode == "cyclic":
-        alphas = [_alpha(h[k], h[k - 1], a, c, round_digits) for k in range(n)]
-        return [(alphas[i] + 1.0 - alphas[(i + 1) % n]) / n for i in range(n)]
-    w = [0.0] * n
-    for i in range(n):
-        for j in range(i + 1, n):
-            alpha = _alpha(h[i], h[j], a, c, round_digits)
-            w[i] += alpha
-            w[j] += 1.0 - alpha
-    return [x * 2.0 / (n * (n - 1)) for x in w]
-
-
-def graft_sequential_weights(tensors: Sequence[torch.Tensor], *, a: float = 0.4, c: float = 500.0, bins: int = 10,
-                             round_digits: int | None = 2) -> list[float]:
-    """Effective weights of ``G_1 = theta_1``, ``G_k = alpha_k theta_k + (1 - alpha_k) G_{k-1}`` (ALGORITHMS §3.3).
-
-    ``alpha_k = graft_alpha(H(theta_k), H(G_{k-1}))``; G is merged in float64, its entropy taken on a float32 copy.
-
-    Args:
-        tensors: One real tensor per checkpoint (one graft group), all of one shape, in checkpoint order.
-        a, c, round_digits: As in `graft_alpha`.
-        bins: Entropy bins (>= 1).
-
-    Returns:
-        One weight per checkpoint, summing to 1.
-    """
-    _check_graft(a, c, round_digits)
-    bins = _integer("bins", bins, 1)
-    if not tensors or any(t.is_complex() for t in tensors) or len({tuple(t.shape) for t in tensors}) > 1:
-        shapes = [f"{tuple(t.shape)} {t.dtype}" for t in tensors]
-        raise PlanError(f"sequential grafting needs one or more real tensors of one shape, got {shapes}")
-    weights = [1.0]
-    merged = tensors[0].detach().to(torch.float64)
-    for t in tensors[1:]:
-        alpha = _alpha(graft_entropy(t, bins), graft_entropy(merged.to(torch.float32), bins), a, c, round_digits)
-        weights = [(1.0 - alpha) * w for w in weights] + [alpha]
-        merged = alpha * t.detach().to(torch.float64) + (1.0 - alpha) * merged
-    return weights

@@ -9,21 +9,19 @@ from __future__ import annotations
 import glob
 import json
 import os
-import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointFormatError, CkptavgWarning, SelectionError
-from .formats import LazyTensor, load_torch, read_safetensors_header, sniff
+from .errors import CheckpointFormatError, SelectionError
+from .formats import LazyTensor, read_safetensors_header, sniff
+from .locate import locate_weights, select_prefix, strip_prefixes
 from .metadata import Meta, meta_from_mapping, meta_from_name, metrics_from_checkpoint, metrics_from_trainer_state
+from .pickles import load_torch
 
 PathLike = str | os.PathLike[str]
 
-# Where the weights usually hide inside training checkpoints, in the order we look.
-WEIGHT_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
-PREFIXES = ("module.", "_orig_mod.")
 # Hugging Face folder layouts, most preferred first.
 HF_WEIGHT_FILES = (
     "model.safetensors.index.json", "model.safetensors",
@@ -165,7 +163,7 @@ def open_checkpoint(path: PathLike, options: LoadOptions = LoadOptions()) -> Che
     if not ckpt.tensors:
         raise CheckpointFormatError(f"{path}: holds no tensors.")
     if not options.keep_prefix:
-        ckpt.tensors, ckpt.stripped_prefix = _strip_prefixes(ckpt.tensors)
+        ckpt.tensors, ckpt.stripped_prefix = strip_prefixes(ckpt.tensors)
     return ckpt
 
 
@@ -174,7 +172,7 @@ def _open_file(path: Path, fmt: str, options: LoadOptions) -> Checkpoint:
         tensors, file_meta = read_safetensors_header(path)
         meta = meta_from_mapping(file_meta, "safetensors metadata").fill(meta_from_name(path.name))
         if options.key:
-            tensors = _select_prefix(path, tensors, options.key)
+            tensors = select_prefix(path, tensors, options.key)
         return Checkpoint(path, fmt, tensors, options.key or "(top level)", meta, file_metadata=file_meta)
     obj = load_torch(path, fmt, options.trust_pickle)
     tensors, location, others = locate_weights(path, obj, options.key)
@@ -235,89 +233,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointFormatError(f"{path}: expected a JSON object.")
     return data
-
-
-# ---------------------------------------------------------------- weights inside a checkpoint
-
-
-def locate_weights(path: Path, obj: Any, key: str | None) -> tuple[dict[str, LazyTensor], str, list[str]]:
-    """Find the state dict inside an unpickled checkpoint.
-
-    Returns the flattened tensors, a description of where they were found, and the other
-    top-level entries (for `inspect`).
-    """
-    top = obj if isinstance(obj, dict) else {}
-    if key is not None:
-        node = _walk(path, obj, key)
-        tensors = dict(flatten(node))
-        if not tensors:
-            raise CheckpointFormatError(f"{path}: '{key}' holds no tensors.")
-        return tensors, key, [k for k in map(str, top) if k != key.split(".")[0]]
-    if not isinstance(obj, dict):
-        raise CheckpointFormatError(
-            f"{path}: holds a {type(obj).__name__}, not a dict of tensors; save model.state_dict() instead."
-        )
-    for name in WEIGHT_KEYS:
-        if isinstance(obj.get(name), dict):
-            tensors = dict(flatten(obj[name]))
-            if tensors:
-                if name == "state_dict" and "current_model_state" in obj:
-                    warnings.warn(
-                        f"{path}: 'state_dict' holds weights already averaged by Lightning's "
-                        "WeightAveraging callback; pass --key current_model_state to average the raw weights.",
-                        CkptavgWarning,
-                        stacklevel=2,
-                    )
-                return tensors, name, [str(k) for k in obj if k != name]
-    tensors = dict(flatten(obj))
-    if not tensors:
-        keys = ", ".join(map(str, list(obj)[:12])) or "none"
-        raise CheckpointFormatError(
-            f"{path}: no tensors found (top-level keys: {keys}); pass --key to say where the weights are."
-        )
-    return tensors, "(top level)", [str(k) for k, v in obj.items() if not _holds_tensors(v)]
-
-
-def _walk(path: Path, obj: Any, key: str) -> Any:
-    node = obj
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            have = ", ".join(map(str, list(node)[:12])) if isinstance(node, dict) else type(node).__name__
-            raise CheckpointFormatError(f"{path}: no entry '{key}' (at '{part}', found: {have}).")
-        node = node[part]
-    return node
-
-
-def flatten(node: Any, prefix: str = "") -> Iterable[tuple[str, LazyTensor]]:
-    """Yield (dotted name, tensor) for every tensor in nested dicts; other leaves are skipped."""
-    if isinstance(node, LazyTensor):
-        yield prefix, node
-    elif isinstance(node, dict):
-        for k, v in node.items():
-            yield from flatten(v, f"{prefix}.{k}" if prefix else str(k))
-
-
-def _holds_tensors(node: Any) -> bool:
-    return next(iter(flatten(node)), None) is not None
-
-
-def _select_prefix(path: Path, tensors: dict[str, LazyTensor], key: str) -> dict[str, LazyTensor]:
-    """--key on a flat safetensors file: keep the keys under that dotted prefix."""
-    head = key + "."
-    picked = {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
-    if not picked:
-        raise CheckpointFormatError(f"{path}: no tensor names start with '{head}'.")
-    return picked
-
-
-def _strip_prefixes(tensors: dict[str, LazyTensor]) -> tuple[dict[str, LazyTensor], str]:
-    stripped = ""
-    changed = True
-    while changed:
-        changed = False
-        for p in PREFIXES:
-            if tensors and all(k.startswith(p) and len(k) > len(p) for k in tensors):
-                tensors = {k[len(p):]: v for k, v in tensors.items()}
-                stripped += p
-                changed = True
-    return tensors, stripped

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import ckptavg
 from ckptavg import Ema, Graft, Linear, PlanError, Selection, SelectionError, Soup
 from ckptavg.cli import app
-from ckptavg.schedules import graft_entropy
+from ckptavg.entropy import graft_entropy
 
 
 def test_ema_per_checkpoint_matches_averaged_model(tmp_path: Path) -> None:

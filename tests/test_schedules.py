@@ -16,6 +16,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
 
+from ckptavg import entropy as E
 from ckptavg import schedules as S
 from ckptavg.errors import PlanError
 
@@ -73,21 +74,21 @@ def test_weight_examples(fn: Callable[[], tuple[list[float], float]], expected: 
 
 
 GRAFT_EXAMPLES = [
-    ("H-arange", lambda: S.graft_entropy(A), 2.072326),
-    ("H-01", lambda: S.graft_entropy(B), 0.346574),
-    ("H-C", lambda: S.graft_entropy(C), 1.742743),
-    ("H-D", lambda: S.graft_entropy(D), 1.413159),
-    ("alpha-arange-01", lambda: S.graft_alpha(S.graft_entropy(A), S.graft_entropy(B)), 0.70),
-    ("alpha-arange-01-raw", lambda: S.graft_alpha(S.graft_entropy(A), S.graft_entropy(B), round_digits=None), 0.699852),
-    ("alpha-1.5", lambda: S.graft_alpha(1.500, 1.499), 0.56),
-    ("alpha-1.5-raw", lambda: S.graft_alpha(1.500, 1.499, round_digits=None), 0.559033),
-    ("pairwise-3", lambda: S.graft_weights([1.500, 1.499, 1.510]), [0.296667, 0.253333, 0.45]),
-    ("pairwise-3-raw", lambda: S.graft_weights([1.500, 1.499, 1.510], round_digits=None),
+    ("H-arange", lambda: E.graft_entropy(A), 2.072326),
+    ("H-01", lambda: E.graft_entropy(B), 0.346574),
+    ("H-C", lambda: E.graft_entropy(C), 1.742743),
+    ("H-D", lambda: E.graft_entropy(D), 1.413159),
+    ("alpha-arange-01", lambda: E.graft_alpha(E.graft_entropy(A), E.graft_entropy(B)), 0.70),
+    ("alpha-arange-01-raw", lambda: E.graft_alpha(E.graft_entropy(A), E.graft_entropy(B), round_digits=None), 0.699852),
+    ("alpha-1.5", lambda: E.graft_alpha(1.500, 1.499), 0.56),
+    ("alpha-1.5-raw", lambda: E.graft_alpha(1.500, 1.499, round_digits=None), 0.559033),
+    ("pairwise-3", lambda: E.graft_weights([1.500, 1.499, 1.510]), [0.296667, 0.253333, 0.45]),
+    ("pairwise-3-raw", lambda: E.graft_weights([1.500, 1.499, 1.510], round_digits=None),
      [0.294722, 0.254622, 0.450656]),
-    ("cyclic-3", lambda: S.graft_weights([1.500, 1.499, 1.510], mode="cyclic"), [0.296667, 0.253333, 0.45]),
-    ("pairwise-4", lambda: S.graft_weights([1.500, 1.499, 1.510, 1.505]), [0.206667, 0.183333, 0.333333, 0.276667]),
-    ("cyclic-4", lambda: S.graft_weights([1.500, 1.499, 1.510, 1.505], mode="cyclic"), [0.2275, 0.19, 0.3325, 0.25]),
-    ("sequential", lambda: S.graft_sequential_weights([A, B, C, D]), [0.343, 0.147, 0.21, 0.3]),
+    ("cyclic-3", lambda: E.graft_weights([1.500, 1.499, 1.510], mode="cyclic"), [0.296667, 0.253333, 0.45]),
+    ("pairwise-4", lambda: E.graft_weights([1.500, 1.499, 1.510, 1.505]), [0.206667, 0.183333, 0.333333, 0.276667]),
+    ("cyclic-4", lambda: E.graft_weights([1.500, 1.499, 1.510, 1.505], mode="cyclic"), [0.2275, 0.19, 0.3325, 0.25]),
+    ("sequential", lambda: E.graft_sequential_weights([A, B, C, D]), [0.343, 0.147, 0.21, 0.3]),
     # §4.1
     ("gamma-0.05", lambda: S.sigma_rel_to_gamma(0.05), 16.972199),
     ("gamma-0.10", lambda: S.sigma_rel_to_gamma(0.10), 6.937204),
@@ -176,41 +177,41 @@ entropies = st.lists(st.floats(0.0, 5.0), min_size=1, max_size=12)
 
 
 @PROPS
-@given(h=entropies, a=st.floats(0.0, 1.0), c=st.floats(0.0, 1e4), mode=st.sampled_from(S.GRAFT_MODES),
+@given(h=entropies, a=st.floats(0.0, 1.0), c=st.floats(0.0, 1e4), mode=st.sampled_from(E.GRAFT_MODES),
        digits=st.sampled_from([None, 2, 3]))
 def test_graft_weight_invariants(h: list[float], a: float, c: float, mode: str, digits: int | None) -> None:
-    weights = S.graft_weights(h, mode=mode, a=a, c=c, round_digits=digits)
+    weights = E.graft_weights(h, mode=mode, a=a, c=c, round_digits=digits)
     n = len(h)
     assert math.fsum(weights) == pytest.approx(1.0, abs=1e-12)
     slack = 0.0 if digits is None else 10.0**-digits  # rounding may push alpha past (0.5 -+ a/2)
     assert all((1 - a) / n - slack - 1e-12 <= w <= (1 + a) / n + slack + 1e-12 for w in weights)
     if n <= 3 and digits is None:
-        assert weights == pytest.approx(S.graft_weights(h, mode="pairwise" if mode == "cyclic" else "cyclic",
+        assert weights == pytest.approx(E.graft_weights(h, mode="pairwise" if mode == "cyclic" else "cyclic",
                                                         a=a, c=c, round_digits=None), abs=1e-12)
     if digits is None:  # pairwise is permutation invariant
         perm = list(reversed(range(n)))
-        back = S.graft_weights([h[i] for i in perm], a=a, c=c, round_digits=None)
-        assert [back[perm.index(i)] for i in range(n)] == pytest.approx(S.graft_weights(h, a=a, c=c,
+        back = E.graft_weights([h[i] for i in perm], a=a, c=c, round_digits=None)
+        assert [back[perm.index(i)] for i in range(n)] == pytest.approx(E.graft_weights(h, a=a, c=c,
                                                                                         round_digits=None), abs=1e-12)
 
 
 @PROPS
 @given(x=st.floats(0.0, 5.0), y=st.floats(0.0, 5.0), digits=st.sampled_from([None, 2]))
 def test_graft_alpha_is_antisymmetric(x: float, y: float, digits: int | None) -> None:
-    total = S.graft_alpha(x, y, round_digits=digits) + S.graft_alpha(y, x, round_digits=digits)
+    total = E.graft_alpha(x, y, round_digits=digits) + E.graft_alpha(y, x, round_digits=digits)
     assert total == pytest.approx(1.0, abs=1e-12)
 
 
 @pytest.mark.parametrize("h", [[1.0, 1.0, 1.0], [0.3, 0.9, 1.7, 2.0]])
 @pytest.mark.parametrize("kw", [{"a": 0.0}, {"c": 0.0}])
 def test_graft_degenerate_is_uniform(h: list[float], kw: dict[str, float]) -> None:
-    assert S.graft_weights(h, **kw) == pytest.approx([1 / len(h)] * len(h), abs=1e-15)
-    assert S.graft_weights(h, mode="cyclic", **kw) == pytest.approx([1 / len(h)] * len(h), abs=1e-15)
+    assert E.graft_weights(h, **kw) == pytest.approx([1 / len(h)] * len(h), abs=1e-15)
+    assert E.graft_weights(h, mode="cyclic", **kw) == pytest.approx([1 / len(h)] * len(h), abs=1e-15)
 
 
 def test_single_checkpoint() -> None:
-    assert S.graft_weights([1.3]) == [1.0]
-    assert S.graft_sequential_weights([A]) == [1.0]
+    assert E.graft_weights([1.3]) == [1.0]
+    assert E.graft_sequential_weights([A]) == [1.0]
     assert S.power_weights([0], 0.1) == ([1.0], 0.0)
     assert S.power_weights([500], 0.1, init="bias-correct") == ([1.0], 0.0)
     assert S.ema_step_weights([7], 0.9, init="bias-correct") == ([pytest.approx(1.0, abs=1e-15)], 0.0)
@@ -456,7 +457,7 @@ def test_entropy_matches_loop(values: list[float], scale: float, offset: float, 
         x = torch.round(x * levels) / levels
     t = (x * scale + offset).to(dtype)
     assume(bool(torch.isfinite(t).all()))
-    assert S.graft_entropy(t, bins) == _entropy_loop(t, bins)
+    assert E.graft_entropy(t, bins) == _entropy_loop(t, bins)
 
 
 @pytest.mark.parametrize("t", [
@@ -465,29 +466,29 @@ def test_entropy_matches_loop(values: list[float], scale: float, offset: float, 
     torch.arange(100.0).to(torch.bfloat16), torch.linspace(-2, 2, 101).to(torch.float16), torch.rand(1000) ** 9,
 ], ids=lambda t: f"{t.dtype}{tuple(t.shape)}")
 def test_entropy_special_tensors(t: torch.Tensor) -> None:
-    assert S.graft_entropy(t) == _entropy_loop(t)
+    assert E.graft_entropy(t) == _entropy_loop(t)
 
 
 def test_entropy_constant_and_low_precision() -> None:
-    assert S.graft_entropy(torch.full((5,), 2.5)) == 0.0
+    assert E.graft_entropy(torch.full((5,), 2.5)) == 0.0
     half = torch.randn(64, generator=torch.Generator().manual_seed(1)).half()
-    assert S.graft_entropy(half) == S.graft_entropy(half.float())
-    assert S.graft_entropy(half.bfloat16()) == S.graft_entropy(half.bfloat16().float())
+    assert E.graft_entropy(half) == E.graft_entropy(half.float())
+    assert E.graft_entropy(half.bfloat16()) == E.graft_entropy(half.bfloat16().float())
 
 
 def test_sequential_weights_reproduce_the_fold() -> None:
     gen = torch.Generator().manual_seed(2)
     tensors = [torch.randn(6, 4, generator=gen) * (1 + k) ** 2 for k in range(5)]
-    weights = S.graft_sequential_weights(tensors, c=50.0)
+    weights = E.graft_sequential_weights(tensors, c=50.0)
     merged = tensors[0].double()
     for t in tensors[1:]:
-        alpha = S.graft_alpha(S.graft_entropy(t), S.graft_entropy(merged.float()), c=50.0)
+        alpha = E.graft_alpha(E.graft_entropy(t), E.graft_entropy(merged.float()), c=50.0)
         merged = alpha * t.double() + (1 - alpha) * merged
     torch.testing.assert_close(_combine(weights, torch.stack(tensors).double()), merged, rtol=0.0, atol=1e-14)
     assert math.fsum(weights) == pytest.approx(1.0, abs=1e-14)
     # N = 2 is the paper's two-network graft with checkpoint 2 receiving
-    alpha = S.graft_alpha(S.graft_entropy(B), S.graft_entropy(A))
-    assert S.graft_sequential_weights([A, B]) == pytest.approx([1 - alpha, alpha], abs=1e-15)
+    alpha = E.graft_alpha(E.graft_entropy(B), E.graft_entropy(A))
+    assert E.graft_sequential_weights([A, B]) == pytest.approx([1 - alpha, alpha], abs=1e-15)
 
 
 # ---------------------------------------------------------------- bad parameters
@@ -528,24 +529,24 @@ BAD_CALLS = [
     ("power-negative", _w(S.power_weights, [-1, 100], 0.1), "-1"),
     ("power-hold", _w(S.power_weights, STEPS, 0.1, hold="x"), "'x'"),
     ("power-init", _w(S.power_weights, STEPS, 0.1, init="x"), "'x'"),
-    ("a>1", _w(S.graft_alpha, 1.0, 1.1, a=1.1), "1.1"),
-    ("a<0", _w(S.graft_weights, [1.0, 2.0], a=-0.1), "-0.1"),
-    ("c<0", _w(S.graft_weights, [1.0, 2.0], c=-1.0), "-1.0"),
-    ("c-inf", _w(S.graft_alpha, 1.0, 1.1, c=math.inf), "inf"),
-    ("digits", _w(S.graft_alpha, 1.0, 1.1, round_digits=-1), "-1"),
-    ("h-nan", _w(S.graft_weights, [1.0, NAN]), "nan"),
-    ("graft-empty", _w(S.graft_weights, []), "empty"),
-    ("mode-sequential", _w(S.graft_weights, [1.0, 2.0], mode="sequential"), "'sequential'"),
-    ("mode-name", _w(S.graft_weights, [1.0, 2.0], mode="ring"), "'ring'"),
-    ("seq-empty", _w(S.graft_sequential_weights, []), "one or more"),
-    ("seq-shapes", _w(S.graft_sequential_weights, [A, torch.zeros(3)]), "\\(3,\\)"),
-    ("seq-c", _w(S.graft_sequential_weights, [A, B], c=-2.0), "-2.0"),
-    ("seq-bins", _w(S.graft_sequential_weights, [A, B], bins=0), "bins"),
-    ("entropy-nan", _w(S.graft_entropy, torch.tensor([1.0, NAN])), "NaN"),
-    ("entropy-inf", _w(S.graft_entropy, torch.tensor([1.0, math.inf])), "NaN/Inf"),
-    ("entropy-overflow", _w(S.graft_entropy, torch.tensor([1e39], dtype=torch.float64)), "float32"),
-    ("entropy-complex", _w(S.graft_entropy, torch.ones(3, dtype=torch.complex64)), "complex"),
-    ("entropy-bins", _w(S.graft_entropy, A, 0), "bins"),
+    ("a>1", _w(E.graft_alpha, 1.0, 1.1, a=1.1), "1.1"),
+    ("a<0", _w(E.graft_weights, [1.0, 2.0], a=-0.1), "-0.1"),
+    ("c<0", _w(E.graft_weights, [1.0, 2.0], c=-1.0), "-1.0"),
+    ("c-inf", _w(E.graft_alpha, 1.0, 1.1, c=math.inf), "inf"),
+    ("digits", _w(E.graft_alpha, 1.0, 1.1, round_digits=-1), "-1"),
+    ("h-nan", _w(E.graft_weights, [1.0, NAN]), "nan"),
+    ("graft-empty", _w(E.graft_weights, []), "empty"),
+    ("mode-sequential", _w(E.graft_weights, [1.0, 2.0], mode="sequential"), "'sequential'"),
+    ("mode-name", _w(E.graft_weights, [1.0, 2.0], mode="ring"), "'ring'"),
+    ("seq-empty", _w(E.graft_sequential_weights, []), "one or more"),
+    ("seq-shapes", _w(E.graft_sequential_weights, [A, torch.zeros(3)]), "\\(3,\\)"),
+    ("seq-c", _w(E.graft_sequential_weights, [A, B], c=-2.0), "-2.0"),
+    ("seq-bins", _w(E.graft_sequential_weights, [A, B], bins=0), "bins"),
+    ("entropy-nan", _w(E.graft_entropy, torch.tensor([1.0, NAN])), "NaN"),
+    ("entropy-inf", _w(E.graft_entropy, torch.tensor([1.0, math.inf])), "NaN/Inf"),
+    ("entropy-overflow", _w(E.graft_entropy, torch.tensor([1e39], dtype=torch.float64)), "float32"),
+    ("entropy-complex", _w(E.graft_entropy, torch.ones(3, dtype=torch.complex64)), "complex"),
+    ("entropy-bins", _w(E.graft_entropy, A, 0), "bins"),
 ]
 
 
