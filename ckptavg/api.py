@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .bn import BatchNormOptions, recalibrate
 from .errors import NonFiniteError, PlanError
 from .plans import Plan, Swa, Weights
 from .reduce import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout, reduce_tensor
@@ -143,6 +144,7 @@ def average_checkpoints(
     allow_nonfinite: bool = False,
     force: bool = False,
     progress: Progress | None = None,
+    bn: BatchNormOptions | None = None,
 ) -> AverageResult:
     """Average checkpoints into one safetensors file, streaming one tensor at a time.
 
@@ -159,12 +161,15 @@ def average_checkpoints(
         allow_nonfinite: average NaN/Inf values instead of refusing them.
         force: overwrite an existing output.
         progress: called with (bytes read, total bytes) as the work advances.
+        bn: recompute BatchNorm statistics of the average (`torch.optim.swa_utils.update_bn` semantics).
     """
     started = time.perf_counter()
     if accum_dtype not in ACCUM_DTYPES:
         raise PlanError(f"accum_dtype must be one of {', '.join(ACCUM_DTYPES)}, not {accum_dtype!r}.")
     out = Path(output)
     check_output(out, find_checkpoints(inputs), force)  # fail fast, before a graft or soup plan reads tensors
+    if bn is not None:
+        bn.check()
     report = plan_checkpoints(inputs, plan, select=select, load=load, dtype=dtype)
     check_output(out, _files_read(report.considered), force)  # unselected inputs are still inputs
     total = sum(c.tensors[s.name].nbytes for s in report.specs for c in report.checkpoints)
@@ -176,13 +181,25 @@ def average_checkpoints(
         if progress:
             progress(done, total)
 
-    with SafetensorsWriter(out, report.specs, provenance(report)) as writer:
-        for spec in writer.order:
+    def averaged(specs: Sequence[TensorSpec]) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
+        for spec in specs:
             weights = report.weights.for_tensor(spec.name)
             tensor = reduce_tensor(spec, report.checkpoints, weights, ACCUM_DTYPES[accum_dtype], on_read)
             if spec.averaged and not allow_nonfinite:
                 _check_finite(spec, tensor, report.checkpoints)
-            writer.write(tensor)
+            yield spec, tensor
+
+    metadata = provenance(report) | ({"ckptavg_bn": json.dumps(bn.params(), sort_keys=True)} if bn else {})
+    if bn is None:  # stream: one tensor in memory at a time
+        with SafetensorsWriter(out, report.specs, metadata) as writer:
+            for _, tensor in averaged(writer.order):
+                writer.write(tensor)
+    else:  # the BatchNorm pass runs the whole model, so the average is built in memory first
+        tensors = {spec.name: t for spec, t in averaged(report.specs)}
+        tensors.update(recalibrate(tensors, bn))
+        with SafetensorsWriter(out, report.specs, metadata) as writer:
+            for spec in writer.order:
+                writer.write(tensors[spec.name])
     return AverageResult(out, report, writer.nbytes, writer.sha256, time.perf_counter() - started)
 
 

@@ -20,8 +20,9 @@ import typer
 
 from . import __version__
 from .api import average_checkpoints, inspect_checkpoint, plan_checkpoints
-from .errors import CkptavgError
-from .plans import Plan
+from .bn import BatchNormOptions
+from .errors import BatchNormError, CkptavgError
+from .plans import Plan, Swa
 from .reduce import ACCUM_DTYPES, OUT_DTYPES
 from .report import format_inspect, format_plan, format_summary
 from .select import ORDERS, Selection, parse_start
@@ -109,6 +110,35 @@ WRITE_OPTS = [
     _opt("json_out", Annotated[bool, typer.Option("--json", help="Print the summary as JSON.", rich_help_panel=OUT)], False),
     _opt("quiet", Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.", rich_help_panel=OUT)], False),
 ]
+BN = "BatchNorm recalibration"
+
+
+def bn_opts(required: bool) -> list[inspect.Parameter]:
+    """The --bn-* options; `ckptavg bn` requires the model and the data, the averaging commands do not."""
+    need = ... if required else None
+    return [
+        _opt("bn_model", Annotated[str | None, typer.Option(
+            help="MODULE:FACTORY (or file.py:FACTORY) returning the nn.Module; recompute BatchNorm statistics of "
+            "the result with it.", rich_help_panel=BN, show_default=False)], need),
+        _opt("bn_data", Annotated[str | None, typer.Option(
+            help="MODULE:FACTORY returning an iterable of batches, or a safetensors/torch file holding one input "
+            "tensor.", rich_help_panel=BN, show_default=False)], need),
+        _opt("bn_batches", Annotated[int | None, typer.Option(min=1, help="Stop after N batches.", rich_help_panel=BN)], None),
+        _opt("bn_batch_size", Annotated[int, typer.Option(min=1, help="Batch size for a --bn-data file.", rich_help_panel=BN)], 32),
+        _opt("bn_forward", Annotated[str | None, typer.Option(
+            help="MODULE:FUNCTION called as fn(model, batch), for models that take dicts or several inputs.",
+            rich_help_panel=BN)], None),
+    ]
+
+
+def _bn(kw: dict[str, Any]) -> BatchNormOptions | None:
+    if kw["bn_model"] is None and kw["bn_data"] is None:
+        return None
+    if kw["bn_model"] is None or kw["bn_data"] is None:
+        raise BatchNormError("BatchNorm recalibration needs both --bn-model and --bn-data.")
+    return BatchNormOptions(kw["bn_model"], kw["bn_data"], kw["bn_batches"], kw["bn_batch_size"], kw["bn_forward"])
+
+
 JSON_OPT = _opt("json_out", Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")], False)
 
 
@@ -156,6 +186,22 @@ def _load(kw: dict[str, Any]) -> LoadOptions:
     return LoadOptions(key=kw["key"], keep_prefix=kw["keep_prefix"], trust_pickle=kw["trust_pickle"])
 
 
+def _average(plan: Plan, kw: dict[str, Any], select: Selection | None = None) -> None:
+    """Run one average from the parsed options and print the summary."""
+    bar = _progress_bar(kw["quiet"])
+    try:
+        result = average_checkpoints(
+            kw["inputs"], kw["output"], plan, select=select or _selection(kw), load=_load(kw),
+            dtype=kw["dtype"].value if kw["dtype"] else None, accum_dtype=kw["accum_dtype"].value,
+            allow_nonfinite=kw["allow_nonfinite"], force=kw["force"], progress=bar, bn=_bn(kw),
+        )
+    finally:
+        if bar:
+            bar.close()
+    if not kw["quiet"]:
+        print(json.dumps(result.to_json()) if kw["json_out"] else format_summary(result))
+
+
 def add_method(name: str, build: Callable[..., Plan], params: list[inspect.Parameter], help: str) -> None:
     """Register `ckptavg NAME` (average) and `ckptavg plan NAME` (weights only) for one method."""
     own = [p.name for p in params]
@@ -163,19 +209,7 @@ def add_method(name: str, build: Callable[..., Plan], params: list[inspect.Param
 
     def run(**kw: Any) -> None:
         with _errors():
-            plan = build(**{k: kw[k] for k in own})
-            bar = _progress_bar(kw["quiet"])
-            try:
-                result = average_checkpoints(
-                    kw["inputs"], kw["output"], plan, select=_selection(kw), load=_load(kw),
-                    dtype=kw["dtype"].value if kw["dtype"] else None, accum_dtype=kw["accum_dtype"].value,
-                    allow_nonfinite=kw["allow_nonfinite"], force=kw["force"], progress=bar,
-                )
-            finally:
-                if bar:
-                    bar.close()
-            if not kw["quiet"]:
-                print(json.dumps(result.to_json()) if kw["json_out"] else format_summary(result))
+            _average(build(**{k: kw[k] for k in own}), kw)
 
     def plan_only(**kw: Any) -> None:
         with _errors():
@@ -185,7 +219,7 @@ def add_method(name: str, build: Callable[..., Plan], params: list[inspect.Param
             )
             print(json.dumps(report.to_json(), indent=2) if kw["json_out"] else format_plan(report))
 
-    app.command(name, help=help)(_with_signature(run, [INPUTS, *params, *selection, *LOAD_OPTS, *WRITE_OPTS]))
+    app.command(name, help=help)(_with_signature(run, [INPUTS, *params, *selection, *LOAD_OPTS, *WRITE_OPTS, *bn_opts(required=False)]))
     plan_app.command(name, help=f"Weights of `ckptavg {name}`, without doing the work.")(
         _with_signature(plan_only, [INPUTS, *params, *selection, *LOAD_OPTS, DTYPE_OPT, JSON_OPT])
     )
@@ -210,6 +244,21 @@ class _Bar:
 def _progress_bar(quiet: bool) -> _Bar | None:
     return None if quiet or not sys.stderr.isatty() else _Bar()
 
+
+
+def bn_cmd(**kw: Any) -> None:
+    with _errors():
+        if len(kw["inputs"]) != 1:
+            raise BatchNormError(f"ckptavg bn takes one weights file or checkpoint, not {len(kw['inputs'])}.")
+        kw["inputs"] = kw["inputs"][:1]
+        _average(Swa(), kw, select=Selection())
+
+
+app.command("bn", help="Recompute the BatchNorm statistics of existing weights (torch.optim.swa_utils.update_bn "
+            "semantics).\n\nExample: ckptavg bn avg.safetensors -o avg-bn.safetensors --bn-model models.py:build "
+            "--bn-data data.py:loader")(
+    _with_signature(bn_cmd, [INPUTS, *LOAD_OPTS, *WRITE_OPTS, *bn_opts(required=True)])
+)
 
 
 @app.command("inspect")
