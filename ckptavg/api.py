@@ -121,9 +121,11 @@ def plan_checkpoints(
     Raises:
         CkptavgError: with a message naming the file, the key and the fix.
     """
-    plan = plan or Swa()
+    return _plan(find_checkpoints(inputs), plan or Swa(), select, load, dtype)
+
+
+def _plan(paths: list[Path], plan: Plan, select: Selection, load: LoadOptions, dtype: str | None) -> PlanReport:
     out_dtype = _out_dtype(dtype)
-    paths = find_checkpoints(inputs)
     opened = [open_checkpoint(p, load) for p in paths]
     ordered, used = order_checkpoints(opened, select.order)
     chosen = select_checkpoints(ordered, select)
@@ -167,10 +169,11 @@ def average_checkpoints(
     if accum_dtype not in ACCUM_DTYPES:
         raise PlanError(f"accum_dtype must be one of {', '.join(ACCUM_DTYPES)}, not {accum_dtype!r}.")
     out = Path(output)
-    check_output(out, find_checkpoints(inputs), force)  # fail fast, before a graft or soup plan reads tensors
+    paths = find_checkpoints(inputs)
+    check_output(out, paths, force)  # fail fast, before a graft or soup plan reads tensors
     if bn is not None:
         bn.check()
-    report = plan_checkpoints(inputs, plan, select=select, load=load, dtype=dtype)
+    report = _plan(paths, plan or Swa(), select, load, dtype)
     check_output(out, _files_read(report.considered), force)  # unselected inputs are still inputs
     total = sum(c.tensors[s.name].nbytes for s in report.specs for c in report.checkpoints)
     done = 0

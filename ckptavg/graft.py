@@ -69,7 +69,6 @@ class Graft(Plan):
         n = len(ckpts)
         uniform = tuple(1.0 / n for _ in range(n))
         groups = [self._group(ckpts, lead, members) for lead, members in self._partition(ckpts[0])]
-        groups = [g if g.tensor is not None else Group(None, g.members, (), uniform) for g in groups]
         sizes = {k: t.numel for k, t in ckpts[0].tensors.items()}
         total = sum(sizes[m] for g in groups for m in g.members)
         if total == 0:
