@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import BatchNormError, CkptavgError
+from .errors import BatchNormError, CkptavgError, listing
 from .sources import open_checkpoint
 from .userfn import load_callable
 
@@ -137,8 +137,7 @@ def _load_strict(model: nn.Module, weights: dict[str, torch.Tensor], spec: str) 
     problems += [f"'{k}' has shape {tuple(weights[k].shape)} but the model has {tuple(v.shape)}"
                  for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
     if problems:
-        more = f" and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise BatchNormError(f"--bn-model {spec}: the weights do not fit the model: {'; '.join(problems[:10])}{more}.")
+        raise BatchNormError(f"--bn-model {spec}: the weights do not fit the model: {listing(problems, 10, '; ')}.")
     model.load_state_dict(weights, strict=True)
 
 

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def listing(items: list[str], limit: int, sep: str = ", ") -> str:
+    """The first `limit` items for an error message, then how many were left out: ``a, b and 3 more``."""
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return sep.join(items[:limit]) + more
+
+
 class CkptavgError(Exception):
     """Base class of every error ckptavg raises for bad input (not for bugs)."""
 

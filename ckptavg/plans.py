@@ -14,7 +14,7 @@ from functools import cached_property
 from typing import Any, ClassVar
 
 from . import schedules
-from .errors import CkptavgWarning, PlanError
+from .errors import CkptavgWarning, PlanError, listing
 from .sources import Checkpoint
 
 
@@ -170,7 +170,7 @@ def _steps(ckpts: Sequence[Checkpoint], why: str) -> list[int]:
     missing = [c.name for c in ckpts if c.meta.step is None]
     if missing:
         raise PlanError(f"{why} needs the optimizer step of every checkpoint, but it is unknown for "
-                        f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; use --decay for one "
+                        f"{listing(missing, 5)}; use --decay for one "
                         "update per checkpoint instead.")
     steps = [c.meta.step for c in ckpts]
     for a, b, ca, cb in zip(steps, steps[1:], ckpts, ckpts[1:], strict=False):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import IncompatibleCheckpointsError
+from .errors import IncompatibleCheckpointsError, listing
 from .sources import Checkpoint
 
 ACCUM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -83,10 +83,9 @@ def check_layout(ckpts: Sequence[Checkpoint], out_dtype: torch.dtype | None = No
                     f"{other.name}: '{key}' is {o.dtype} but {ref.name} has {t.dtype} (pass --dtype to choose)"
                 )
     if problems:
-        shown = "; ".join(problems[:10])
-        more = f"; and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise IncompatibleCheckpointsError(
-            f"checkpoints do not match: {shown}{more}. All checkpoints must come from the same architecture."
+            f"checkpoints do not match: {listing(problems, 10, '; ')}. "
+            "All checkpoints must come from the same architecture."
         )
     return [
         TensorSpec(k, t.shape, t.dtype, out_dtype if (out_dtype is not None and t.dtype.is_floating_point) else t.dtype)

@@ -7,7 +7,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import SelectionError
+from .errors import SelectionError, listing
 from .sources import Checkpoint
 
 ORDERS = ("auto", "step", "epoch", "name", "mtime")
@@ -109,8 +109,7 @@ def order_checkpoints(ckpts: Sequence[Checkpoint], order: str = "auto") -> tuple
 def _require(ckpts: Sequence[Checkpoint], field: str, why: str) -> None:
     missing = [c.name for c in ckpts if getattr(c.meta, field) is None]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise SelectionError(f"{why} needs the {field} of every checkpoint, but it is unknown for {shown}.")
+        raise SelectionError(f"{why} needs the {field} of every checkpoint, but it is unknown for {listing(missing, 5)}.")
 
 
 def select_checkpoints(ordered: Sequence[Checkpoint], sel: Selection) -> list[Checkpoint]:
@@ -149,10 +148,9 @@ def metric_values(ckpts: Sequence[Checkpoint], name: str) -> list[float]:
     found = [c.meta.metric(name) for c in ckpts]
     missing = [c.name for c, f in zip(ckpts, found, strict=True) if f is None]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         known = sorted({k for c in ckpts for k in c.meta.metrics})
         hint = f" Metrics found: {', '.join(known[:12])}." if known else ""
-        raise SelectionError(f"metric '{name}' is missing for {shown}.{hint}")
+        raise SelectionError(f"metric '{name}' is missing for {listing(missing, 5)}.{hint}")
     return [f[0] for f in found if f is not None]
 
 
