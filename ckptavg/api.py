@@ -220,7 +220,7 @@ def provenance(report: PlanReport) -> dict[str, str]:
         "ckptavg_order": report.order,
         "ckptavg_residual": repr(report.weights.residual),
         "ckptavg_inputs": json.dumps(inputs),
-    } | ({"ckptavg_details": json.dumps(report.details())} if report.details() else {})
+    } | ({"ckptavg_details": json.dumps(details)} if (details := report.details()) else {})
 
 
 def _out_dtype(dtype: str | None) -> torch.dtype | None:

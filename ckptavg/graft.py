@@ -69,11 +69,11 @@ class Graft(Plan):
         n = len(ckpts)
         uniform = tuple(1.0 / n for _ in range(n))
         groups = [self._group(ckpts, lead, members) for lead, members in self._partition(ckpts[0])]
-        sizes = {k: t.numel for k, t in ckpts[0].tensors.items()}
-        total = sum(sizes[m] for g in groups for m in g.members)
+        sizes = [sum(ckpts[0].tensors[m].numel for m in g.members) for g in groups]
+        total = sum(sizes)
         if total == 0:
             return Weights(uniform, groups=tuple(groups))
-        mean = [sum(g.weights[i] * sum(sizes[m] for m in g.members) for g in groups) / total for i in range(n)]
+        mean = [sum(g.weights[i] * size for g, size in zip(groups, sizes, strict=True)) / total for i in range(n)]
         return Weights(tuple(mean), groups=tuple(groups))
 
     def _partition(self, ref: Checkpoint) -> list[tuple[str | None, list[str]]]:
