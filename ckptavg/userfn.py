@@ -36,6 +36,8 @@ def _import(module_part: str) -> Any:
         if not path.is_file():
             raise FileNotFoundError(f"no file {path}")
         mod_name = f"ckptavg_user_{path.stem}_{abs(hash(path.resolve()))}"
+        if mod_name in sys.modules:  # run a user's file once, however many options name it
+            return sys.modules[mod_name]
         spec = importlib.util.spec_from_file_location(mod_name, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)

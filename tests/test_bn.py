@@ -125,3 +125,21 @@ def test_bn_errors_are_one_line(model: str, data: str, message: str, tmp_path: P
 def test_bn_options_must_come_together(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["swa", str(RUNS / "plain"), "-o", str(tmp_path / "o"), "--bn-data", LOADER])
     assert result.exit_code == 1 and "needs both --bn-model and --bn-data" in result.output
+
+
+def test_user_file_is_executed_once(tmp_path: Path) -> None:
+    """--bn-model and --bn-data naming one file import it once, not once per lookup."""
+    counter = tmp_path / "runs.txt"
+    helpers = tmp_path / "once.py"
+    helpers.write_text(
+        f"open({str(counter)!r}, 'a').write('x')\n"
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('m', {str(FIXTURES / 'model.py')!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "build, bn_loader = m.build, m.bn_loader\n"
+    )
+    out = tmp_path / "out.safetensors"
+    result = CliRunner().invoke(app, ["swa", str(RUNS / "plain"), "-o", str(out),
+                                      "--bn-model", f"{helpers}:build", "--bn-data", f"{helpers}:bn_loader"])
+    assert result.exit_code == 0, result.output
+    assert counter.read_text() == "x"
