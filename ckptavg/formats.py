@@ -59,6 +59,15 @@ class LazyTensor:
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
 
+    @property
+    def streamable(self) -> bool:
+        """True when the bytes lie contiguously at `file_offset`, so any element range can be read with pread.
+
+        Readers whose tensors cannot be read piecewise (legacy pickles, non-contiguous views, formats that
+        compress or wrap each tensor) return False and are reduced through `load()` instead.
+        """
+        return self.eager is None and self.stride is None
+
     def load(self) -> torch.Tensor:
         """Read the tensor into a new CPU tensor that owns its memory."""
         if self.eager is not None:
