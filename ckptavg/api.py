@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,9 +17,10 @@ from . import __version__
 from .bn import BatchNormOptions, recalibrate
 from .errors import NonFiniteError, PlanError
 from .plans import Plan, Swa, Weights
-from .reduce import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout, reduce_tensor
+from .reduce import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout, work_bytes
 from .select import Selection, order_checkpoints, select_checkpoints
 from .sources import Checkpoint, LoadOptions, PathLike, find_checkpoints, open_checkpoint
+from .stream import stream_reduce
 from .writer import SafetensorsWriter, check_output
 
 Progress = Callable[[int, int], None]  # (bytes read so far, total bytes to read)
@@ -147,6 +148,7 @@ def average_checkpoints(
     force: bool = False,
     progress: Progress | None = None,
     bn: BatchNormOptions | None = None,
+    device: str = "cpu",
 ) -> AverageResult:
     """Average checkpoints into one safetensors file, streaming one tensor at a time.
 
@@ -163,6 +165,8 @@ def average_checkpoints(
         allow_nonfinite: average NaN/Inf values instead of refusing them.
         force: overwrite an existing output.
         progress: called with (bytes read, total bytes) as the work advances.
+        device: ``cpu``, ``cuda`` or ``cuda:N``: where the arithmetic runs (inputs are read and the output
+            written on the host either way).
         bn: recompute BatchNorm statistics of the average (`torch.optim.swa_utils.update_bn` semantics).
     """
     started = time.perf_counter()
@@ -175,7 +179,7 @@ def average_checkpoints(
         bn.check()
     report = _plan(paths, plan or Swa(), select, load, dtype)
     check_output(out, _files_read(report.considered), force)  # unselected inputs are still inputs
-    total = sum(c.tensors[s.name].nbytes for s in report.specs for c in report.checkpoints)
+    total = sum(work_bytes(s, report.checkpoints, report.weights.for_tensor(s.name)) for s in report.specs)
     done = 0
 
     def on_read(n: int) -> None:
@@ -184,21 +188,26 @@ def average_checkpoints(
         if progress:
             progress(done, total)
 
-    def averaged(specs: Sequence[TensorSpec]) -> Iterator[tuple[TensorSpec, torch.Tensor]]:
-        for spec in specs:
-            weights = report.weights.for_tensor(spec.name)
-            tensor = reduce_tensor(spec, report.checkpoints, weights, ACCUM_DTYPES[accum_dtype], on_read)
-            if spec.averaged and not allow_nonfinite:
-                _check_finite(spec, tensor, report.checkpoints)
-            yield spec, tensor
+    def checked(spec: TensorSpec, block: torch.Tensor) -> torch.Tensor:
+        if spec.averaged and not allow_nonfinite and not bool(torch.isfinite(block).all()):
+            _check_finite(spec, block, report.checkpoints)
+        return block
+
+    def run(specs: Sequence[TensorSpec], sink: Callable[[TensorSpec, int, torch.Tensor], None]) -> None:
+        stream_reduce(specs, report.checkpoints, lambda s: report.weights.for_tensor(s.name), sink,
+                      accum_dtype=ACCUM_DTYPES[accum_dtype], device=device, on_read=on_read)
 
     metadata = provenance(report) | ({"ckptavg_bn": json.dumps(bn.params(), sort_keys=True)} if bn else {})
-    if bn is None:  # stream: one tensor in memory at a time
+    if bn is None:  # stream: one block in memory at a time
         with SafetensorsWriter(out, report.specs, metadata) as writer:
-            for _, tensor in averaged(writer.order):
-                writer.write(tensor)
+            run(writer.order, lambda spec, _, block: writer.write_part(checked(spec, block)))
     else:  # the BatchNorm pass runs the whole model, so the average is built in memory first
-        tensors = {spec.name: t for spec, t in averaged(report.specs)}
+        tensors = {s.name: torch.empty(s.shape, dtype=s.out_dtype) for s in report.specs}
+
+        def keep(spec: TensorSpec, start: int, block: torch.Tensor) -> None:
+            tensors[spec.name].view(-1)[start : start + block.numel()] = checked(spec, block)
+
+        run(report.specs, keep)
         tensors.update(recalibrate(tensors, bn))
         with SafetensorsWriter(out, report.specs, metadata) as writer:
             for spec in writer.order:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,29 +84,49 @@ class LazyTensor:
         return flat.as_strided(self.shape, self.stride).clone()
 
 
-def read_exact(path: Path, offset: int, buf: bytearray) -> None:
+def read_exact(path: Path, offset: int, buf: bytearray | memoryview) -> None:
     """Fill `buf` with the bytes of `path` starting at `offset`, or raise if the file is short."""
-    view = memoryview(buf)
     fd = os.open(path, os.O_RDONLY)
     try:
-        done = 0
-        while done < len(buf):
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n == 0:
-                raise CheckpointFormatError(
-                    f"{path}: file is truncated (needed {len(buf)} bytes at offset {offset}, "
-                    f"found {done}); re-copy or re-save the checkpoint."
-                )
-            done += n
+        pread_exact(fd, path, offset, memoryview(buf))
     finally:
         os.close(fd)
 
 
+def pread_exact(fd: int, path: Path, offset: int, view: memoryview) -> None:
+    """Fill `view` from the open file `fd` (which is `path`, for messages) at `offset`."""
+    done, want = 0, view.nbytes
+    view = view.cast("B")
+    while done < want:
+        try:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as e:
+            raise CheckpointFormatError(f"{path}: cannot read ({e.strerror}).") from None
+        if n == 0:
+            raise CheckpointFormatError(
+                f"{path}: file is truncated (needed {want} bytes at offset {offset}, "
+                f"found {done}); re-copy or re-save the checkpoint."
+            )
+        done += n
+
+
 def sniff(path: Path) -> str | None:
-    """Return 'safetensors', 'torch-zip', 'torch-legacy', or None when `path` is no checkpoint."""
+    """Return 'safetensors', 'torch-zip', 'torch-legacy', or None when `path` is no checkpoint.
+
+    Only regular files can be checkpoints: tensors are read with pread at their offsets, which a pipe
+    or a device cannot do, and opening a FIFO for reading would block until a writer appears.
+    """
     try:
-        with open(path, "rb") as f:
-            head = f.read(16)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below in any case.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CheckpointFormatError(
+                    f"{path}: not a regular file (a directory, pipe or device); give a checkpoint file."
+                )
+            head = os.pread(fd, 16, 0)
+        finally:
+            os.close(fd)
     except OSError as e:
         raise CheckpointFormatError(f"{path}: cannot read ({e.strerror}).") from None
     if head[:4] == b"PK\x03\x04":
@@ -123,14 +144,18 @@ def sniff(path: Path) -> str | None:
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
-    """Parse and validate a safetensors header; return lazy tensors (in file order) and metadata."""
+    """Parse and validate a safetensors header; return lazy tensors (in file order) and metadata.
+
+    Everything a hostile header could use to make a later step fail, hang or allocate is checked here,
+    so that any byte string either reads or raises CheckpointFormatError.
+    """
     size = path.stat().st_size
     if size < 8:
         raise CheckpointFormatError(f"{path}: too short to be a safetensors file ({size} bytes).")
     head = bytearray(8)
     read_exact(path, 0, head)
     (n,) = struct.unpack("<Q", head)
-    if n > size - 8 or n > MAX_HEADER_BYTES:
+    if n > size - 8 or n > MAX_HEADER_BYTES:  # checked before allocating: a corrupt length may be 2**63
         raise CheckpointFormatError(
             f"{path}: safetensors header claims {n} bytes but the file has {size}; "
             "the file is truncated or not safetensors."
@@ -138,14 +163,18 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, LazyTensor], dict[str
     raw = bytearray(n)
     read_exact(path, 8, raw)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointFormatError(f"{path}: safetensors header is not valid JSON ({e}).") from e
+        # UTF-8 only, as the format says (json.loads would also guess UTF-16/32 from raw bytes). ValueError
+        # covers integers longer than Python's int digit limit, RecursionError deeply nested arrays.
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointFormatError(f"{path}: safetensors header is not valid JSON ({_entry_text(e)}).") from None
     if not isinstance(header, dict):
         raise CheckpointFormatError(f"{path}: safetensors header is not a JSON object.")
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CheckpointFormatError(f"{path}: safetensors __metadata__ must map strings to strings.")
+    for text in [*header, *meta, *meta.values()]:
+        _entry_check_utf8(path, text)
     data_start, data_size = 8 + n, size - 8 - n
     entries = sorted(
         ((_entry_offsets(path, k, v), k, v) for k, v in header.items()), key=lambda e: e[0]
@@ -153,23 +182,42 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, LazyTensor], dict[str
     tensors: dict[str, LazyTensor] = {}
     expected = 0
     for (begin, end), key, v in entries:
+        name = _entry_text(key)
         if begin != expected:
             what = "overlaps the previous tensor" if begin < expected else "leaves a hole"
-            raise CheckpointFormatError(f"{path}: tensor '{key}' {what} (offset {begin}).")
+            raise CheckpointFormatError(f"{path}: tensor '{name}' {what} (offset {begin}).")
         if end > data_size:
             raise CheckpointFormatError(
-                f"{path}: tensor '{key}' ends at byte {end} past the data ({data_size} bytes); "
+                f"{path}: tensor '{name}' ends at byte {end} past the data ({data_size} bytes); "
                 "the file is truncated."
             )
         t = LazyTensor(path, _entry_dtype(path, key, v), _entry_shape(path, key, v), data_start + begin)
         if t.nbytes != end - begin:
             raise CheckpointFormatError(
-                f"{path}: tensor '{key}' has shape {list(t.shape)} of {v['dtype']} "
+                f"{path}: tensor '{name}' has shape {list(t.shape)} of {v['dtype']} "
                 f"({t.nbytes} bytes) but its offsets span {end - begin} bytes."
             )
         tensors[key] = t
         expected = end
     return tensors, meta
+
+
+def _entry_text(value: object, limit: int = 120) -> str:
+    """`value` for an error message: one line (control characters escaped) and at most `limit` characters,
+    since names and values in a hostile header can hold newlines or be megabytes long."""
+    text = value if isinstance(value, str) else repr(value)
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _entry_check_utf8(path: Path, text: str) -> None:
+    """Refuse names JSON escapes made invalid (a lone surrogate like \\ud800): they cannot be written back."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointFormatError(
+            f"{path}: safetensors header holds a name that is not valid Unicode ('{_entry_text(text)}')."
+        ) from None
 
 
 def _entry_offsets(path: Path, key: str, v: Any) -> tuple[int, int]:
@@ -178,7 +226,9 @@ def _entry_offsets(path: Path, key: str, v: Any) -> tuple[int, int]:
         not isinstance(offs, list) or len(offs) != 2
         or not all(type(o) is int and o >= 0 for o in offs) or offs[0] > offs[1]
     ):
-        raise CheckpointFormatError(f"{path}: tensor '{key}' has bad data_offsets {offs!r}.")
+        raise CheckpointFormatError(
+            f"{path}: tensor '{_entry_text(key)}' has bad data_offsets {_entry_text(offs, 60)}."
+        )
     return offs[0], offs[1]
 
 
@@ -186,12 +236,26 @@ def _entry_dtype(path: Path, key: str, v: dict[str, Any]) -> torch.dtype:
     name = v.get("dtype")
     dtype = SAFETENSORS_DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
-        raise CheckpointFormatError(f"{path}: tensor '{key}' has unsupported dtype {v.get('dtype')!r}.")
+        raise CheckpointFormatError(
+            f"{path}: tensor '{_entry_text(key)}' has unsupported dtype {_entry_text(name, 60)}."
+        )
     return dtype
+
+
+# torch sizes and strides are int64: a shape whose element count (zeros aside) reaches 2**63 cannot be built,
+# even with a 0 in it, e.g. [0, 2**40, 2**40]. Empty tensors need no bytes, so the offsets do not bound them.
+_MAX_ELEMENTS = 2**63 - 1
 
 
 def _entry_shape(path: Path, key: str, v: dict[str, Any]) -> tuple[int, ...]:
     shape = v.get("shape")
     if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
-        raise CheckpointFormatError(f"{path}: tensor '{key}' has bad shape {shape!r}.")
+        raise CheckpointFormatError(f"{path}: tensor '{_entry_text(key)}' has bad shape {_entry_text(shape, 60)}.")
+    count = 1
+    for s in shape:
+        count *= max(s, 1)
+        if count > _MAX_ELEMENTS:
+            raise CheckpointFormatError(
+                f"{path}: tensor '{_entry_text(key)}' has shape {_entry_text(shape, 60)}, too large for a tensor."
+            )
     return tuple(shape)

@@ -93,6 +93,18 @@ def check_layout(ckpts: Sequence[Checkpoint], out_dtype: torch.dtype | None = No
     ]
 
 
+def work_bytes(spec: TensorSpec, ckpts: Sequence[Checkpoint], weights: Sequence[float]) -> int:
+    """Bytes read to reduce `spec`: every checkpoint with a non-zero weight, or the one copied."""
+    if not spec.averaged:
+        return ckpts[_copied_from(weights)].tensors[spec.name].nbytes
+    return sum(c.tensors[spec.name].nbytes for c, w in zip(ckpts, weights, strict=True) if w != 0)
+
+
+def _copied_from(weights: Sequence[float]) -> int:
+    """Non-floating tensors come from the newest checkpoint with a non-zero weight."""
+    return max((i for i, w in enumerate(weights) if w != 0), default=len(weights) - 1)
+
+
 def reduce_tensor(
     spec: TensorSpec,
     ckpts: Sequence[Checkpoint],
@@ -106,17 +118,17 @@ def reduce_tensor(
     with a non-zero weight.
     """
     if not spec.averaged:
-        newest = max(i for i, w in enumerate(weights) if w != 0) if any(weights) else len(ckpts) - 1
-        t = ckpts[newest].tensors[spec.name]
+        t = ckpts[_copied_from(weights)].tensors[spec.name]
         if on_read:
             on_read(t.nbytes)
         return t.load()
     dtype = accum_dtype if not spec.in_dtype.is_complex else torch.complex128
     acc = torch.zeros(spec.shape, dtype=dtype)
     for ckpt, w in zip(ckpts, weights, strict=True):
+        if w == 0:
+            continue
         lazy = ckpt.tensors[spec.name]
-        if w != 0:
-            acc.add_(lazy.load(), alpha=w)
+        acc.add_(lazy.load(), alpha=w)
         if on_read:
             on_read(lazy.nbytes)
     return acc.to(spec.out_dtype)

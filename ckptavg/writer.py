@@ -71,6 +71,7 @@ class SafetensorsWriter:
         self.path = path
         self.order = write_order(specs)
         self._next = 0
+        self._filled = 0  # bytes of order[_next] written so far
         self._sha = hashlib.sha256()
         self.nbytes = 0
         self._header = self._build_header(metadata)
@@ -99,14 +100,23 @@ class SafetensorsWriter:
         return self
 
     def write(self, tensor: torch.Tensor) -> None:
-        """Write the next tensor of `order`; its shape and dtype must match the spec."""
+        """Write the next tensor of `order` whole; its shape and dtype must match the spec."""
         spec = self.order[self._next]
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.out_dtype:
+        if tuple(tensor.shape) != spec.shape or self._filled:
             raise AssertionError(f"writer got {tensor.dtype}{list(tensor.shape)} for {spec}")  # a bug, not input
-        t = tensor.contiguous()
+        self.write_part(tensor.reshape(-1))
+
+    def write_part(self, block: torch.Tensor) -> None:
+        """Write the next elements of the current tensor of `order`; move on when it is complete."""
+        spec = self.order[self._next]
+        t = block.contiguous()
+        if t.dtype != spec.out_dtype or self._filled + t.nbytes > spec.nbytes:
+            raise AssertionError(f"writer got {t.dtype}[{t.numel()}] for {spec}")  # a bug, not input
         if t.numel():
             self._emit(memoryview((ctypes.c_char * t.nbytes).from_address(t.data_ptr())))
-        self._next += 1
+        self._filled += t.nbytes
+        if self._filled == spec.nbytes:
+            self._next, self._filled = self._next + 1, 0
 
     def _emit(self, data: memoryview) -> None:
         assert self._file is not None

@@ -1,0 +1,252 @@
+"""The blocked, prefetched reduction: average every tensor at about the speed of reading its bytes.
+
+Each tensor is cut into blocks of `block_elems` elements. For one block, the bytes of every checkpoint
+are read with pread into a small pool of reusable buffers and added into one float64 accumulator
+block that stays in the CPU cache; the block is then rounded once to the output dtype and handed
+to a sink (the writer). A reader thread fills the buffers ahead of the arithmetic, so reading
+overlaps adding. Memory is the pool plus one block: it does not grow with the number of checkpoints,
+their size, or even the size of the largest tensor.
+
+Tensors that cannot be read piecewise (legacy pickles, non-contiguous views, other readers' formats)
+and non-floating tensors take the whole-tensor path of `reduce.reduce_tensor`.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .formats import LazyTensor, pread_exact
+from .reduce import TensorSpec, reduce_tensor
+from .sources import Checkpoint
+
+# 256 Ki elements: a 2 MiB float64 accumulator fits the L2 cache, yet the per-block Python work is
+# small next to the arithmetic (bench/RESULTS.md, "block size").
+CPU_BLOCK_ELEMS = 256 * 1024
+# On a GPU the arithmetic is nearly free; large blocks amortise the launch and copy latency.
+CUDA_BLOCK_ELEMS = 4 * 1024 * 1024
+POOL_BUFFERS = 4  # read-ahead depth, in buffers of one checkpoint's block each
+MAX_OPEN_FILES = 256
+
+Sink = Callable[[TensorSpec, int, torch.Tensor], None]  # (spec, first element, block in the output dtype)
+WeightsFor = Callable[[TensorSpec], Sequence[float]]
+
+
+class FileHandles:
+    """Open files once and keep them open (up to MAX_OPEN_FILES, least recently used closed first)."""
+
+    def __init__(self, limit: int = MAX_OPEN_FILES) -> None:
+        self._fds: OrderedDict[Path, int] = OrderedDict()
+        self._limit = limit
+
+    def fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            if len(self._fds) >= self._limit:
+                os.close(self._fds.popitem(last=False)[1])
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        self._fds.move_to_end(path)
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+@dataclass
+class Read:
+    """One checkpoint's share of one block: its bytes sit in `buf` (a pool buffer) until released."""
+
+    spec_index: int
+    start: int
+    count: int
+    weight: float
+    data: torch.Tensor | None  # typed view of the block; None for a block nobody contributes to
+    slot: int
+    first: bool
+    last: bool
+
+
+@dataclass
+class Whole:
+    """A tensor reduced as a whole (not streamable, or not floating)."""
+
+    spec_index: int
+
+
+def plan_blocks(
+    specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], weights_for: WeightsFor, block_elems: int
+) -> Iterator[tuple[int, int, int, list[tuple[LazyTensor, float]]] | Whole]:
+    """The work in output order: (spec index, first element, count, [(lazy tensor, weight)]) per block."""
+    for i, spec in enumerate(specs):
+        lazies = [c.tensors[spec.name] for c in ckpts]
+        if not spec.averaged or not all(t.streamable for t in lazies):
+            yield Whole(i)
+            continue
+        parts = [(t, w) for t, w in zip(lazies, weights_for(spec), strict=True) if w != 0]
+        numel = lazies[0].numel
+        for start in range(0, max(numel, 1), block_elems):
+            yield i, start, min(block_elems, numel - start), parts
+
+
+class Prefetcher:
+    """A reader thread that fills pool buffers with the blocks of `plan_blocks`, in order."""
+
+    def __init__(self, work: Iterator[tuple[int, int, int, list[tuple[LazyTensor, float]]] | Whole],
+                 buf_bytes: int, pin: bool) -> None:
+        self._work = work
+        self._pool = [torch.empty(buf_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(POOL_BUFFERS)]
+        self._free: queue.Queue[int] = queue.Queue()
+        for slot in range(POOL_BUFFERS):
+            self._free.put(slot)
+        self._out: queue.Queue[Read | Whole | BaseException | None] = queue.Queue(maxsize=2 * POOL_BUFFERS)
+        self._stop = threading.Event()
+        self._files = FileHandles()
+        self._thread = threading.Thread(target=self._run, name="ckptavg-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for item in self._work:
+                if self._stop.is_set():
+                    return
+                if isinstance(item, Whole):
+                    self._put(item)
+                    continue
+                self._read_block(*item)
+            self._put(None)
+        except BaseException as e:  # handed to the main thread, which raises it there
+            self._put(e)
+        finally:
+            self._files.close()
+
+    def _read_block(self, i: int, start: int, count: int, parts: list[tuple[LazyTensor, float]]) -> None:
+        if not parts or count <= 0:
+            self._put(Read(i, start, max(count, 0), 0.0, None, -1, True, True))
+            return
+        for k, (lazy, weight) in enumerate(parts):
+            slot = self._take_slot()
+            if slot is None:
+                return
+            size = lazy.dtype.itemsize
+            raw = self._pool[slot][: count * size]
+            pread_exact(self._files.fd(lazy.path), lazy.path, lazy.file_offset + start * size, memoryview(raw.numpy()))
+            self._put(Read(i, start, count, weight, raw.view(lazy.dtype), slot, k == 0, k == len(parts) - 1))
+
+    def _take_slot(self) -> int | None:
+        while not self._stop.is_set():
+            try:
+                return self._free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
+    def _put(self, item: Read | Whole | BaseException | None) -> None:
+        while not self._stop.is_set():
+            try:
+                self._out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> Iterator[Read | Whole]:
+        while True:
+            item = self._out.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def release(self, slot: int) -> None:
+        """Give a buffer back to the reader once its bytes have been consumed."""
+        if slot >= 0:
+            self._free.put(slot)
+
+    def close(self) -> None:
+        """Stop the reader (on success or failure) and wait for it."""
+        self._stop.set()
+        self._thread.join()
+
+
+def stream_reduce(
+    specs: Sequence[TensorSpec],
+    ckpts: Sequence[Checkpoint],
+    weights_for: WeightsFor,
+    sink: Sink,
+    *,
+    accum_dtype: torch.dtype = torch.float64,
+    device: str = "cpu",
+    on_read: Callable[[int], None] | None = None,
+    block_elems: int | None = None,
+) -> None:
+    """Reduce every spec, in order, handing each finished block to `sink` in the output dtype.
+
+    Blocks of one tensor arrive in order, and tensors arrive in the order of `specs`.
+    """
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    elems = block_elems or (CUDA_BLOCK_ELEMS if cuda else CPU_BLOCK_ELEMS)
+    widest = max((t.dtype.itemsize for c in ckpts for t in c.tensors.values()), default=1)
+    reader = Prefetcher(plan_blocks(specs, ckpts, weights_for, elems), elems * widest, pin=cuda)
+    copies = _CopyTracker(reader, cuda)
+    acc = torch.empty(elems, dtype=accum_dtype, device=dev)
+    acc_c: torch.Tensor | None = None  # complex accumulator, made on first use
+    try:
+        for item in reader:
+            spec = specs[item.spec_index]
+            if isinstance(item, Whole):
+                whole = reduce_tensor(spec, ckpts, weights_for(spec), accum_dtype, on_read)
+                sink(spec, 0, whole.reshape(-1))
+                continue
+            if spec.in_dtype.is_complex:
+                acc_c = acc_c if acc_c is not None else torch.empty(elems, dtype=torch.complex128, device=dev)
+                block = acc_c[: item.count]
+            else:
+                block = acc[: item.count]
+            if item.first:
+                block.zero_()
+            if item.data is not None:
+                block.add_(item.data.to(dev, non_blocking=True), alpha=item.weight)
+                copies.done_with(item.slot)
+                if on_read:
+                    on_read(item.data.nbytes)
+            if item.last:
+                sink(spec, item.start, block.to(spec.out_dtype).cpu())
+    finally:
+        reader.close()
+
+
+class _CopyTracker:
+    """Return pool buffers to the reader once nothing reads them any more.
+
+    On the CPU that is at once. On a GPU the host-to-device copy is asynchronous, so each buffer
+    goes back when an event recorded after its copy has completed; the arithmetic on one block thus
+    overlaps the copy of the next and the pread of the one after.
+    """
+
+    def __init__(self, reader: Prefetcher, cuda: bool) -> None:
+        self._reader = reader
+        self._cuda = cuda
+        self._pending: list[tuple[torch.cuda.Event, int]] = []
+
+    def done_with(self, slot: int) -> None:
+        if not self._cuda:
+            self._reader.release(slot)
+            return
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((event, slot))
+        # keep one buffer free for the reader; wait only when every other one is in flight
+        while self._pending and (self._pending[0][0].query() or len(self._pending) >= POOL_BUFFERS - 1):
+            ev, done = self._pending.pop(0)
+            ev.synchronize()
+            self._reader.release(done)

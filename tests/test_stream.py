@@ -1,0 +1,108 @@
+"""The blocked, prefetched reducer: same result as the whole-tensor path for any block size, and a reader
+thread that always stops, on success, on a read error and on a failure in the consumer."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ckptavg.errors import CheckpointFormatError
+from ckptavg.reduce import TensorSpec, check_layout, reduce_tensor
+from ckptavg.sources import Checkpoint, find_checkpoints, open_checkpoint
+from ckptavg.stream import stream_reduce
+from tests.refs import FORMATS, RUNS
+
+
+def _collect(specs: list[TensorSpec], ckpts: list[Checkpoint], weights: list[float], **kw: object) -> dict[str, torch.Tensor]:
+    """Run stream_reduce, checking that blocks arrive in order, and assemble whole tensors."""
+    out: dict[str, list[torch.Tensor]] = {}
+    seen: list[str] = []
+
+    def sink(spec: TensorSpec, start: int, block: torch.Tensor) -> None:
+        assert block.dtype == spec.out_dtype
+        parts = out.setdefault(spec.name, [])
+        assert start == sum(p.numel() for p in parts), "blocks out of order"
+        parts.append(block.clone())
+        if not seen or seen[-1] != spec.name:
+            seen.append(spec.name)
+
+    stream_reduce(specs, ckpts, lambda s: weights, sink, **kw)  # type: ignore[arg-type]
+    assert seen == [s.name for s in specs], "tensors out of order"
+    return {k: torch.cat(v).reshape(next(s.shape for s in specs if s.name == k)) for k, v in out.items()}
+
+
+def _whole(specs: list[TensorSpec], ckpts: list[Checkpoint], weights: list[float]) -> dict[str, torch.Tensor]:
+    return {s.name: reduce_tensor(s, ckpts, weights) for s in specs}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("block", [1, 7, 1000, 1 << 20])
+def test_blocks_equal_whole_tensor_path(fmt: str, block: int) -> None:
+    ckpts = [open_checkpoint(p) for p in find_checkpoints(RUNS / fmt)]
+    specs = check_layout(ckpts)
+    weights = [0.0, 0.1, 0.2, 0.3, 0.15, 0.25][: len(ckpts)]  # a zero weight: that file is never read
+    got = _collect(specs, ckpts, weights, block_elems=block)
+    want = _whole(specs, ckpts, weights)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k  # bit for bit: the same float64 sums in the same order
+
+
+def _write_set(tmp_path: Path, tensors: list[dict[str, torch.Tensor]]) -> list[Checkpoint]:
+    paths = []
+    for i, t in enumerate(tensors):
+        paths.append(tmp_path / f"c{i}.safetensors")
+        save_file(t, paths[-1])
+    return [open_checkpoint(p) for p in paths]
+
+
+def test_mixed_dtypes_complex_empty_and_zero_d(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    sets = [
+        {
+            "half": torch.randn(33, generator=g).to(torch.float16 if i == 0 else torch.float32),
+            "empty": torch.empty(0, 4),
+            "scalar": torch.tensor(float(i)),
+            "count": torch.tensor(10 * i, dtype=torch.int64),
+            "c": torch.randn(5, generator=g, dtype=torch.complex64),
+            "big": torch.randn(3, 50, generator=g, dtype=torch.bfloat16),
+        }
+        for i in range(3)
+    ]
+    ckpts = _write_set(tmp_path, sets)
+    specs = check_layout(ckpts, torch.float32)
+    weights = [0.5, 0.25, 0.25]
+    got = _collect(specs, ckpts, weights, block_elems=8)
+    for k, want in _whole(specs, ckpts, weights).items():
+        assert torch.equal(got[k], want), k
+    assert got["count"].item() == 20  # copied from the newest checkpoint with a weight
+    assert got["empty"].shape == (0, 4)
+
+
+def test_read_error_surfaces_and_reader_stops(tmp_path: Path) -> None:
+    ckpts = _write_set(tmp_path, [{"w": torch.ones(4000)} for _ in range(3)])
+    specs = check_layout(ckpts)
+    with open(ckpts[2].path, "r+b") as f:  # truncate after the header was read: the data runs short
+        f.truncate(ckpts[2].path.stat().st_size - 100)
+    before = threading.active_count()
+    with pytest.raises(CheckpointFormatError, match="c2.safetensors: file is truncated"):
+        stream_reduce(specs, ckpts, lambda s: [1 / 3] * 3, lambda *a: None, block_elems=256)
+    assert threading.active_count() == before
+
+
+def test_consumer_failure_stops_reader(tmp_path: Path) -> None:
+    ckpts = _write_set(tmp_path, [{"w": torch.ones(100_000)} for _ in range(4)])
+    specs = check_layout(ckpts)
+    before = threading.active_count()
+
+    def sink(spec: TensorSpec, start: int, block: torch.Tensor) -> None:
+        if start > 0:
+            raise KeyboardInterrupt  # Ctrl-C while the reader is blocked on a full queue
+
+    with pytest.raises(KeyboardInterrupt):
+        stream_reduce(specs, ckpts, lambda s: [0.25] * 4, sink, block_elems=100)
+    assert threading.active_count() == before
