@@ -13,6 +13,7 @@ and non-floating tensors take the whole-tensor path of `reduce.reduce_tensor`.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import threading
@@ -37,6 +38,11 @@ MAX_OPEN_FILES = 256
 
 Sink = Callable[[TensorSpec, int, torch.Tensor], None]  # (spec, first element, block in the output dtype)
 WeightsFor = Callable[[TensorSpec], Sequence[float]]
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """A writable view of a contiguous CPU tensor's bytes (without numpy, which ckptavg does not need)."""
+    return memoryview((ctypes.c_char * t.nbytes).from_address(t.data_ptr())).cast("B")
 
 
 class FileHandles:
@@ -138,7 +144,7 @@ class Prefetcher:
                 return
             size = lazy.dtype.itemsize
             raw = self._pool[slot][: count * size]
-            pread_exact(self._files.fd(lazy.path), lazy.path, lazy.file_offset + start * size, memoryview(raw.numpy()))
+            pread_exact(self._files.fd(lazy.path), lazy.path, lazy.file_offset + start * size, byte_view(raw))
             self._put(Read(i, start, count, weight, raw.view(lazy.dtype), slot, k == 0, k == len(parts) - 1))
 
     def _take_slot(self) -> int | None:
@@ -242,11 +248,15 @@ class _CopyTracker:
         if not self._cuda:
             self._reader.release(slot)
             return
-        event = torch.cuda.Event()
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record()
         self._pending.append((event, slot))
         # keep one buffer free for the reader; wait only when every other one is in flight
-        while self._pending and (self._pending[0][0].query() or len(self._pending) >= POOL_BUFFERS - 1):
+        while self._pending and (len(self._pending) >= POOL_BUFFERS - 1 or _complete(self._pending[0][0])):
             ev, done = self._pending.pop(0)
             ev.synchronize()
             self._reader.release(done)
+
+
+def _complete(event: torch.cuda.Event) -> bool:
+    return bool(event.query())  # type: ignore[no-untyped-call]
