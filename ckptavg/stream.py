@@ -200,6 +200,22 @@ def stream_reduce(
     """
     dev = torch.device(device)
     cuda = dev.type == "cuda"
+    threads = torch.get_num_threads()
+    if not cuda:
+        # One compute thread: the reader thread needs a core, and a 256Ki-element add is too small to
+        # split across threads with a gain (bench/RESULTS.md, "threads").
+        torch.set_num_threads(1)
+    try:
+        _reduce_all(specs, ckpts, weights_for, sink, accum_dtype, dev, on_read, block_elems)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reduce_all(
+    specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], weights_for: WeightsFor, sink: Sink,
+    accum_dtype: torch.dtype, dev: torch.device, on_read: Callable[[int], None] | None, block_elems: int | None,
+) -> None:
+    cuda = dev.type == "cuda"
     elems = block_elems or (CUDA_BLOCK_ELEMS if cuda else CPU_BLOCK_ELEMS)
     widest = max((t.dtype.itemsize for c in ckpts for t in c.tensors.values()), default=1)
     reader = Prefetcher(plan_blocks(specs, ckpts, weights_for, elems), elems * widest, pin=cuda)
