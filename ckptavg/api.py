@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import cmath
 import contextlib
 import json
-import cmath
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +21,7 @@ from .plans import Plan, Swa, Weights
 from .reduce import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout, work_bytes
 from .select import Selection, order_checkpoints, select_checkpoints
 from .sources import Checkpoint, LoadOptions, PathLike, find_checkpoints, open_checkpoint
-from .stream import stream_reduce
+from .stream import resolve_device, stream_reduce
 from .writer import SafetensorsWriter, check_output
 
 Progress = Callable[[int, int], None]  # (bytes read so far, total bytes to read)
@@ -176,6 +176,7 @@ def average_checkpoints(
     out = Path(output)
     paths = find_checkpoints(inputs)
     check_output(out, paths, force)  # fail fast, before a graft or soup plan reads tensors
+    resolve_device(device)
     if bn is not None:
         bn.check()
     report = _plan(paths, plan or Swa(), select, load, dtype)
@@ -209,7 +210,7 @@ def average_checkpoints(
             tensors[spec.name].view(-1)[start : start + block.numel()] = checked(spec, block)
 
         run(report.specs, keep)
-        tensors.update(recalibrate(tensors, bn))
+        tensors.update(recalibrate(tensors, bn, resolve_device(device)))
         with SafetensorsWriter(out, report.specs, metadata) as writer:
             for spec in writer.order:
                 writer.write(tensors[spec.name])

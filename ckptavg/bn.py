@@ -62,10 +62,15 @@ class BatchNormOptions:
                 "batch_size": self.batch_size, "forward": self.forward}
 
 
-def recalibrate(weights: dict[str, torch.Tensor], options: BatchNormOptions) -> dict[str, torch.Tensor]:
-    """Recompute the BatchNorm buffers of `weights`; return only the replaced entries, in their input dtypes."""
+def recalibrate(
+    weights: dict[str, torch.Tensor], options: BatchNormOptions, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Recompute the BatchNorm buffers of `weights` on `device`; return only the replaced entries, on the CPU
+    in their input dtypes. Batches are moved to `device` (tensors inside lists, tuples and dicts too)."""
     model = _build_model(options.model)
     _load_strict(model, weights, options.model)
+    dev = torch.device(device)
+    model.to(dev)
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     if not bns:
         raise BatchNormError(f"--bn-model {options.model}: the model has no BatchNorm layer, so there is nothing "
@@ -75,7 +80,7 @@ def recalibrate(weights: dict[str, torch.Tensor], options: BatchNormOptions) -> 
     if options.batches is not None:
         batches = itertools.islice(batches, options.batches)
     try:
-        seen = _run_update(model, bns, batches, forward)
+        seen = _run_update(model, bns, (_to(b, dev) for b in batches), forward)
     except CkptavgError:
         raise
     except Exception as e:  # noqa: BLE001 - the user's model, data or forward failed: one line
@@ -86,7 +91,7 @@ def recalibrate(weights: dict[str, torch.Tensor], options: BatchNormOptions) -> 
     prefixes = {name + "." for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
     state = model.state_dict()
     return {
-        k: v.detach().to(weights[k].dtype)
+        k: v.detach().to("cpu", weights[k].dtype)
         for k, v in state.items()
         if any(k.startswith(p) for p in prefixes) and k.rsplit(".", 1)[-1] in
         ("running_mean", "running_var", "num_batches_tracked")
@@ -113,6 +118,19 @@ def _run_update(model: nn.Module, bns: list[_BatchNorm], batches: Iterable[Any],
             m.momentum = momentum
         model.train(was_training)
     return seen
+
+
+def _to(batch: Any, dev: torch.device) -> Any:
+    """Move the tensors of a batch to `dev`, as update_bn does with its `device` argument."""
+    if dev.type == "cpu":
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dev, non_blocking=True)
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to(b, dev) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to(v, dev) for k, v in batch.items()}
+    return batch
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:

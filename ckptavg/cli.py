@@ -104,6 +104,9 @@ WRITE_OPTS = [
                                                 show_default=False, rich_help_panel=OUT)], inspect.Parameter.empty),
     DTYPE_OPT,
     _opt("accum_dtype", Annotated[AccumDtype, typer.Option(help="Accumulator dtype.", rich_help_panel=OUT)], AccumDtype("float64")),
+    _opt("device", Annotated[str, typer.Option(
+        help="Where the arithmetic (and the BatchNorm pass) runs: cpu, cuda or cuda:N. Files are read and written "
+        "on the host either way.", rich_help_panel=OUT)], "cpu"),
     _opt("allow_nonfinite", Annotated[bool, typer.Option(help="Average NaN/Inf values instead of refusing them.",
                                                          rich_help_panel=OUT)], False),
     _opt("force", Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.", rich_help_panel=OUT)], False),
@@ -193,7 +196,7 @@ def _average(plan: Plan, kw: dict[str, Any], select: Selection | None = None) ->
         result = average_checkpoints(
             kw["inputs"], kw["output"], plan, select=select or _selection(kw), load=_load(kw),
             dtype=kw["dtype"].value if kw["dtype"] else None, accum_dtype=kw["accum_dtype"].value,
-            allow_nonfinite=kw["allow_nonfinite"], force=kw["force"], progress=bar, bn=_bn(kw),
+            allow_nonfinite=kw["allow_nonfinite"], force=kw["force"], progress=bar, bn=_bn(kw), device=kw["device"],
         )
     finally:
         if bar:

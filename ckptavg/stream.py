@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import PlanError
 from .formats import LazyTensor, pread_exact
 from .reduce import TensorSpec, reduce_tensor
 from .sources import Checkpoint
@@ -43,6 +44,23 @@ WeightsFor = Callable[[TensorSpec], Sequence[float]]
 def byte_view(t: torch.Tensor) -> memoryview:
     """A writable view of a contiguous CPU tensor's bytes (without numpy, which ckptavg does not need)."""
     return memoryview((ctypes.c_char * t.nbytes).from_address(t.data_ptr())).cast("B")
+
+
+def resolve_device(device: str) -> torch.device:
+    """Check a --device value (cpu, cuda, cuda:N) against what this machine and torch build offer."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise PlanError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N.") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise PlanError(f"--device {device!r}: only cpu and cuda are supported.")
+    if not torch.cuda.is_available():
+        raise PlanError(f"--device {device}: CUDA is not available (torch {torch.__version__}); use --device cpu.")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise PlanError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    return dev
 
 
 class FileHandles:
@@ -198,7 +216,7 @@ def stream_reduce(
 
     Blocks of one tensor arrive in order, and tensors arrive in the order of `specs`.
     """
-    dev = torch.device(device)
+    dev = resolve_device(device)
     cuda = dev.type == "cuda"
     threads = torch.get_num_threads()
     if not cuda:

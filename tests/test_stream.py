@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from refs import FORMATS, RUNS
 from safetensors.torch import save_file
 
 from ckptavg.errors import CheckpointFormatError
 from ckptavg.reduce import TensorSpec, check_layout, reduce_tensor
 from ckptavg.sources import Checkpoint, find_checkpoints, open_checkpoint
 from ckptavg.stream import stream_reduce
-from tests.refs import FORMATS, RUNS
 
 
 def _collect(specs: list[TensorSpec], ckpts: list[Checkpoint], weights: list[float], **kw: object) -> dict[str, torch.Tensor]:
