@@ -17,6 +17,7 @@ import torch
 from . import __version__
 from .bn import BatchNormOptions, recalibrate
 from .errors import NonFiniteError, PlanError
+from .folder import INDEX, Shard, check_folder, copy_temp, index_json, is_folder_output, parse_size, plan_shards, sidecars, write_text_temp
 from .plans import Plan, Swa, Weights
 from .reduce import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout, work_bytes
 from .select import Selection, order_checkpoints, select_checkpoints
@@ -24,6 +25,7 @@ from .sources import Checkpoint, LoadOptions, PathLike, find_checkpoints, open_c
 from .stream import resolve_device, stream_reduce
 from .writer import SafetensorsWriter, check_output
 
+Sink = Callable[[TensorSpec, int, torch.Tensor], None]
 Progress = Callable[[int, int], None]  # (bytes read so far, total bytes to read)
 
 
@@ -86,20 +88,38 @@ class PlanReport:
 
 @dataclass
 class AverageResult:
-    """What `average_checkpoints` wrote."""
+    """What `average_checkpoints` wrote: one file, or the files of an output folder."""
 
     output: Path
     report: PlanReport
-    nbytes: int
-    sha256: str
+    files: list[WrittenFile]
     seconds: float
 
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+    @property
+    def sha256(self) -> str | None:
+        """The digest of a single-file output (a folder lists one per file in `files`)."""
+        return self.files[0].sha256 if len(self.files) == 1 and self.files[0].path == self.output else None
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "output": str(self.output), "method": self.report.plan.method,
             "checkpoints": len(self.report.checkpoints), "tensors": len(self.report.specs),
             "bytes": self.nbytes, "sha256": self.sha256, "seconds": round(self.seconds, 3),
         }
+        if self.sha256 is None:
+            out["files"] = [{"path": str(f.path), "bytes": f.nbytes, "sha256": f.sha256} for f in self.files]
+        return out
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    path: Path
+    nbytes: int
+    sha256: str
 
 
 def plan_checkpoints(
@@ -150,6 +170,8 @@ def average_checkpoints(
     progress: Progress | None = None,
     bn: BatchNormOptions | None = None,
     device: str = "cpu",
+    max_shard_size: str | None = None,
+    shards_like_input: bool = False,
 ) -> AverageResult:
     """Average checkpoints into one safetensors file, streaming one tensor at a time.
 
@@ -159,7 +181,8 @@ def average_checkpoints(
 
     Args:
         inputs: files, directories or glob patterns.
-        output: the safetensors file to write (atomically: nothing appears there on failure).
+        output: the safetensors file to write, or a folder (an existing directory, or a path ending in a
+            separator) for a Hugging Face style folder. Written atomically: nothing appears on failure.
         plan: the weighting method (default: uniform `Swa()`).
         select, load, dtype: as for `plan_checkpoints`.
         accum_dtype: ``float64`` (default) or ``float32`` accumulator for floating tensors.
@@ -168,19 +191,33 @@ def average_checkpoints(
         progress: called with (bytes read, total bytes) as the work advances.
         device: ``cpu``, ``cuda`` or ``cuda:N``: where the arithmetic runs (inputs are read and the output
             written on the host either way).
+        max_shard_size: write a folder of shards of at most this size ("5GB", "500MiB"), with an index.
+        shards_like_input: write a folder sharded like the first input (a sharded Hugging Face folder).
         bn: recompute BatchNorm statistics of the average (`torch.optim.swa_utils.update_bn` semantics).
     """
     started = time.perf_counter()
     if accum_dtype not in ACCUM_DTYPES:
         raise PlanError(f"accum_dtype must be one of {', '.join(ACCUM_DTYPES)}, not {accum_dtype!r}.")
+    max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
     out = Path(output)
+    to_folder = is_folder_output(output) or max_bytes is not None or shards_like_input
     paths = find_checkpoints(inputs)
-    check_output(out, paths, force)  # fail fast, before a graft or soup plan reads tensors
+    if not to_folder:
+        check_output(out, paths, force)  # fail fast, before a graft or soup plan reads tensors
     resolve_device(device)
     if bn is not None:
         bn.check()
     report = _plan(paths, plan or Swa(), select, load, dtype)
-    check_output(out, _files_read(report.considered), force)  # unselected inputs are still inputs
+    read = _files_read(report.considered)  # unselected inputs are still inputs
+    if to_folder:
+        shards = plan_shards(report.specs, max_bytes, report.checkpoints[0] if shards_like_input else None)
+        copies = sidecars(report.checkpoints)
+        names = [sh.name for sh in shards] + [p.name for p in copies] + ([INDEX] if len(shards) > 1 else [])
+        check_folder(out, names, read, force)
+        out.mkdir(exist_ok=True)
+    else:
+        check_output(out, read, force)
+        shards, copies = [Shard(out.name, tuple(report.specs))], []
     total = sum(work_bytes(s, report.checkpoints, report.weights.for_tensor(s.name)) for s in report.specs)
     done = 0
 
@@ -195,26 +232,54 @@ def average_checkpoints(
             _check_finite(spec, block, report.checkpoints)
         return block
 
-    def run(specs: Sequence[TensorSpec], sink: Callable[[TensorSpec, int, torch.Tensor], None]) -> None:
-        stream_reduce(specs, report.checkpoints, lambda s: report.weights.for_tensor(s.name), sink,
-                      accum_dtype=ACCUM_DTYPES[accum_dtype], device=device, on_read=on_read)
-
-    metadata = provenance(report) | ({"ckptavg_bn": json.dumps(bn.params(), sort_keys=True)} if bn else {})
-    if bn is None:  # stream: one block in memory at a time
-        with SafetensorsWriter(out, report.specs, metadata) as writer:
-            run(writer.order, lambda spec, _, block: writer.write_part(checked(spec, block)))
-    else:  # the BatchNorm pass runs the whole model, so the average is built in memory first
+    def fill(order: Sequence[TensorSpec], sink: Sink) -> None:
+        if bn is None:  # stream: one block in memory at a time
+            stream_reduce(order, report.checkpoints, lambda s: report.weights.for_tensor(s.name),
+                          lambda spec, start, block: sink(spec, start, checked(spec, block)),
+                          accum_dtype=ACCUM_DTYPES[accum_dtype], device=device, on_read=on_read)
+            return
+        # the BatchNorm pass runs the whole model, so the average is built in memory first
         tensors = {s.name: torch.empty(s.shape, dtype=s.out_dtype) for s in report.specs}
 
         def keep(spec: TensorSpec, start: int, block: torch.Tensor) -> None:
             tensors[spec.name].view(-1)[start : start + block.numel()] = checked(spec, block)
 
-        run(report.specs, keep)
+        stream_reduce(report.specs, report.checkpoints, lambda s: report.weights.for_tensor(s.name), keep,
+                      accum_dtype=ACCUM_DTYPES[accum_dtype], device=device, on_read=on_read)
         tensors.update(recalibrate(tensors, bn, resolve_device(device)))
-        with SafetensorsWriter(out, report.specs, metadata) as writer:
-            for spec in writer.order:
-                writer.write(tensors[spec.name])
-    return AverageResult(out, report, writer.nbytes, writer.sha256, time.perf_counter() - started)
+        for spec in order:
+            sink(spec, 0, tensors[spec.name].reshape(-1))
+
+    metadata = provenance(report) | ({"ckptavg_bn": json.dumps(bn.params(), sort_keys=True)} if bn else {})
+    folder = out if to_folder else out.parent
+    files = _write_files(folder, shards, metadata, fill, copies, index=to_folder and len(shards) > 1)
+    return AverageResult(out, report, files, time.perf_counter() - started)
+
+
+def _write_files(folder: Path, shards: Sequence[Shard], metadata: dict[str, str], fill: Callable[[Sequence[TensorSpec], Sink], None],
+                 copies: Sequence[Path], index: bool) -> list[WrittenFile]:
+    """Write every shard (streaming into all at once, in file order), then rename all files into place
+    together: a failure anywhere leaves no new file behind."""
+    temps: list[tuple[Path, Path]] = []  # (temp file, final path)
+    writers: list[SafetensorsWriter] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            for sh in shards:
+                writers.append(stack.enter_context(SafetensorsWriter(folder / sh.name, sh.specs, metadata, rename=False)))
+            owner = {spec.name: w for w in writers for spec in w.order}
+            fill([spec for w in writers for spec in w.order],
+                 lambda spec, _, block: owner[spec.name].write_part(block))
+        temps += [(w.done, w.path) for w in writers if w.done is not None]
+        temps += [(copy_temp(src, folder), folder / src.name) for src in copies]
+        if index:
+            temps.append((write_text_temp(folder, INDEX, index_json(shards)), folder / INDEX))
+        for tmp, final in temps:
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp in [t for t, _ in temps] + [w.done for w in writers if w.done is not None]:
+            tmp.unlink(missing_ok=True)
+        raise
+    return [WrittenFile(w.path, w.nbytes, w.sha256) for w in writers]
 
 
 def provenance(report: PlanReport) -> dict[str, str]:

@@ -54,6 +54,7 @@ Order = choices("Order", ORDERS)
 OutDtype = choices("OutDtype", list(OUT_DTYPES))
 AccumDtype = choices("AccumDtype", list(ACCUM_DTYPES))
 MetricMode = choices("MetricMode", ("min", "max"))
+Shards = choices("Shards", ("like-input",))
 
 
 def _opt(name: str, annotation: Any, default: Any) -> inspect.Parameter:
@@ -100,8 +101,15 @@ LOAD_OPTS = [
 DTYPE_OPT = _opt("dtype", Annotated[OutDtype | None, typer.Option(
     help="Output dtype of floating tensors. Default: each tensor's input dtype.", rich_help_panel=OUT)], None)
 WRITE_OPTS = [
-    _opt("output", Annotated[Path, typer.Option("--output", "-o", help="Safetensors file to write.",
+    _opt("output", Annotated[str, typer.Option("--output", "-o", help="Safetensors file to write, or a folder "
+                                                "(DIR/ or an existing directory) for a Hugging Face style folder.",
                                                 show_default=False, rich_help_panel=OUT)], inspect.Parameter.empty),
+    _opt("max_shard_size", Annotated[str | None, typer.Option(
+        help="Write a folder of safetensors shards of at most this size (5GB, 500MB, 2GiB) plus "
+        "model.safetensors.index.json.", rich_help_panel=OUT)], None),
+    _opt("shards", Annotated[Shards | None, typer.Option(
+        help="like-input: shard the output folder exactly like the first input (a sharded Hugging Face folder).",
+        rich_help_panel=OUT)], None),
     DTYPE_OPT,
     _opt("accum_dtype", Annotated[AccumDtype, typer.Option(help="Accumulator dtype.", rich_help_panel=OUT)], AccumDtype("float64")),
     _opt("device", Annotated[str, typer.Option(
@@ -197,6 +205,7 @@ def _average(plan: Plan, kw: dict[str, Any], select: Selection | None = None) ->
             kw["inputs"], kw["output"], plan, select=select or _selection(kw), load=_load(kw),
             dtype=kw["dtype"].value if kw["dtype"] else None, accum_dtype=kw["accum_dtype"].value,
             allow_nonfinite=kw["allow_nonfinite"], force=kw["force"], progress=bar, bn=_bn(kw), device=kw["device"],
+            max_shard_size=kw["max_shard_size"], shards_like_input=kw["shards"] is not None,
         )
     finally:
         if bar:

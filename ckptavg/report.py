@@ -78,7 +78,9 @@ def format_summary(result: AverageResult) -> str:
     return (
         f"wrote {result.output}: {r.plan.method} of {_count(len(r.checkpoints), 'checkpoint')}, "
         f"{_count(len(r.specs), 'tensor')}, "
-        f"{human_bytes(result.nbytes)}, sha256 {result.sha256}, {result.seconds:.2f} s"
+        f"{human_bytes(result.nbytes)}, "
+        + (f"sha256 {result.sha256}" if result.sha256 else _count(len(result.files), "weight file"))
+        + f", {result.seconds:.2f} s"
     )
 
 

@@ -67,8 +67,10 @@ class SafetensorsWriter:
     nothing appears at `path`.
     """
 
-    def __init__(self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str]) -> None:
+    def __init__(self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str], rename: bool = True) -> None:
         self.path = path
+        self._rename = rename  # False: leave the finished temp file at `self.done` for the caller to rename
+        self.done: Path | None = None
         self.order = write_order(specs)
         self._next = 0
         self._filled = 0  # bytes of order[_next] written so far
@@ -144,7 +146,7 @@ class SafetensorsWriter:
         finally:
             if not self._file.closed:
                 self._file.close()
-            if tmp.exists():
+            if tmp.exists() and self.done is None:
                 tmp.unlink()
 
     def _finish(self, tmp: Path) -> None:
@@ -156,6 +158,9 @@ class SafetensorsWriter:
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # tempfile makes 0600; give the usual permissions
-            os.replace(tmp, self.path)
+            if self._rename:
+                os.replace(tmp, self.path)
+            else:
+                self.done = tmp
         except OSError as e:
             raise OutputError(f"{self.path}: cannot finish writing ({e.strerror}); nothing was written.") from None
