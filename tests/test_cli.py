@@ -258,7 +258,8 @@ ERROR_CASES = [
     pytest.param("{hf} -o {hf}/checkpoint-24/trainer_state.json --force", ["input"],
                  id="output-is-trainer-state-of-hf-input-force"),
     pytest.param(PAIR + " -o {nodir}", ["missing_dir"], id="output-dir-missing"),
-    pytest.param(PAIR + " -o {outdir}", ["directory"], id="output-is-directory"),
+    pytest.param(PAIR + " -o {src}", ["holds the input"], id="output-folder-holds-inputs"),
+    pytest.param(PAIR + " -o {exists}/", ["not a directory"], id="output-folder-is-a-file"),
     pytest.param("{src}/evil.pt -o {out}", ["evil.pt", "system", "--trust-pickle"], id="pickle-that-runs-code"),
     pytest.param("{runs}/lightning --key nope -o {out}", ["nope", "state_dict"], id="key-not-found"),
 ]
