@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .dcp import is_dcp_folder, open_dcp_folder
 from .errors import CheckpointFormatError, SelectionError
 from .formats import LazyTensor, read_safetensors_header, sniff
 from .locate import locate_weights, select_prefix, strip_prefixes
@@ -71,11 +72,11 @@ class Checkpoint:
 
 
 def find_checkpoints(inputs: Sequence[PathLike] | PathLike) -> list[Path]:
-    """Expand files, directories and glob patterns into checkpoint paths (files or HF folders).
+    """Expand files, directories and glob patterns into checkpoint paths (files, HF or DCP folders).
 
     A directory stands for the checkpoints directly inside it, unless it is itself a Hugging Face
-    checkpoint folder. Files found through a directory or a glob that are not checkpoints are
-    skipped; a file named explicitly must be one.
+    or PyTorch Distributed Checkpoint folder. Files found through a directory or a glob that are not
+    checkpoints are skipped; a file named explicitly must be one.
     """
     items = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
     found: list[Path] = []
@@ -100,13 +101,15 @@ def find_checkpoints(inputs: Sequence[PathLike] | PathLike) -> list[Path]:
 
 def _expand_existing(path: Path, explicit: bool) -> list[Path]:
     if path.is_dir():
-        if is_hf_folder(path):
+        if is_hf_folder(path) or is_dcp_folder(path):
             return [path]
-        inside = sorted(p for p in path.iterdir() if (p.is_dir() and is_hf_folder(p)) or _is_checkpoint_file(p))
+        inside = sorted(
+            p for p in path.iterdir() if (p.is_dir() and (is_hf_folder(p) or is_dcp_folder(p))) or _is_checkpoint_file(p)
+        )
         if explicit and not inside:
             raise SelectionError(
                 f"{path}: directory holds no checkpoint (files are recognised by content: torch zip or "
-                "legacy pickles, safetensors, Hugging Face checkpoint folders)."
+                "legacy pickles, safetensors, Hugging Face checkpoint folders, DCP folders with .metadata)."
             )
         return inside
     if _is_checkpoint_file(path):
@@ -148,11 +151,14 @@ def open_checkpoint(path: PathLike, options: LoadOptions = LoadOptions()) -> Che
     if not path.exists():
         raise CheckpointFormatError(f"{path}: no such file or directory.")
     if path.is_dir():
-        if not is_hf_folder(path):
+        if is_hf_folder(path):
+            ckpt = _open_hf_folder(path, options)
+        elif is_dcp_folder(path):
+            ckpt = open_dcp_folder(path, options)
+        else:
             raise CheckpointFormatError(
-                f"{path}: is a directory, not a checkpoint folder (no model.safetensors or pytorch_model.bin)."
+                f"{path}: is a directory, not a checkpoint folder (no model.safetensors, pytorch_model.bin or .metadata)."
             )
-        ckpt = _open_hf_folder(path, options)
     else:
         fmt = sniff(path)
         if fmt is None:
