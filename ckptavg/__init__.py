@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .api import AverageResult, PlanReport, average_checkpoints, inspect_checkpoint, plan_checkpoints  # noqa: E402
+from .api import AverageResult, PlanReport, average_checkpoints, plan_checkpoints  # noqa: E402
 from .errors import (  # noqa: E402
     BatchNormError,
     CheckpointFormatError,
@@ -16,6 +16,7 @@ from .errors import (  # noqa: E402
 )
 from .graft import Graft  # noqa: E402
 from .plans import PLANS, Ema, Group, Linear, Plan, Swa, Weights  # noqa: E402
+from .report import inspect_checkpoint  # noqa: E402
 from .select import Selection  # noqa: E402
 from .soup import Soup  # noqa: E402
 from .sources import Checkpoint, LoadOptions, find_checkpoints, open_checkpoint  # noqa: E402

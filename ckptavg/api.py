@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import cmath
-import contextlib
 import json
 import os
 import time
@@ -14,18 +12,30 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, dist
 from .bn import BatchNormOptions, recalibrate
-from .errors import NonFiniteError, PlanError
-from .folder import INDEX, Shard, check_folder, copy_temp, index_json, is_folder_output, parse_size, plan_shards, sidecars, write_text_temp
+from .errors import PlanError
+from .folder import (
+    INDEX,
+    Shard,
+    Sink,
+    check_folder,
+    commit,
+    discard,
+    index_json,
+    is_folder_output,
+    parse_size,
+    plan_shards,
+    sidecars,
+    write_shards,
+)
 from .plans import Plan, Swa, Weights
-from .reduce import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout, work_bytes
+from .reduce import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, all_finite, check_finite, check_layout, work_bytes
 from .select import Selection, order_checkpoints, select_checkpoints
 from .sources import Checkpoint, LoadOptions, PathLike, find_checkpoints, open_checkpoint
 from .stream import resolve_device, stream_reduce
-from .writer import SafetensorsWriter, check_output
+from .writer import check_output
 
-Sink = Callable[[TensorSpec, int, torch.Tensor], None]
 Progress = Callable[[int, int], None]  # (bytes read so far, total bytes to read)
 
 
@@ -200,25 +210,14 @@ def average_checkpoints(
         raise PlanError(f"accum_dtype must be one of {', '.join(ACCUM_DTYPES)}, not {accum_dtype!r}.")
     max_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
     out = Path(output)
-    to_folder = is_folder_output(output) or max_bytes is not None or shards_like_input
-    paths = find_checkpoints(inputs)
-    if not to_folder:
-        check_output(out, paths, force)  # fail fast, before a graft or soup plan reads tensors
-    resolve_device(device)
-    if bn is not None:
-        bn.check()
-    report = _plan(paths, plan or Swa(), select, load, dtype)
-    read = _files_read(report.considered)  # unselected inputs are still inputs
-    if to_folder:
-        shards = plan_shards(report.specs, max_bytes, report.checkpoints[0] if shards_like_input else None)
-        copies = sidecars(report.checkpoints)
-        names = [sh.name for sh in shards] + [p.name for p in copies] + ([INDEX] if len(shards) > 1 else [])
-        check_folder(out, names, read, force)
-        out.mkdir(exist_ok=True)
-    else:
-        check_output(out, read, force)
-        shards, copies = [Shard(out.name, tuple(report.specs))], []
-    total = sum(work_bytes(s, report.checkpoints, report.weights.for_tensor(s.name)) for s in report.specs)
+    to_folder = is_folder_output(output) or max_bytes is not None or shards_like_input or dist.launched()
+    dev = resolve_device(device)
+    group = dist.join(dev)
+    if group and bn is not None:
+        raise PlanError("BatchNorm recalibration needs the whole model in one process; run it without torchrun.")
+    report, job = dist.agreed(group, lambda: _prepare(
+        inputs, out, to_folder, plan or Swa(), select, load, dtype, force, bn, max_bytes, shards_like_input, group))
+    total = sum(work_bytes(s, report.checkpoints, report.weights.for_tensor(s.name)) for sh in job.mine for s in sh.specs)
     done = 0
 
     def on_read(n: int) -> None:
@@ -228,58 +227,76 @@ def average_checkpoints(
             progress(done, total)
 
     def checked(spec: TensorSpec, block: torch.Tensor) -> torch.Tensor:
-        if spec.averaged and not allow_nonfinite and not _all_finite(block):
-            _check_finite(spec, block, report.checkpoints)
+        if spec.averaged and not allow_nonfinite and not all_finite(block):
+            check_finite(spec, block, report.checkpoints)
         return block
+
+    def reduce(specs: Sequence[TensorSpec], sink: Sink) -> None:
+        stream_reduce(specs, report.checkpoints, lambda s: report.weights.for_tensor(s.name),
+                      lambda spec, start, block: sink(spec, start, checked(spec, block)),
+                      accum_dtype=ACCUM_DTYPES[accum_dtype], device=device, on_read=on_read)
 
     def fill(order: Sequence[TensorSpec], sink: Sink) -> None:
         if bn is None:  # stream: one block in memory at a time
-            stream_reduce(order, report.checkpoints, lambda s: report.weights.for_tensor(s.name),
-                          lambda spec, start, block: sink(spec, start, checked(spec, block)),
-                          accum_dtype=ACCUM_DTYPES[accum_dtype], device=device, on_read=on_read)
+            reduce(order, sink)
             return
         # the BatchNorm pass runs the whole model, so the average is built in memory first
         tensors = {s.name: torch.empty(s.shape, dtype=s.out_dtype) for s in report.specs}
 
         def keep(spec: TensorSpec, start: int, block: torch.Tensor) -> None:
-            tensors[spec.name].view(-1)[start : start + block.numel()] = checked(spec, block)
+            tensors[spec.name].view(-1)[start : start + block.numel()] = block
 
-        stream_reduce(report.specs, report.checkpoints, lambda s: report.weights.for_tensor(s.name), keep,
-                      accum_dtype=ACCUM_DTYPES[accum_dtype], device=device, on_read=on_read)
-        tensors.update(recalibrate(tensors, bn, resolve_device(device)))
+        reduce(report.specs, keep)
+        tensors.update(recalibrate(tensors, bn, dev))
         for spec in order:
             sink(spec, 0, tensors[spec.name].reshape(-1))
 
     metadata = provenance(report) | ({"ckptavg_bn": json.dumps(bn.params(), sort_keys=True)} if bn else {})
-    folder = out if to_folder else out.parent
-    files = _write_files(folder, shards, metadata, fill, copies, index=to_folder and len(shards) > 1)
+    writers = dist.agreed(group, lambda: write_shards(job.folder, job.mine, metadata, fill))
+    try:
+        lead = group is None or group.rank == 0
+        index = index_json(job.shards) if to_folder and len(job.shards) > 1 and lead else None
+        dist.agreed(group, lambda: commit(job.folder, writers, job.copies if lead else [], index))
+    except BaseException:
+        discard(writers)
+        raise
+    files = [WrittenFile(w.path, w.nbytes, w.sha256) for w in writers]
+    if group is not None:
+        files = [f for part in group.gather(files) for f in part]
+        group.close()
     return AverageResult(out, report, files, time.perf_counter() - started)
 
 
-def _write_files(folder: Path, shards: Sequence[Shard], metadata: dict[str, str], fill: Callable[[Sequence[TensorSpec], Sink], None],
-                 copies: Sequence[Path], index: bool) -> list[WrittenFile]:
-    """Write every shard (streaming into all at once, in file order), then rename all files into place
-    together: a failure anywhere leaves no new file behind."""
-    temps: list[tuple[Path, Path]] = []  # (temp file, final path)
-    writers: list[SafetensorsWriter] = []
-    try:
-        with contextlib.ExitStack() as stack:
-            for sh in shards:
-                writers.append(stack.enter_context(SafetensorsWriter(folder / sh.name, sh.specs, metadata, rename=False)))
-            owner = {spec.name: w for w in writers for spec in w.order}
-            fill([spec for w in writers for spec in w.order],
-                 lambda spec, _, block: owner[spec.name].write_part(block))
-        temps += [(w.done, w.path) for w in writers if w.done is not None]
-        temps += [(copy_temp(src, folder), folder / src.name) for src in copies]
-        if index:
-            temps.append((write_text_temp(folder, INDEX, index_json(shards)), folder / INDEX))
-        for tmp, final in temps:
-            os.replace(tmp, final)
-    except BaseException:
-        for tmp in [t for t, _ in temps] + [w.done for w in writers if w.done is not None]:
-            tmp.unlink(missing_ok=True)
-        raise
-    return [WrittenFile(w.path, w.nbytes, w.sha256) for w in writers]
+@dataclass(frozen=True)
+class _Job:
+    folder: Path
+    shards: list[Shard]  # every output file
+    mine: list[Shard]  # those this process writes
+    copies: list[Path]  # sidecar files to copy into an output folder
+
+
+def _prepare(inputs: Sequence[PathLike] | PathLike, out: Path, to_folder: bool, plan: Plan, select: Selection,
+             load: LoadOptions, dtype: str | None, force: bool, bn: BatchNormOptions | None, max_bytes: int | None,
+             like_input: bool, group: dist.Group | None) -> tuple[PlanReport, _Job]:
+    """Plan the average and the output files, and check that they can be written."""
+    paths = find_checkpoints(inputs)
+    if not to_folder:
+        check_output(out, paths, force)  # fail fast, before a graft or soup plan reads tensors
+    if bn is not None:
+        bn.check()
+    report = _plan(paths, plan, select, load, dtype)
+    read = _files_read(report.considered)  # unselected inputs are still inputs
+    if not to_folder:
+        check_output(out, read, force)
+        return report, _Job(out.parent, [Shard(out.name, tuple(report.specs))], [Shard(out.name, tuple(report.specs))], [])
+    world, rank = (group.world, group.rank) if group else (1, 0)
+    shards = plan_shards(report.specs, max_bytes, report.checkpoints[0] if like_input else None, parts=world)
+    owner = dist.balance([sh.nbytes for sh in shards], world)
+    copies = sidecars(report.checkpoints)
+    check_folder(out, [sh.name for sh in shards] + [p.name for p in copies] + ([INDEX] if len(shards) > 1 else []),
+                 read, force)
+    out.mkdir(exist_ok=True)
+    return report, _Job(out, shards, [sh for sh, o in zip(shards, owner, strict=True) if o == rank], copies)
 
 
 def provenance(report: PlanReport) -> dict[str, str]:
@@ -313,52 +330,3 @@ def _files_read(ckpts: Sequence[Checkpoint]) -> list[Path]:
     files = {c.path for c in ckpts} | {t.path for c in ckpts for t in c.tensors.values()}
     files |= {p for c in ckpts if c.path.is_dir() for p in c.path.iterdir() if p.is_file()}
     return sorted(files, key=os.fspath)
-
-
-def _all_finite(block: torch.Tensor) -> bool:
-    """Whether every element is finite. A plain sum is ~50x faster than isfinite().all() and is finite
-    whenever the elements are; only when it is not (a NaN/Inf, or a sum that overflowed) is it confirmed
-    element by element."""
-    return cmath.isfinite(block.sum().item()) or bool(torch.isfinite(block).all())
-
-
-def _check_finite(spec: TensorSpec, result: torch.Tensor, ckpts: Sequence[Checkpoint]) -> None:
-    if bool(torch.isfinite(result).all()):
-        return
-    for c in ckpts:  # find the culprit; this costs a second read of one tensor, only on failure
-        if not bool(torch.isfinite(c.tensors[spec.name].load()).all()):
-            raise NonFiniteError(
-                f"{c.path}: '{spec.name}' contains NaN or Inf; pass --allow-nonfinite to average it anyway."
-            )
-    raise NonFiniteError(
-        f"'{spec.name}': the average overflows {spec.out_dtype}; choose a wider --dtype."
-    )
-
-
-def inspect_checkpoint(path: PathLike, load: LoadOptions = LoadOptions()) -> dict[str, Any]:
-    """Describe one checkpoint without reading its tensor data: format, weights location, metadata, tensors.
-
-    For a file written by ckptavg, the ``ckptavg`` entry holds its provenance (version, method,
-    parameters, inputs with their weights).
-    """
-    c = open_checkpoint(path, load)
-    info: dict[str, Any] = {
-        "path": str(c.path), "format": c.format, "location": c.location, "stripped_prefix": c.stripped_prefix,
-        "step": c.meta.step, "step_source": c.meta.step_source,
-        "epoch": c.meta.epoch, "epoch_source": c.meta.epoch_source,
-        "other_entries": c.other_entries, "file_metadata": c.file_metadata,
-        "tensors": [
-            {"name": k, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "bytes": t.nbytes}
-            for k, t in c.tensors.items()
-        ],
-        "bytes": c.nbytes,
-    }
-    meta = c.file_metadata
-    if "ckptavg_version" in meta:
-        with contextlib.suppress(json.JSONDecodeError):  # damaged provenance: show the raw metadata instead
-            info["ckptavg"] = {
-                "version": meta["ckptavg_version"], "method": meta.get("ckptavg_method"),
-                "params": json.loads(meta.get("ckptavg_params", "{}")), "order": meta.get("ckptavg_order"),
-                "inputs": json.loads(meta.get("ckptavg_inputs", "[]")),
-            }
-    return info

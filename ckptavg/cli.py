@@ -19,12 +19,12 @@ from typing import Annotated, Any
 import typer
 
 from . import __version__
-from .api import average_checkpoints, inspect_checkpoint, plan_checkpoints
+from .api import average_checkpoints, plan_checkpoints
 from .bn import BatchNormOptions
 from .errors import BatchNormError, CkptavgError
 from .plans import Plan, Swa
 from .reduce import ACCUM_DTYPES, OUT_DTYPES
-from .report import format_inspect, format_plan, format_summary
+from .report import format_inspect, format_plan, format_summary, inspect_checkpoint
 from .select import ORDERS, Selection, parse_start
 from .sources import LoadOptions
 

@@ -7,18 +7,25 @@ place (shards, then sidecars, then the index last), so a failure leaves the fold
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from .dist import balance
 from .errors import OutputError, PlanError
 from .reduce import TensorSpec
 from .sources import HF_WEIGHT_FILES, Checkpoint
+from .writer import SafetensorsWriter
+
+Sink = Callable[[TensorSpec, int, torch.Tensor], None]  # (spec, first element, block in the output dtype)
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -56,11 +63,17 @@ class Shard:
         return sum(s.nbytes for s in self.specs)
 
 
-def plan_shards(specs: Sequence[TensorSpec], max_bytes: int | None, like: Checkpoint | None = None) -> list[Shard]:
+def plan_shards(
+    specs: Sequence[TensorSpec], max_bytes: int | None, like: Checkpoint | None = None, parts: int = 1
+) -> list[Shard]:
     """Assign tensors to files: the first input's layout (`like`), or greedily in order up to `max_bytes`
-    per file (a tensor larger than that gets a file of its own), or one file."""
+    per file (a tensor larger than that gets a file of its own), or `parts` files of balanced size (one per
+    rank of a distributed job), or one file."""
     if like is not None:
         return _like_input(specs, like)
+    if max_bytes is None and parts > 1:
+        owner = balance([s.nbytes for s in specs], parts)
+        return _numbered([[s for s, o in zip(specs, owner, strict=True) if o == p] for p in range(parts)])
     groups: list[list[TensorSpec]] = [[]]
     size = 0
     for spec in specs:
@@ -69,10 +82,57 @@ def plan_shards(specs: Sequence[TensorSpec], max_bytes: int | None, like: Checkp
             size = 0
         groups[-1].append(spec)
         size += spec.nbytes
-    if len(groups) == 1:
-        return [Shard(SINGLE, tuple(groups[0]))]
+    return _numbered(groups)
+
+
+def _numbered(groups: list[list[TensorSpec]]) -> list[Shard]:
+    groups = [g for g in groups if g]
+    if len(groups) <= 1:
+        return [Shard(SINGLE, tuple(groups[0] if groups else ()))]
     n = len(groups)
     return [Shard(f"model-{i:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups, 1)]
+
+
+def write_shards(folder: Path, shards: Sequence[Shard], metadata: dict[str, str],
+                 fill: Callable[[Sequence[TensorSpec], Sink], None]) -> list[SafetensorsWriter]:
+    """Stream into every shard at once (in file order) through temp files; return the finished writers,
+    whose temp files (`done`) the caller renames with `commit`. On failure no temp file is left."""
+    writers: list[SafetensorsWriter] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            for sh in shards:
+                writers.append(stack.enter_context(SafetensorsWriter(folder / sh.name, sh.specs, metadata, rename=False)))
+            owner = {spec.name: w for w in writers for spec in w.order}
+            fill([spec for w in writers for spec in w.order], lambda spec, _, block: owner[spec.name].write_part(block))
+    except BaseException:
+        discard(writers)
+        raise
+    return writers
+
+
+def discard(writers: Sequence[SafetensorsWriter]) -> None:
+    """Remove the finished temp files of writers that will not be committed."""
+    for w in writers:
+        if w.done is not None:
+            w.done.unlink(missing_ok=True)
+
+
+def commit(folder: Path, writers: Sequence[SafetensorsWriter], copies: Sequence[Path], index: str | None) -> None:
+    """Rename the shards into place, then the sidecar copies, then the index; on failure remove every
+    temp file not yet renamed."""
+    temps = [(w.done, w.path) for w in writers if w.done is not None]
+    try:
+        temps += [(copy_temp(src, folder), folder / src.name) for src in copies]
+        if index is not None:
+            temps.append((write_text_temp(folder, INDEX, index), folder / INDEX))
+        for i, (tmp, final) in enumerate(temps):
+            os.replace(tmp, final)
+            temps[i] = (final, final)
+    except BaseException:
+        for tmp, final in temps:
+            if tmp != final:
+                tmp.unlink(missing_ok=True)
+        raise
 
 
 def _like_input(specs: Sequence[TensorSpec], like: Checkpoint) -> list[Shard]:

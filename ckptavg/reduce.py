@@ -6,12 +6,13 @@ the number of checkpoints.
 
 from __future__ import annotations
 
+import cmath
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .errors import IncompatibleCheckpointsError, listing
+from .errors import IncompatibleCheckpointsError, NonFiniteError, listing
 from .sources import Checkpoint
 
 ACCUM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -132,3 +133,23 @@ def reduce_tensor(
         if on_read:
             on_read(lazy.nbytes)
     return acc.to(spec.out_dtype)
+
+
+def all_finite(block: torch.Tensor) -> bool:
+    """Whether every element is finite. A plain sum is ~50x faster than isfinite().all() and is finite
+    whenever the elements are; only when it is not (a NaN/Inf, or a sum that overflowed) is it confirmed
+    element by element."""
+    return cmath.isfinite(block.sum().item()) or bool(torch.isfinite(block).all())
+
+
+def check_finite(spec: TensorSpec, result: torch.Tensor, ckpts: Sequence[Checkpoint]) -> None:
+    if bool(torch.isfinite(result).all()):
+        return
+    for c in ckpts:  # find the culprit; this costs a second read of one tensor, only on failure
+        if not bool(torch.isfinite(c.tensors[spec.name].load()).all()):
+            raise NonFiniteError(
+                f"{c.path}: '{spec.name}' contains NaN or Inf; pass --allow-nonfinite to average it anyway."
+            )
+    raise NonFiniteError(
+        f"'{spec.name}': the average overflows {spec.out_dtype}; choose a wider --dtype."
+    )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import TYPE_CHECKING, Any
+
+from .sources import LoadOptions, PathLike, open_checkpoint
 
 if TYPE_CHECKING:
     from .api import AverageResult, PlanReport
@@ -107,3 +110,32 @@ def format_inspect(info: dict[str, Any]) -> str:
     rows += [[t["name"], t["dtype"], "x".join(map(str, t["shape"])) or "scalar", human_bytes(t["bytes"])]
              for t in info["tensors"]]
     return "\n".join(lines) + "\n\n" + _table(rows)
+
+
+def inspect_checkpoint(path: PathLike, load: LoadOptions = LoadOptions()) -> dict[str, Any]:
+    """Describe one checkpoint without reading its tensor data: format, weights location, metadata, tensors.
+
+    For a file written by ckptavg, the ``ckptavg`` entry holds its provenance (version, method,
+    parameters, inputs with their weights).
+    """
+    c = open_checkpoint(path, load)
+    info: dict[str, Any] = {
+        "path": str(c.path), "format": c.format, "location": c.location, "stripped_prefix": c.stripped_prefix,
+        "step": c.meta.step, "step_source": c.meta.step_source,
+        "epoch": c.meta.epoch, "epoch_source": c.meta.epoch_source,
+        "other_entries": c.other_entries, "file_metadata": c.file_metadata,
+        "tensors": [
+            {"name": k, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "bytes": t.nbytes}
+            for k, t in c.tensors.items()
+        ],
+        "bytes": c.nbytes,
+    }
+    meta = c.file_metadata
+    if "ckptavg_version" in meta:
+        with contextlib.suppress(json.JSONDecodeError):  # damaged provenance: show the raw metadata instead
+            info["ckptavg"] = {
+                "version": meta["ckptavg_version"], "method": meta.get("ckptavg_method"),
+                "params": json.loads(meta.get("ckptavg_params", "{}")), "order": meta.get("ckptavg_order"),
+                "inputs": json.loads(meta.get("ckptavg_inputs", "[]")),
+            }
+    return info
