@@ -34,7 +34,7 @@ from .reduce import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, all_finite, check_fini
 from .select import Selection, order_checkpoints, select_checkpoints
 from .sources import Checkpoint, LoadOptions, PathLike, find_checkpoints, open_checkpoint
 from .stream import resolve_device, stream_reduce
-from .writer import check_output
+from .writer import SafetensorsWriter, check_output
 
 Progress = Callable[[int, int], None]  # (bytes read so far, total bytes to read)
 
@@ -252,8 +252,9 @@ def average_checkpoints(
             sink(spec, 0, tensors[spec.name].reshape(-1))
 
     metadata = provenance(report) | ({"ckptavg_bn": json.dumps(bn.params(), sort_keys=True)} if bn else {})
-    writers = dist.agreed(group, lambda: write_shards(job.folder, job.mine, metadata, fill))
-    try:
+    writers: list[SafetensorsWriter] = []
+    try:  # finished temp files wait until every rank has finished its own, then are renamed
+        dist.agreed(group, lambda: writers.extend(write_shards(job.folder, job.mine, metadata, fill)))
         lead = group is None or group.rank == 0
         index = index_json(job.shards) if to_folder and len(job.shards) > 1 and lead else None
         dist.agreed(group, lambda: commit(job.folder, writers, job.copies if lead else [], index))
@@ -262,7 +263,7 @@ def average_checkpoints(
         raise
     files = [WrittenFile(w.path, w.nbytes, w.sha256) for w in writers]
     if group is not None:
-        files = [f for part in group.gather(files) for f in part]
+        files = sorted((f for part in group.gather(files) for f in part), key=lambda f: f.path)
         group.close()
     return AverageResult(out, report, files, time.perf_counter() - started)
 

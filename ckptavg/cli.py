@@ -177,13 +177,19 @@ def _errors() -> Iterator[None]:
     except CkptavgError as e:
         if os.environ.get("CKPTAVG_DEBUG") == "1":
             raise
-        print(f"Error: {e}", file=sys.stderr)
+        if _lead():  # under torchrun every rank fails together; rank 0 alone says why
+            print(f"Error: {e}", file=sys.stderr)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         print("Error: interrupted; nothing was written.", file=sys.stderr)
         raise typer.Exit(130) from None
     finally:
         warnings.showwarning = old
+
+
+def _lead() -> bool:
+    """False on the ranks other than 0 of a torchrun job, which print nothing."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _selection(kw: dict[str, Any]) -> Selection:
@@ -210,7 +216,7 @@ def _average(plan: Plan, kw: dict[str, Any], select: Selection | None = None) ->
     finally:
         if bar:
             bar.close()
-    if not kw["quiet"]:
+    if not kw["quiet"] and _lead():
         print(json.dumps(result.to_json()) if kw["json_out"] else format_summary(result))
 
 
@@ -254,7 +260,7 @@ class _Bar:
 
 
 def _progress_bar(quiet: bool) -> _Bar | None:
-    return None if quiet or not sys.stderr.isatty() else _Bar()
+    return None if quiet or not sys.stderr.isatty() or not _lead() else _Bar()
 
 
 
