@@ -34,6 +34,7 @@ from .reduce import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, all_finite, check_fini
 from .select import Selection, order_checkpoints, select_checkpoints
 from .sources import Checkpoint, LoadOptions, PathLike, find_checkpoints, open_checkpoint
 from .stream import resolve_device, stream_reduce
+from .verify import verify_output
 from .writer import SafetensorsWriter, check_output
 
 Progress = Callable[[int, int], None]  # (bytes read so far, total bytes to read)
@@ -182,6 +183,7 @@ def average_checkpoints(
     device: str = "cpu",
     max_shard_size: str | None = None,
     shards_like_input: bool = False,
+    verify: bool = False,
 ) -> AverageResult:
     """Average checkpoints into one safetensors file, streaming one tensor at a time.
 
@@ -203,6 +205,8 @@ def average_checkpoints(
             written on the host either way).
         max_shard_size: write a folder of shards of at most this size ("5GB", "500MiB"), with an index.
         shards_like_input: write a folder sharded like the first input (a sharded Hugging Face folder).
+        verify: re-open every written file (with ckptavg's reader and with safetensors) and check each
+            tensor's name, shape, dtype and (unless allow_nonfinite) finiteness before renaming it into place.
         bn: recompute BatchNorm statistics of the average (`torch.optim.swa_utils.update_bn` semantics).
     """
     started = time.perf_counter()
@@ -255,6 +259,8 @@ def average_checkpoints(
     writers: list[SafetensorsWriter] = []
     try:  # finished temp files wait until every rank has finished its own, then are renamed
         dist.agreed(group, lambda: writers.extend(write_shards(job.folder, job.mine, metadata, fill)))
+        if verify:  # before the rename: a file that fails the check never appears
+            dist.agreed(group, lambda: _verify(writers, not allow_nonfinite))
         lead = group is None or group.rank == 0
         index = index_json(job.shards) if to_folder and len(job.shards) > 1 and lead else None
         dist.agreed(group, lambda: commit(job.folder, writers, job.copies if lead else [], index))
@@ -266,6 +272,12 @@ def average_checkpoints(
         files = sorted((f for part in group.gather(files) for f in part), key=lambda f: f.path)
         group.close()
     return AverageResult(out, report, files, time.perf_counter() - started)
+
+
+def _verify(writers: Sequence[SafetensorsWriter], check_finite: bool) -> None:
+    for w in writers:
+        if w.done is not None:
+            verify_output(w.done, w.order, check_finite)
 
 
 @dataclass(frozen=True)

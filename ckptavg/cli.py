@@ -117,6 +117,8 @@ WRITE_OPTS = [
         "on the host either way.", rich_help_panel=OUT)], "cpu"),
     _opt("allow_nonfinite", Annotated[bool, typer.Option(help="Average NaN/Inf values instead of refusing them.",
                                                          rich_help_panel=OUT)], False),
+    _opt("verify", Annotated[bool, typer.Option(help="Re-open the written files and check every tensor's shape, dtype "
+                                                "and finiteness before reporting success.", rich_help_panel=OUT)], False),
     _opt("force", Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.", rich_help_panel=OUT)], False),
     _opt("json_out", Annotated[bool, typer.Option("--json", help="Print the summary as JSON.", rich_help_panel=OUT)], False),
     _opt("quiet", Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.", rich_help_panel=OUT)], False),
@@ -211,7 +213,7 @@ def _average(plan: Plan, kw: dict[str, Any], select: Selection | None = None) ->
             kw["inputs"], kw["output"], plan, select=select or _selection(kw), load=_load(kw),
             dtype=kw["dtype"].value if kw["dtype"] else None, accum_dtype=kw["accum_dtype"].value,
             allow_nonfinite=kw["allow_nonfinite"], force=kw["force"], progress=bar, bn=_bn(kw), device=kw["device"],
-            max_shard_size=kw["max_shard_size"], shards_like_input=kw["shards"] is not None,
+            max_shard_size=kw["max_shard_size"], shards_like_input=kw["shards"] is not None, verify=kw["verify"],
         )
     finally:
         if bar:

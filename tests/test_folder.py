@@ -129,3 +129,24 @@ def test_parse_size() -> None:
     for bad in ["", "0", "-1GB", "5 XB", "GB"]:
         with pytest.raises(PlanError):
             parse_size(bad)
+
+
+@pytest.mark.parametrize("folder", [False, True], ids=["file", "folder"])
+def test_verify_catches_a_bad_write_before_it_appears(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, folder: bool) -> None:
+    import ckptavg
+    from ckptavg.errors import OutputError
+    from ckptavg.writer import SafetensorsWriter
+
+    real = SafetensorsWriter.write_part
+
+    def corrupting(self: SafetensorsWriter, block: torch.Tensor) -> None:  # a bug between the checks and the disk
+        real(self, torch.full_like(block, float("nan")) if block.is_floating_point() else block)
+
+    monkeypatch.setattr(SafetensorsWriter, "write_part", corrupting)
+    kw = {"max_shard_size": "2KB"} if folder else {}
+    unchecked, checked = (tmp_path / "a", tmp_path / "b") if folder else (tmp_path / "a.st", tmp_path / "b.st")
+    ckptavg.average_checkpoints(str(SHARDED), unchecked, **kw)  # without verify the bad file lands
+    assert unchecked.exists()
+    with pytest.raises(OutputError, match="NaN or Inf"):
+        ckptavg.average_checkpoints(str(SHARDED), checked, verify=True, **kw)
+    assert not checked.exists() or list(checked.iterdir()) == []  # nothing renamed into place, no temp file
