@@ -125,28 +125,44 @@ def reduce_tensor(
         return t.load()
     dtype = accum_dtype if not spec.in_dtype.is_complex else torch.complex128
     acc = torch.zeros(spec.shape, dtype=dtype)
+    divisor = uniform_divisor(weights)  # see stream.plan_blocks: sum, then divide once
     for ckpt, w in zip(ckpts, weights, strict=True):
         if w == 0:
             continue
         lazy = ckpt.tensors[spec.name]
-        acc.add_(lazy.load(), alpha=w)
+        acc.add_(widen(lazy.load()), alpha=1.0 if divisor else w)
         if on_read:
             on_read(lazy.nbytes)
+    if divisor:
+        acc.div_(divisor)
     return acc.to(spec.out_dtype)
+
+
+def uniform_divisor(weights: Sequence[float]) -> int:
+    """k when the non-zero weights are k equal values 1/k (an SWA), else 0."""
+    used = [w for w in weights if w != 0]
+    k = len(used)
+    return k if k and all(w == used[0] for w in used) and abs(used[0] * k - 1) < 1e-12 else 0
+
+
+def widen(t: torch.Tensor) -> torch.Tensor:
+    """torch does not promote float8 in add_ or implement isfinite/sum for it; widen it (exactly) to float32."""
+    return t.float() if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
 
 
 def all_finite(block: torch.Tensor) -> bool:
     """Whether every element is finite. A plain sum is ~50x faster than isfinite().all() and is finite
     whenever the elements are; only when it is not (a NaN/Inf, or a sum that overflowed) is it confirmed
     element by element."""
+    block = widen(block)
     return cmath.isfinite(block.sum().item()) or bool(torch.isfinite(block).all())
 
 
 def check_finite(spec: TensorSpec, result: torch.Tensor, ckpts: Sequence[Checkpoint]) -> None:
-    if bool(torch.isfinite(result).all()):
+    if bool(torch.isfinite(widen(result)).all()):
         return
     for c in ckpts:  # find the culprit; this costs a second read of one tensor, only on failure
-        if not bool(torch.isfinite(c.tensors[spec.name].load()).all()):
+        if not bool(torch.isfinite(widen(c.tensors[spec.name].load())).all()):
             raise NonFiniteError(
                 f"{c.path}: '{spec.name}' contains NaN or Inf; pass --allow-nonfinite to average it anyway."
             )

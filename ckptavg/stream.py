@@ -26,7 +26,7 @@ import torch
 
 from .errors import PlanError
 from .formats import LazyTensor, pread_exact
-from .reduce import TensorSpec, reduce_tensor
+from .reduce import TensorSpec, reduce_tensor, uniform_divisor, widen
 from .sources import Checkpoint
 
 # 256 Ki elements: a 2 MiB float64 accumulator fits the L2 cache, yet the per-block Python work is
@@ -39,6 +39,7 @@ MAX_OPEN_FILES = 256
 
 Sink = Callable[[TensorSpec, int, torch.Tensor], None]  # (spec, first element, block in the output dtype)
 WeightsFor = Callable[[TensorSpec], Sequence[float]]
+Block = tuple[int, int, int, list[tuple[LazyTensor, float]], int]  # spec index, start, count, parts, divisor
 
 
 def byte_view(t: torch.Tensor) -> memoryview:
@@ -97,6 +98,7 @@ class Read:
     slot: int
     first: bool
     last: bool
+    divisor: int = 0  # on the last read of a block: divide the sum by this (uniform weights)
 
 
 @dataclass
@@ -108,23 +110,29 @@ class Whole:
 
 def plan_blocks(
     specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], weights_for: WeightsFor, block_elems: int
-) -> Iterator[tuple[int, int, int, list[tuple[LazyTensor, float]]] | Whole]:
-    """The work in output order: (spec index, first element, count, [(lazy tensor, weight)]) per block."""
+) -> Iterator[Block | Whole]:
+    """The work in output order: (spec index, first element, count, [(lazy tensor, weight)], divisor) per block.
+
+    With uniform weights 1/k the inputs are summed with weight 1 and the sum divided once by k (`divisor`):
+    closer to the exact mean than adding fl(1/k)*x k times, and a mean of identical values is then exact.
+    """
     for i, spec in enumerate(specs):
         lazies = [c.tensors[spec.name] for c in ckpts]
         if not spec.averaged or not all(t.streamable for t in lazies):
             yield Whole(i)
             continue
-        parts = [(t, w) for t, w in zip(lazies, weights_for(spec), strict=True) if w != 0]
+        weights = weights_for(spec)
+        divisor = uniform_divisor(weights)
+        parts = [(t, 1.0 if divisor else w) for t, w in zip(lazies, weights, strict=True) if w != 0]
         numel = lazies[0].numel
         for start in range(0, max(numel, 1), block_elems):
-            yield i, start, min(block_elems, numel - start), parts
+            yield i, start, min(block_elems, numel - start), parts, divisor
 
 
 class Prefetcher:
     """A reader thread that fills pool buffers with the blocks of `plan_blocks`, in order."""
 
-    def __init__(self, work: Iterator[tuple[int, int, int, list[tuple[LazyTensor, float]]] | Whole],
+    def __init__(self, work: Iterator[Block | Whole],
                  buf_bytes: int, pin: bool) -> None:
         self._work = work
         self._pool = [torch.empty(buf_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(POOL_BUFFERS)]
@@ -152,7 +160,7 @@ class Prefetcher:
         finally:
             self._files.close()
 
-    def _read_block(self, i: int, start: int, count: int, parts: list[tuple[LazyTensor, float]]) -> None:
+    def _read_block(self, i: int, start: int, count: int, parts: list[tuple[LazyTensor, float]], divisor: int) -> None:
         if not parts or count <= 0:
             self._put(Read(i, start, max(count, 0), 0.0, None, -1, True, True))
             return
@@ -163,7 +171,8 @@ class Prefetcher:
             size = lazy.dtype.itemsize
             raw = self._pool[slot][: count * size]
             pread_exact(self._files.fd(lazy.path), lazy.path, lazy.file_offset + start * size, byte_view(raw))
-            self._put(Read(i, start, count, weight, raw.view(lazy.dtype), slot, k == 0, k == len(parts) - 1))
+            last = k == len(parts) - 1
+            self._put(Read(i, start, count, weight, raw.view(lazy.dtype), slot, k == 0, last, divisor if last else 0))
 
     def _take_slot(self) -> int | None:
         while not self._stop.is_set():
@@ -255,10 +264,12 @@ def _reduce_all(
             if item.first:
                 block.zero_()
             if item.data is not None:
-                block.add_(item.data.to(dev, non_blocking=True), alpha=item.weight)
+                block.add_(widen(item.data.to(dev, non_blocking=True)), alpha=item.weight)
                 copies.done_with(item.slot)
                 if on_read:
                     on_read(item.data.nbytes)
+            if item.divisor:
+                block.div_(item.divisor)
             if item.last:
                 sink(spec, item.start, block.to(spec.out_dtype).cpu())
     finally:

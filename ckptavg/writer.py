@@ -6,6 +6,7 @@ header padded with spaces to a multiple of 8), so the bytes are deterministic.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -145,7 +146,8 @@ class SafetensorsWriter:
                 self._finish(tmp)
         finally:
             if not self._file.closed:
-                self._file.close()
+                with contextlib.suppress(OSError):  # after a failed write, close re-flushes and fails again
+                    self._file.close()
             if tmp.exists() and self.done is None:
                 tmp.unlink()
 
