@@ -39,7 +39,6 @@ MAX_OPEN_FILES = 256
 
 Sink = Callable[[TensorSpec, int, torch.Tensor], None]  # (spec, first element, block in the output dtype)
 WeightsFor = Callable[[TensorSpec], Sequence[float]]
-Block = tuple[int, int, int, list[tuple[LazyTensor, float]], int]  # spec index, start, count, parts, divisor
 
 
 def byte_view(t: torch.Tensor) -> memoryview:
@@ -86,19 +85,44 @@ class FileHandles:
         self._fds.clear()
 
 
-@dataclass
-class Read:
-    """One checkpoint's share of one block: its bytes sit in `buf` (a pool buffer) until released."""
+@dataclass(frozen=True)
+class Piece:
+    """Elements [start, start + count) of one output tensor."""
 
     spec_index: int
     start: int
     count: int
+
+
+@dataclass
+class Batch:
+    """Pieces of one or more tensors reduced together as one run of elements.
+
+    Small tensors are gathered into one batch (their bytes read one after another into the same buffer),
+    so the per-read and per-add overhead is paid once per ~block, not once per tensor: a ResNet has 320
+    tensors, most of them a few hundred elements long. Every piece of a batch has, in each checkpoint, the
+    same dtype and weight, so one add covers them all.
+    """
+
+    pieces: list[Piece]
+    parts: list[tuple[list[LazyTensor], float]]  # per contributing checkpoint: a lazy tensor per piece, its weight
+    divisor: int  # uniform weights: sum, then divide once by this (see reduce.uniform_divisor)
+
+    @property
+    def total(self) -> int:
+        return sum(p.count for p in self.pieces)
+
+
+@dataclass
+class Read:
+    """One checkpoint's share of a batch: its bytes sit in a pool buffer (`slot`) until released."""
+
+    batch: Batch
     weight: float
-    data: torch.Tensor | None  # typed view of the block; None for a block nobody contributes to
+    data: torch.Tensor | None  # typed view of the batch's elements; None for a batch nobody contributes to
     slot: int
     first: bool
     last: bool
-    divisor: int = 0  # on the last read of a block: divide the sum by this (uniform weights)
 
 
 @dataclass
@@ -108,32 +132,51 @@ class Whole:
     spec_index: int
 
 
-def plan_blocks(
+def plan_batches(
     specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], weights_for: WeightsFor, block_elems: int
-) -> Iterator[Block | Whole]:
-    """The work in output order: (spec index, first element, count, [(lazy tensor, weight)], divisor) per block.
+) -> Iterator[Batch | Whole]:
+    """The work in output order: batches of at most `block_elems` elements, and whole tensors.
 
     With uniform weights 1/k the inputs are summed with weight 1 and the sum divided once by k (`divisor`):
     closer to the exact mean than adding fl(1/k)*x k times, and a mean of identical values is then exact.
     """
+    current: Batch | None = None
+    key: tuple[object, ...] = ()
     for i, spec in enumerate(specs):
         lazies = [c.tensors[spec.name] for c in ckpts]
         if not spec.averaged or not all(t.streamable for t in lazies):
+            if current is not None:
+                yield current
+                current = None
             yield Whole(i)
             continue
-        weights = weights_for(spec)
+        weights = tuple(weights_for(spec))
         divisor = uniform_divisor(weights)
-        parts = [(t, 1.0 if divisor else w) for t, w in zip(lazies, weights, strict=True) if w != 0]
+        used = [(t, 1.0 if divisor else w) for t, w in zip(lazies, weights, strict=True) if w != 0]
+        spec_key = (weights, spec.out_dtype, tuple(t.dtype for t, _ in used))
         numel = lazies[0].numel
-        for start in range(0, max(numel, 1), block_elems):
-            yield i, start, min(block_elems, numel - start), parts, divisor
+        start = 0
+        while True:
+            if current is not None and (spec_key != key or current.total >= block_elems):
+                yield current
+                current = None
+            if current is None:
+                current, key = Batch([], [([], w) for _, w in used], divisor), spec_key
+            count = min(block_elems - current.total, numel - start)
+            current.pieces.append(Piece(i, start, count))
+            for (mine, _), (t, _) in zip(current.parts, used, strict=True):
+                mine.append(t)
+            start += count
+            if start >= numel:
+                break
+    if current is not None:
+        yield current
 
 
 class Prefetcher:
-    """A reader thread that fills pool buffers with the blocks of `plan_blocks`, in order."""
+    """A reader thread that fills pool buffers with the batches of `plan_batches`, in order."""
 
-    def __init__(self, work: Iterator[Block | Whole],
-                 buf_bytes: int, pin: bool) -> None:
+    def __init__(self, work: Iterator[Batch | Whole], buf_bytes: int, pin: bool) -> None:
         self._work = work
         self._pool = [torch.empty(buf_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(POOL_BUFFERS)]
         self._free: queue.Queue[int] = queue.Queue()
@@ -153,26 +196,30 @@ class Prefetcher:
                 if isinstance(item, Whole):
                     self._put(item)
                     continue
-                self._read_block(*item)
+                self._read_batch(item)
             self._put(None)
         except BaseException as e:  # handed to the main thread, which raises it there
             self._put(e)
         finally:
             self._files.close()
 
-    def _read_block(self, i: int, start: int, count: int, parts: list[tuple[LazyTensor, float]], divisor: int) -> None:
-        if not parts or count <= 0:
-            self._put(Read(i, start, max(count, 0), 0.0, None, -1, True, True))
+    def _read_batch(self, batch: Batch) -> None:
+        if not batch.parts:
+            self._put(Read(batch, 0.0, None, -1, True, True))
             return
-        for k, (lazy, weight) in enumerate(parts):
+        for k, (lazies, weight) in enumerate(batch.parts):
             slot = self._take_slot()
             if slot is None:
                 return
-            size = lazy.dtype.itemsize
-            raw = self._pool[slot][: count * size]
-            pread_exact(self._files.fd(lazy.path), lazy.path, lazy.file_offset + start * size, byte_view(raw))
-            last = k == len(parts) - 1
-            self._put(Read(i, start, count, weight, raw.view(lazy.dtype), slot, k == 0, last, divisor if last else 0))
+            size = lazies[0].dtype.itemsize
+            raw = self._pool[slot][: batch.total * size]
+            at = 0
+            for piece, lazy in zip(batch.pieces, lazies, strict=True):
+                n = piece.count * size
+                pread_exact(self._files.fd(lazy.path), lazy.path, lazy.file_offset + piece.start * size,
+                            byte_view(raw[at : at + n]))
+                at += n
+            self._put(Read(batch, weight, raw.view(lazies[0].dtype), slot, k == 0, k == len(batch.parts) - 1))
 
     def _take_slot(self) -> int | None:
         while not self._stop.is_set():
@@ -245,35 +292,99 @@ def _reduce_all(
     cuda = dev.type == "cuda"
     elems = block_elems or (CUDA_BLOCK_ELEMS if cuda else CPU_BLOCK_ELEMS)
     widest = max((t.dtype.itemsize for c in ckpts for t in c.tensors.values()), default=1)
-    reader = Prefetcher(plan_blocks(specs, ckpts, weights_for, elems), elems * widest, pin=cuda)
+    reader = Prefetcher(plan_batches(specs, ckpts, weights_for, elems), elems * widest, pin=cuda)
     copies = _CopyTracker(reader, cuda)
     acc = torch.empty(elems, dtype=accum_dtype, device=dev)
     acc_c: torch.Tensor | None = None  # complex accumulator, made on first use
     try:
         for item in reader:
-            spec = specs[item.spec_index]
             if isinstance(item, Whole):
+                spec = specs[item.spec_index]
                 whole = reduce_tensor(spec, ckpts, weights_for(spec), accum_dtype, on_read)
                 sink(spec, 0, whole.reshape(-1))
                 continue
-            if spec.in_dtype.is_complex:
+            batch = item.batch
+            first_spec = specs[batch.pieces[0].spec_index]
+            if first_spec.in_dtype.is_complex:
                 acc_c = acc_c if acc_c is not None else torch.empty(elems, dtype=torch.complex128, device=dev)
-                block = acc_c[: item.count]
+                block = acc_c[: batch.total]
             else:
-                block = acc[: item.count]
-            if item.first:
-                block.zero_()
+                block = acc[: batch.total]
+            _accumulate(block, item, dev)
             if item.data is not None:
-                block.add_(widen(item.data.to(dev, non_blocking=True)), alpha=item.weight)
                 copies.done_with(item.slot)
                 if on_read:
                     on_read(item.data.nbytes)
-            if item.divisor:
-                block.div_(item.divisor)
             if item.last:
-                sink(spec, item.start, block.to(spec.out_dtype).cpu())
+                if batch.divisor:
+                    block.div_(batch.divisor)
+                out = block.to(first_spec.out_dtype)
+                out = out.cpu() if cuda else out
+                at = 0
+                for piece in batch.pieces:
+                    sink(specs[piece.spec_index], piece.start, out[at : at + piece.count])
+                    at += piece.count
     finally:
         reader.close()
+
+
+def _accumulate(block: torch.Tensor, item: Read, dev: torch.device) -> None:
+    """block = data * w on the first read of a batch, block += data * w on the others (in the block's dtype).
+
+    The first read is a copy rather than zero-then-add: one pass over the block instead of two.
+    """
+    if item.data is None:
+        block.zero_()
+        return
+    data = widen(item.data if dev.type == "cpu" else item.data.to(dev, non_blocking=True))
+    if item.first:
+        block.copy_(data)
+        if item.weight != 1.0:
+            block.mul_(item.weight)
+    elif item.weight == 1.0:
+        block.add_(data)
+    else:
+        block.add_(data, alpha=item.weight)
+
+
+class SinkThread:
+    """Run a sink (writing, hashing, checking) on its own thread, so it overlaps reading and adding.
+
+    Blocks wait in a bounded queue (`depth` blocks); an error in the sink surfaces in the caller at its
+    next block or at exit. Use as a context manager.
+    """
+
+    def __init__(self, sink: Sink, depth: int = 8) -> None:
+        self._sink = sink
+        self._queue: queue.Queue[tuple[TensorSpec, int, torch.Tensor] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ckptavg-writer", daemon=True)
+
+    def __enter__(self) -> SinkThread:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if self._error is None and not self._stop.is_set():
+                try:
+                    self._sink(*job)
+                except BaseException as e:  # raised in the caller's thread
+                    self._error = e
+
+    def __call__(self, spec: TensorSpec, start: int, block: torch.Tensor) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((spec, start, block))
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc_type is not None:
+            self._stop.set()  # drop what is queued: the output is abandoned anyway
+        self._queue.put(None)
+        self._thread.join()
+        if exc_type is None and self._error is not None:
+            raise self._error
 
 
 class _CopyTracker:
