@@ -33,7 +33,7 @@ from .plans import Plan, Swa, Weights
 from .reduce import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, all_finite, check_finite, check_layout, work_bytes
 from .select import Selection, order_checkpoints, select_checkpoints
 from .sources import Checkpoint, LoadOptions, PathLike, find_checkpoints, open_checkpoint
-from .stream import SinkThread, resolve_device, stream_reduce
+from .stream import resolve_device, stream_reduce
 from .verify import verify_output
 from .writer import SafetensorsWriter, check_output
 
@@ -236,9 +236,9 @@ def average_checkpoints(
         return block
 
     def reduce(specs: Sequence[TensorSpec], sink: Sink) -> None:
-        with SinkThread(lambda spec, start, block: sink(spec, start, checked(spec, block))) as threaded:
-            stream_reduce(specs, report.checkpoints, lambda s: report.weights.for_tensor(s.name), threaded,
-                          accum_dtype=ACCUM_DTYPES[accum_dtype], device=device, on_read=on_read)
+        stream_reduce(specs, report.checkpoints, lambda s: report.weights.for_tensor(s.name),
+                      lambda spec, start, block: sink(spec, start, checked(spec, block)),
+                      accum_dtype=ACCUM_DTYPES[accum_dtype], device=device, on_read=on_read)
 
     def fill(order: Sequence[TensorSpec], sink: Sink) -> None:
         if bn is None:  # stream: one block in memory at a time

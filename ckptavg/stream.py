@@ -29,9 +29,9 @@ from .formats import LazyTensor, pread_exact
 from .reduce import TensorSpec, reduce_tensor, uniform_divisor, widen
 from .sources import Checkpoint
 
-# 256 Ki elements: a 2 MiB float64 accumulator fits the L2 cache, yet the per-block Python work is
-# small next to the arithmetic (bench/RESULTS.md, "block size").
-CPU_BLOCK_ELEMS = 256 * 1024
+# 128 Ki elements: a 1 MiB float64 accumulator (and its 1 MiB scratch) fit the L2 cache, yet the per-block
+# Python work is small next to the arithmetic (bench/RESULTS.md, "block size").
+CPU_BLOCK_ELEMS = 128 * 1024
 # On a GPU the arithmetic is nearly free; large blocks amortise the launch and copy latency.
 CUDA_BLOCK_ELEMS = 4 * 1024 * 1024
 POOL_BUFFERS = 4  # read-ahead depth, in buffers of one checkpoint's block each
@@ -270,7 +270,8 @@ def stream_reduce(
 ) -> None:
     """Reduce every spec, in order, handing each finished block to `sink` in the output dtype.
 
-    Blocks of one tensor arrive in order, and tensors arrive in the order of `specs`.
+    Blocks of one tensor arrive in order, and tensors arrive in the order of `specs`. A block lives in a
+    reused buffer: it is valid until the sink returns, so a sink that keeps it must copy it.
     """
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
@@ -295,7 +296,9 @@ def _reduce_all(
     reader = Prefetcher(plan_batches(specs, ckpts, weights_for, elems), elems * widest, pin=cuda)
     copies = _CopyTracker(reader, cuda)
     acc = torch.empty(elems, dtype=accum_dtype, device=dev)
+    scratch = torch.empty_like(acc)  # inputs widened to the accumulator dtype (see _accumulate)
     acc_c: torch.Tensor | None = None  # complex accumulator, made on first use
+    outs: dict[torch.dtype, torch.Tensor] = {}  # reused host buffers for the rounded blocks, by dtype
     try:
         for item in reader:
             if isinstance(item, Whole):
@@ -310,7 +313,7 @@ def _reduce_all(
                 block = acc_c[: batch.total]
             else:
                 block = acc[: batch.total]
-            _accumulate(block, item, dev)
+            _accumulate(block, item, scratch if block.dtype == scratch.dtype else torch.empty_like(block))
             if item.data is not None:
                 copies.done_with(item.slot)
                 if on_read:
@@ -318,8 +321,7 @@ def _reduce_all(
             if item.last:
                 if batch.divisor:
                     block.div_(batch.divisor)
-                out = block.to(first_spec.out_dtype)
-                out = out.cpu() if cuda else out
+                out = _rounded(block, first_spec.out_dtype, outs, elems)
                 at = 0
                 for piece in batch.pieces:
                     sink(specs[piece.spec_index], piece.start, out[at : at + piece.count])
@@ -328,63 +330,39 @@ def _reduce_all(
         reader.close()
 
 
-def _accumulate(block: torch.Tensor, item: Read, dev: torch.device) -> None:
+def _rounded(block: torch.Tensor, dtype: torch.dtype, outs: dict[torch.dtype, torch.Tensor], capacity: int) -> torch.Tensor:
+    """Round the block once to `dtype` into a reused host buffer: no allocation per block, so the heap
+    does not grow (the sink must be done with a block before the next one arrives)."""
+    buf = outs.get(dtype)
+    if buf is None:
+        buf = outs[dtype] = torch.empty(capacity, dtype=dtype, pin_memory=block.device.type == "cuda")
+    out = buf[: block.numel()]
+    out.copy_(block)
+    return out
+
+
+def _accumulate(block: torch.Tensor, item: Read, scratch: torch.Tensor) -> None:
     """block = data * w on the first read of a batch, block += data * w on the others (in the block's dtype).
 
-    The first read is a copy rather than zero-then-add: one pass over the block instead of two.
+    The first read is a copy rather than zero-then-add: one pass over the block instead of two. Later
+    reads are widened into `scratch` first: an add_ that mixes dtypes allocates a temporary per call, and
+    glibc then keeps ~16 MiB of freed temporaries resident (measured in bench/RESULTS.md), for no speed gain.
     """
     if item.data is None:
         block.zero_()
         return
-    data = widen(item.data if dev.type == "cpu" else item.data.to(dev, non_blocking=True))
+    data = widen(item.data.to(block.device, non_blocking=True))
     if item.first:
         block.copy_(data)
         if item.weight != 1.0:
             block.mul_(item.weight)
-    elif item.weight == 1.0:
+        return
+    if data.dtype != block.dtype:
+        data = scratch[: block.numel()].copy_(data)
+    if item.weight == 1.0:
         block.add_(data)
     else:
         block.add_(data, alpha=item.weight)
-
-
-class SinkThread:
-    """Run a sink (writing, hashing, checking) on its own thread, so it overlaps reading and adding.
-
-    Blocks wait in a bounded queue (`depth` blocks); an error in the sink surfaces in the caller at its
-    next block or at exit. Use as a context manager.
-    """
-
-    def __init__(self, sink: Sink, depth: int = 8) -> None:
-        self._sink = sink
-        self._queue: queue.Queue[tuple[TensorSpec, int, torch.Tensor] | None] = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ckptavg-writer", daemon=True)
-
-    def __enter__(self) -> SinkThread:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
-            if self._error is None and not self._stop.is_set():
-                try:
-                    self._sink(*job)
-                except BaseException as e:  # raised in the caller's thread
-                    self._error = e
-
-    def __call__(self, spec: TensorSpec, start: int, block: torch.Tensor) -> None:
-        if self._error is not None:
-            raise self._error
-        self._queue.put((spec, start, block))
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if exc_type is not None:
-            self._stop.set()  # drop what is queued: the output is abandoned anyway
-        self._queue.put(None)
-        self._thread.join()
-        if exc_type is None and self._error is not None:
-            raise self._error
 
 
 class _CopyTracker:
