@@ -180,13 +180,18 @@ def _errors() -> Iterator[None]:
         if os.environ.get("CKPTAVG_DEBUG") == "1":
             raise
         if _lead():  # under torchrun every rank fails together; rank 0 alone says why
-            print(f"Error: {e}", file=sys.stderr)
+            print(f"Error: {_one_line(str(e))}", file=sys.stderr)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         print("Error: interrupted; nothing was written.", file=sys.stderr)
         raise typer.Exit(130) from None
     finally:
         warnings.showwarning = old
+
+
+def _one_line(text: str) -> str:
+    """Escape control characters (a newline in a file name or tensor key) so an error stays one line."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 def _lead() -> bool:
@@ -315,6 +320,9 @@ def _terminate(signum: int, frame: object) -> None:
 def main() -> None:
     """Entry point of the `ckptavg` command."""
     signal.signal(signal.SIGTERM, _terminate)
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not valid UTF-8 prints escaped, not as a traceback
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     app(prog_name="ckptavg")
 
 
