@@ -19,7 +19,7 @@ class Flat(nn.Module):
     def __init__(self, state: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.names = list(state)
-        for i, (k, v) in enumerate(state.items()):
+        for i, v in enumerate(state.values()):
             if v.is_floating_point():
                 self.register_parameter(f"t{i}", nn.Parameter(torch.empty_like(v), requires_grad=False))
             else:
