@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import math
 import os
 import pickle
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 import torch
 
 from .errors import CheckpointFormatError, listing
-from .formats import MAX_HEADER_BYTES, SAFETENSORS_DTYPES, LazyTensor, read_exact
+from .formats import MAX_HEADER_BYTES, SAFETENSORS_DTYPES, LazyTensor, read_exact, read_json_header
 from .locate import locate_weights
 from .metadata import meta_from_mapping, meta_from_name
 
@@ -402,15 +401,7 @@ def _from_safetensors(s: Stored, key: str, header_size: int) -> torch.Tensor:
 def _blob_header(file: Path, offset: int, n: int, stamp: tuple[int, int]) -> dict[str, Any]:
     """The JSON header (`n` bytes) of the safetensors blob at `offset`; cached, since all its chunks share it.
     `stamp` (size, mtime) keeps a rewritten file from being served an old header."""
-    raw = bytearray(n)
-    read_exact(file, offset + 8, raw)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CheckpointFormatError(f"{file}: safetensors header at offset {offset} is not valid JSON ({type(e).__name__}).") from None
-    if not isinstance(header, dict):
-        raise CheckpointFormatError(f"{file}: safetensors header at offset {offset} is not a JSON object.")
-    return header
+    return read_json_header(file, offset, n, f"safetensors header at offset {offset}")
 
 
 # ---------------------------------------------------------------- the checkpoint

@@ -160,16 +160,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, LazyTensor], dict[str
             f"{path}: safetensors header claims {n} bytes but the file has {size}; "
             "the file is truncated or not safetensors."
         )
-    raw = bytearray(n)
-    read_exact(path, 8, raw)
-    try:
-        # UTF-8 only, as the format says (json.loads would also guess UTF-16/32 from raw bytes). ValueError
-        # covers integers longer than Python's int digit limit, RecursionError deeply nested arrays.
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CheckpointFormatError(f"{path}: safetensors header is not valid JSON ({_entry_text(e)}).") from None
-    if not isinstance(header, dict):
-        raise CheckpointFormatError(f"{path}: safetensors header is not a JSON object.")
+    header = read_json_header(path, 0, n, "safetensors header")
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CheckpointFormatError(f"{path}: safetensors __metadata__ must map strings to strings.")
@@ -218,6 +209,21 @@ def _entry_check_utf8(path: Path, text: str) -> None:
         raise CheckpointFormatError(
             f"{path}: safetensors header holds a name that is not valid Unicode ('{_entry_text(text)}')."
         ) from None
+
+
+def read_json_header(path: Path, offset: int, n: int, what: str) -> dict[str, Any]:
+    """Read and parse the `n`-byte JSON object at `offset + 8` (a safetensors header, here or inside a blob)."""
+    raw = bytearray(n)
+    read_exact(path, offset + 8, raw)
+    try:
+        # UTF-8 only, as the format says (json.loads would also guess UTF-16/32 from raw bytes). ValueError
+        # covers integers longer than Python's int digit limit, RecursionError deeply nested arrays.
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointFormatError(f"{path}: {what} is not valid JSON ({_entry_text(e)}).") from None
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(f"{path}: {what} is not a JSON object.")
+    return header
 
 
 def _entry_offsets(path: Path, key: str, v: Any) -> tuple[int, int]:

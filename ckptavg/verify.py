@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .errors import CkptavgError, OutputError, listing
-from .formats import DTYPE_NAMES, LazyTensor, read_safetensors_header
+from .errors import CheckpointFormatError, CkptavgError, OutputError, listing
+from .formats import DTYPE_NAMES, LazyTensor, pread_exact, read_safetensors_header
 from .reduce import TensorSpec
 
 BLOCK_BYTES = 16 * 1024 * 1024  # read back this much at a time when checking finiteness
@@ -101,13 +101,10 @@ def _check_finite(path: Path, name: str, lazy: LazyTensor) -> None:
 
 def _pread(fd: int, path: Path, offset: int, size: int) -> bytearray:
     buf = bytearray(size)
-    view = memoryview(buf)
-    done = 0
-    while done < size:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise OutputError(f"{path}: the written file is shorter than its header says.")
-        done += n
+    try:
+        pread_exact(fd, path, offset, memoryview(buf))
+    except CheckpointFormatError:
+        raise OutputError(f"{path}: the written file is shorter than its header says.") from None
     return buf
 
 
