@@ -190,14 +190,15 @@ def test_identical_checkpoints_keep_negative_zero(tmp_path: Path, dtype: torch.d
     assert_bitwise_equal(average_of_copies(tmp_path, tensors, 3, Swa()), tensors)
 
 
-@pytest.mark.xfail(reason="needs fix in stream.py/reduce.py: float64 inputs have no wider accumulator, so the "
-                   "float64 sum of N copies of x (3x, 5x, 7x) is rounded before the division by N and x does not come "
-                   "back bit for bit; accumulate float64 inputs in double-double (two-sum) or document float64 as exact "
-                   "to 1 ulp", strict=True)
-@pytest.mark.parametrize("n", [3, 5, 7])  # not hypothesis: an expected failure should not spend time shrinking
-def test_identical_float64_checkpoints_average_to_themselves(tmp_path: Path, n: int) -> None:
-    tensors = {"w": torch.randn(256, dtype=torch.float64, generator=torch.Generator().manual_seed(n))}
-    assert_bitwise_equal(average_of_copies(tmp_path, tensors, n, Swa()), tensors)
+@pytest.mark.parametrize("n", [3, 5, 7])
+def test_identical_float64_checkpoints_average_to_within_one_ulp(tmp_path: Path, n: int) -> None:
+    """float64 has no wider accumulator: the sum of n copies of x is rounded before the division, so the
+    README promises one ulp here (and bit for bit only for narrower dtypes). Some elements do differ, so the
+    bound is what is tested, and that the difference never exceeds it."""
+    x = torch.randn(4096, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    got = average_of_copies(tmp_path, {"w": x}, n, Swa())["w"]
+    ulp = torch.nextafter(x.abs(), torch.tensor(float("inf"), dtype=torch.float64)) - x.abs()
+    assert bool(((got - x).abs() <= ulp).all())
 
 
 # ---------------------------------------------------------------- order: SWA does not care, EMA does
