@@ -14,7 +14,7 @@ import torch
 
 from . import __version__, dist
 from .bn import BatchNormOptions, recalibrate
-from .errors import PlanError
+from .errors import OutputError, PlanError
 from .folder import (
     INDEX,
     Shard,
@@ -277,7 +277,10 @@ def average_checkpoints(
 def _verify(writers: Sequence[SafetensorsWriter], check_finite: bool) -> None:
     for w in writers:
         if w.done is not None:
-            verify_output(w.done, w.order, check_finite)
+            try:
+                verify_output(w.done, w.order, check_finite)
+            except OutputError as e:  # name the output the user asked for, not the temp file it would have become
+                raise OutputError(str(e).replace(str(w.done), str(w.path)) + " Nothing was written.") from None
 
 
 @dataclass(frozen=True)

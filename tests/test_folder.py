@@ -147,6 +147,7 @@ def test_verify_catches_a_bad_write_before_it_appears(tmp_path: Path, monkeypatc
     unchecked, checked = (tmp_path / "a", tmp_path / "b") if folder else (tmp_path / "a.st", tmp_path / "b.st")
     ckptavg.average_checkpoints(str(SHARDED), unchecked, **kw)  # without verify the bad file lands
     assert unchecked.exists()
-    with pytest.raises(OutputError, match="NaN or Inf"):
+    with pytest.raises(OutputError, match="NaN or Inf") as info:
         ckptavg.average_checkpoints(str(SHARDED), checked, verify=True, **kw)
+    assert str(checked) in str(info.value) and "ckptavg-partial" not in str(info.value)
     assert not checked.exists() or list(checked.iterdir()) == []  # nothing renamed into place, no temp file
