@@ -183,7 +183,8 @@ def _errors() -> Iterator[None]:
             print(f"Error: {_one_line(str(e))}", file=sys.stderr)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        print("Error: interrupted; nothing was written.", file=sys.stderr)
+        # "no partial output", not "nothing": a Ctrl-C just after the final rename leaves the complete file
+        print("Error: interrupted; no partial output was left behind.", file=sys.stderr)
         raise typer.Exit(130) from None
     finally:
         warnings.showwarning = old
