@@ -13,20 +13,13 @@ and non-floating tensors take the whole-tensor path of `reduce.reduce_tensor`.
 
 from __future__ import annotations
 
-import ctypes
-import os
-import queue
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .errors import PlanError
-from .formats import LazyTensor, pread_exact
-from .reduce import TensorSpec, reduce_tensor, uniform_divisor, widen
+from .readahead import POOL_BUFFERS, Prefetcher, Read, WeightsFor, Whole, plan_batches
+from .reduce import TensorSpec, reduce_tensor, widen
 from .sources import Checkpoint
 
 # 128 Ki elements: a 1 MiB float64 accumulator (and its 1 MiB scratch) fit the L2 cache, yet the per-block
@@ -34,16 +27,8 @@ from .sources import Checkpoint
 CPU_BLOCK_ELEMS = 128 * 1024
 # On a GPU the arithmetic is nearly free; large blocks amortise the launch and copy latency.
 CUDA_BLOCK_ELEMS = 4 * 1024 * 1024
-POOL_BUFFERS = 4  # read-ahead depth, in buffers of one checkpoint's block each
-MAX_OPEN_FILES = 256
 
 Sink = Callable[[TensorSpec, int, torch.Tensor], None]  # (spec, first element, block in the output dtype)
-WeightsFor = Callable[[TensorSpec], Sequence[float]]
-
-
-def byte_view(t: torch.Tensor) -> memoryview:
-    """A writable view of a contiguous CPU tensor's bytes (without numpy, which ckptavg does not need)."""
-    return memoryview((ctypes.c_char * t.nbytes).from_address(t.data_ptr())).cast("B")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -61,200 +46,6 @@ def resolve_device(device: str) -> torch.device:
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise PlanError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
     return dev
-
-
-class FileHandles:
-    """Open files once and keep them open (up to MAX_OPEN_FILES, least recently used closed first)."""
-
-    def __init__(self, limit: int = MAX_OPEN_FILES) -> None:
-        self._fds: OrderedDict[Path, int] = OrderedDict()
-        self._limit = limit
-
-    def fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            if len(self._fds) >= self._limit:
-                os.close(self._fds.popitem(last=False)[1])
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        self._fds.move_to_end(path)
-        return fd
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Elements [start, start + count) of one output tensor."""
-
-    spec_index: int
-    start: int
-    count: int
-
-
-@dataclass
-class Batch:
-    """Pieces of one or more tensors reduced together as one run of elements.
-
-    Small tensors are gathered into one batch (their bytes read one after another into the same buffer),
-    so the per-read and per-add overhead is paid once per ~block, not once per tensor: a ResNet has 320
-    tensors, most of them a few hundred elements long. Every piece of a batch has, in each checkpoint, the
-    same dtype and weight, so one add covers them all.
-    """
-
-    pieces: list[Piece]
-    parts: list[tuple[list[LazyTensor], float]]  # per contributing checkpoint: a lazy tensor per piece, its weight
-    divisor: int  # uniform weights: sum, then divide once by this (see reduce.uniform_divisor)
-
-    @property
-    def total(self) -> int:
-        return sum(p.count for p in self.pieces)
-
-
-@dataclass
-class Read:
-    """One checkpoint's share of a batch: its bytes sit in a pool buffer (`slot`) until released."""
-
-    batch: Batch
-    weight: float
-    data: torch.Tensor | None  # typed view of the batch's elements; None for a batch nobody contributes to
-    slot: int
-    first: bool
-    last: bool
-
-
-@dataclass
-class Whole:
-    """A tensor reduced as a whole (not streamable, or not floating)."""
-
-    spec_index: int
-
-
-def plan_batches(
-    specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], weights_for: WeightsFor, block_elems: int
-) -> Iterator[Batch | Whole]:
-    """The work in output order: batches of at most `block_elems` elements, and whole tensors.
-
-    With uniform weights 1/k the inputs are summed with weight 1 and the sum divided once by k (`divisor`):
-    closer to the exact mean than adding fl(1/k)*x k times, and a mean of identical values is then exact.
-    """
-    current: Batch | None = None
-    key: tuple[object, ...] = ()
-    for i, spec in enumerate(specs):
-        lazies = [c.tensors[spec.name] for c in ckpts]
-        if not spec.averaged or not all(t.streamable for t in lazies):
-            if current is not None:
-                yield current
-                current = None
-            yield Whole(i)
-            continue
-        weights = tuple(weights_for(spec))
-        divisor = uniform_divisor(weights)
-        used = [(t, 1.0 if divisor else w) for t, w in zip(lazies, weights, strict=True) if w != 0]
-        spec_key = (weights, spec.out_dtype, tuple(t.dtype for t, _ in used))
-        numel = lazies[0].numel
-        start = 0
-        while True:
-            if current is not None and (spec_key != key or current.total >= block_elems):
-                yield current
-                current = None
-            if current is None:
-                current, key = Batch([], [([], w) for _, w in used], divisor), spec_key
-            count = min(block_elems - current.total, numel - start)
-            current.pieces.append(Piece(i, start, count))
-            for (mine, _), (t, _) in zip(current.parts, used, strict=True):
-                mine.append(t)
-            start += count
-            if start >= numel:
-                break
-    if current is not None:
-        yield current
-
-
-class Prefetcher:
-    """A reader thread that fills pool buffers with the batches of `plan_batches`, in order."""
-
-    def __init__(self, work: Iterator[Batch | Whole], buf_bytes: int, pin: bool) -> None:
-        self._work = work
-        self._pool = [torch.empty(buf_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(POOL_BUFFERS)]
-        self._free: queue.Queue[int] = queue.Queue()
-        for slot in range(POOL_BUFFERS):
-            self._free.put(slot)
-        self._out: queue.Queue[Read | Whole | BaseException | None] = queue.Queue(maxsize=2 * POOL_BUFFERS)
-        self._stop = threading.Event()
-        self._files = FileHandles()
-        self._thread = threading.Thread(target=self._run, name="ckptavg-reader", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for item in self._work:
-                if self._stop.is_set():
-                    return
-                if isinstance(item, Whole):
-                    self._put(item)
-                    continue
-                self._read_batch(item)
-            self._put(None)
-        except BaseException as e:  # handed to the main thread, which raises it there
-            self._put(e)
-        finally:
-            self._files.close()
-
-    def _read_batch(self, batch: Batch) -> None:
-        if not batch.parts:
-            self._put(Read(batch, 0.0, None, -1, True, True))
-            return
-        for k, (lazies, weight) in enumerate(batch.parts):
-            slot = self._take_slot()
-            if slot is None:
-                return
-            size = lazies[0].dtype.itemsize
-            raw = self._pool[slot][: batch.total * size]
-            at = 0
-            for piece, lazy in zip(batch.pieces, lazies, strict=True):
-                n = piece.count * size
-                pread_exact(self._files.fd(lazy.path), lazy.path, lazy.file_offset + piece.start * size,
-                            byte_view(raw[at : at + n]))
-                at += n
-            self._put(Read(batch, weight, raw.view(lazies[0].dtype), slot, k == 0, k == len(batch.parts) - 1))
-
-    def _take_slot(self) -> int | None:
-        while not self._stop.is_set():
-            try:
-                return self._free.get(timeout=0.1)
-            except queue.Empty:
-                continue
-        return None
-
-    def _put(self, item: Read | Whole | BaseException | None) -> None:
-        while not self._stop.is_set():
-            try:
-                self._out.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def __iter__(self) -> Iterator[Read | Whole]:
-        while True:
-            item = self._out.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def release(self, slot: int) -> None:
-        """Give a buffer back to the reader once its bytes have been consumed."""
-        if slot >= 0:
-            self._free.put(slot)
-
-    def close(self) -> None:
-        """Stop the reader (on success or failure) and wait for it."""
-        self._stop.set()
-        self._thread.join()
 
 
 def stream_reduce(
