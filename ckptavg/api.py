@@ -18,7 +18,6 @@ from .errors import OutputError, PlanError
 from .folder import (
     INDEX,
     Shard,
-    Sink,
     check_folder,
     commit,
     discard,
@@ -33,7 +32,7 @@ from .plans import Plan, Swa, Weights
 from .reduce import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, all_finite, check_finite, check_layout, work_bytes
 from .select import Selection, order_checkpoints, select_checkpoints
 from .sources import Checkpoint, LoadOptions, PathLike, find_checkpoints, open_checkpoint
-from .stream import resolve_device, stream_reduce
+from .stream import Sink, resolve_device, stream_reduce
 from .verify import verify_output
 from .writer import SafetensorsWriter, check_output
 

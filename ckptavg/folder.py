@@ -17,15 +17,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .dist import balance
 from .errors import OutputError, PlanError
 from .reduce import TensorSpec
 from .sources import HF_WEIGHT_FILES, Checkpoint
-from .writer import SafetensorsWriter
-
-Sink = Callable[[TensorSpec, int, torch.Tensor], None]  # (spec, first element, block in the output dtype)
+from .stream import Sink
+from .writer import TEMP_SUFFIX, SafetensorsWriter
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -191,22 +188,28 @@ def _is_weights(name: str) -> bool:
     return name in HF_WEIGHT_FILES or name.endswith((".safetensors", ".index.json")) or name.startswith("pytorch_model")
 
 
+def _temp_in(folder: Path, name: str) -> tuple[int, Path]:
+    """A new temp file for `name` in `folder`, named like the writer's (`.NAME.*.ckptavg-partial`)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=TEMP_SUFFIX)
+    return fd, Path(tmp)
+
+
 def copy_temp(src: Path, folder: Path) -> Path:
     """Copy a sidecar file to a temp name in `folder`, to be renamed into place with the shards."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{src.name}.", suffix=".ckptavg-partial")
+    fd, tmp = _temp_in(folder, src.name)
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise OutputError(f"{folder / src.name}: cannot copy from {src} ({e.strerror}).") from None
-    return Path(tmp)
+    return tmp
 
 
 def write_text_temp(folder: Path, name: str, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".ckptavg-partial")
+    fd, tmp = _temp_in(folder, name)
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    return Path(tmp)
+    return tmp

@@ -6,6 +6,7 @@ asked for, so memory does not grow with the number or size of the inputs.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import stat
@@ -82,6 +83,11 @@ class LazyTensor:
         if self.stride is None:
             return flat.view(self.shape)
         return flat.as_strided(self.shape, self.stride).clone()
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """A writable view of a contiguous CPU tensor's bytes (without numpy, which ckptavg does not need)."""
+    return memoryview((ctypes.c_char * t.nbytes).from_address(t.data_ptr())).cast("B")
 
 
 def read_exact(path: Path, offset: int, buf: bytearray | memoryview) -> None:

@@ -7,7 +7,6 @@ into a small pool of reusable buffers, ahead of the arithmetic in `stream.py`.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import queue
 import threading
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .formats import LazyTensor, pread_exact
+from .formats import LazyTensor, byte_view, pread_exact
 from .reduce import TensorSpec, uniform_divisor
 from .sources import Checkpoint
 
@@ -26,11 +25,6 @@ POOL_BUFFERS = 4  # read-ahead depth, in buffers of one checkpoint's block each
 MAX_OPEN_FILES = 256
 
 WeightsFor = Callable[[TensorSpec], Sequence[float]]
-
-
-def byte_view(t: torch.Tensor) -> memoryview:
-    """A writable view of a contiguous CPU tensor's bytes (without numpy, which ckptavg does not need)."""
-    return memoryview((ctypes.c_char * t.nbytes).from_address(t.data_ptr())).cast("B")
 
 
 class FileHandles:

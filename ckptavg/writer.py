@@ -7,7 +7,6 @@ header padded with spaces to a multiple of 8), so the bytes are deterministic.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import os
@@ -20,7 +19,7 @@ from types import TracebackType
 import torch
 
 from .errors import OutputError
-from .formats import DTYPE_NAMES
+from .formats import DTYPE_NAMES, byte_view
 from .reduce import TensorSpec
 
 # safetensors' write order: larger-rank dtypes first (its Dtype enum, descending).
@@ -116,7 +115,7 @@ class SafetensorsWriter:
         if t.dtype != spec.out_dtype or self._filled + t.nbytes > spec.nbytes:
             raise AssertionError(f"writer got {t.dtype}[{t.numel()}] for {spec}")  # a bug, not input
         if t.numel():
-            self._emit(memoryview((ctypes.c_char * t.nbytes).from_address(t.data_ptr())))
+            self._emit(byte_view(t))
         self._filled += t.nbytes
         if self._filled == spec.nbytes:
             self._next, self._filled = self._next + 1, 0
