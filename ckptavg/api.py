@@ -29,7 +29,7 @@ from .folder import (
     write_shards,
 )
 from .plans import Plan, Swa, Weights
-from .reduce import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, all_finite, check_finite, check_layout, work_bytes
+from .reduce import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_finite, check_layout, work_bytes
 from .select import Selection, order_checkpoints, select_checkpoints
 from .sources import Checkpoint, LoadOptions, PathLike, find_checkpoints, open_checkpoint
 from .stream import Sink, resolve_device, stream_reduce
@@ -230,7 +230,7 @@ def average_checkpoints(
             progress(done, total)
 
     def checked(spec: TensorSpec, block: torch.Tensor) -> torch.Tensor:
-        if spec.averaged and not allow_nonfinite and not all_finite(block):
+        if spec.averaged and not allow_nonfinite:
             check_finite(spec, block, report.checkpoints)
         return block
 

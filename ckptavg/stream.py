@@ -68,7 +68,7 @@ def stream_reduce(
     cuda = dev.type == "cuda"
     threads = torch.get_num_threads()
     if not cuda:
-        # One compute thread: the reader thread needs a core, and a 256Ki-element add is too small to
+        # One compute thread: the reader thread needs a core, and a 128Ki-element add is too small to
         # split across threads with a gain (bench/RESULTS.md, "threads").
         torch.set_num_threads(1)
     try:
@@ -86,9 +86,7 @@ def _reduce_all(
     widest = max((t.dtype.itemsize for c in ckpts for t in c.tensors.values()), default=1)
     reader = Prefetcher(plan_batches(specs, ckpts, weights_for, elems), elems * widest, pin=cuda)
     copies = _CopyTracker(reader, cuda)
-    acc = torch.empty(elems, dtype=accum_dtype, device=dev)
-    scratch = torch.empty_like(acc)  # inputs widened to the accumulator dtype (see _accumulate)
-    acc_c: torch.Tensor | None = None  # complex accumulator, made on first use
+    accs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # (accumulator, scratch) by dtype, reused
     outs: dict[torch.dtype, torch.Tensor] = {}  # reused host buffers for the rounded blocks, by dtype
     try:
         for item in reader:
@@ -99,12 +97,12 @@ def _reduce_all(
                 continue
             batch = item.batch
             first_spec = specs[batch.pieces[0].spec_index]
-            if first_spec.in_dtype.is_complex:
-                acc_c = acc_c if acc_c is not None else torch.empty(elems, dtype=torch.complex128, device=dev)
-                block = acc_c[: batch.total]
-            else:
-                block = acc[: batch.total]
-            _accumulate(block, item, scratch if block.dtype == scratch.dtype else torch.empty_like(block))
+            dtype = torch.complex128 if first_spec.in_dtype.is_complex else accum_dtype
+            if dtype not in accs:
+                accs[dtype] = (torch.empty(elems, dtype=dtype, device=dev), torch.empty(elems, dtype=dtype, device=dev))
+            acc, scratch = accs[dtype]
+            block = acc[: batch.total]
+            _accumulate(block, item, scratch)
             if item.data is not None:
                 copies.done_with(item.slot)
                 if on_read:
