@@ -19,10 +19,11 @@ from pathlib import Path
 
 from .dist import balance
 from .errors import OutputError, PlanError
+from .outfile import TEMP_SUFFIX
 from .reduce import TensorSpec
 from .sources import HF_WEIGHT_FILES, Checkpoint
 from .stream import Sink
-from .writer import TEMP_SUFFIX, SafetensorsWriter
+from .writer import SafetensorsWriter
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

@@ -6,12 +6,9 @@ header padded with spaces to a multiple of 8), so the bytes are deterministic.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -20,6 +17,7 @@ import torch
 
 from .errors import OutputError
 from .formats import DTYPE_NAMES, byte_view
+from .outfile import OutputFile
 from .reduce import TensorSpec
 
 # safetensors' write order: larger-rank dtypes first (its Dtype enum, descending).
@@ -27,9 +25,6 @@ _RANK = [
     "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
     "I32", "U32", "F32", "C64", "F64", "I64", "U64",
 ]
-TEMP_SUFFIX = ".ckptavg-partial"
-
-
 def write_order(specs: Sequence[TensorSpec]) -> list[TensorSpec]:
     """The order in which tensors lie in the file."""
     return sorted(specs, key=lambda s: (-_RANK.index(DTYPE_NAMES[s.out_dtype]), s.name))
@@ -74,10 +69,10 @@ class SafetensorsWriter:
         self.order = write_order(specs)
         self._next = 0
         self._filled = 0  # bytes of order[_next] written so far
-        self._sha = hashlib.sha256()
-        self.nbytes = 0
         self._header = self._build_header(metadata)
-        self._file: tempfile._TemporaryFileWrapper[bytes] | None = None
+        self._file: OutputFile | None = None
+        self._sha256: str | None = None
+        self._placed = False  # the finished file is renamed into place, or handed over as `done`
 
     def _build_header(self, metadata: dict[str, str]) -> bytes:
         header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
@@ -92,13 +87,12 @@ class SafetensorsWriter:
         return struct.pack("<Q", len(raw)) + raw
 
     def __enter__(self) -> SafetensorsWriter:
+        self._file = OutputFile(self.path, len(self._header) + sum(s.nbytes for s in self.order))
         try:
-            self._file = tempfile.NamedTemporaryFile(
-                dir=self.path.parent, prefix=f".{self.path.name}.", suffix=TEMP_SUFFIX, delete=False
-            )
-        except OSError as e:
-            raise OutputError(f"{self.path}: cannot create a file in {self.path.parent} ({e.strerror}).") from None
-        self._emit(memoryview(self._header))
+            self._file.write(memoryview(self._header))
+        except BaseException:
+            self._file.discard()
+            raise
         return self
 
     def write(self, tensor: torch.Tensor) -> None:
@@ -110,58 +104,48 @@ class SafetensorsWriter:
 
     def write_part(self, block: torch.Tensor) -> None:
         """Write the next elements of the current tensor of `order`; move on when it is complete."""
+        assert self._file is not None
         spec = self.order[self._next]
         t = block.contiguous()
         if t.dtype != spec.out_dtype or self._filled + t.nbytes > spec.nbytes:
             raise AssertionError(f"writer got {t.dtype}[{t.numel()}] for {spec}")  # a bug, not input
         if t.numel():
-            self._emit(byte_view(t))
+            self._file.write(byte_view(t))
         self._filled += t.nbytes
         if self._filled == spec.nbytes:
             self._next, self._filled = self._next + 1, 0
 
-    def _emit(self, data: memoryview) -> None:
-        assert self._file is not None
-        try:
-            self._file.write(data)
-        except OSError as e:
-            raise OutputError(f"{self.path}: write failed ({e.strerror}); nothing was written.") from None
-        self._sha.update(data)
-        self.nbytes += len(data)
+    @property
+    def nbytes(self) -> int:
+        return self._file.nbytes if self._file else 0
 
     @property
     def sha256(self) -> str:
-        return self._sha.hexdigest()
+        """The sha256 of the written file (known once the writer has finished)."""
+        if self._sha256 is None:
+            raise AssertionError("sha256 asked for before the writer finished")
+        return self._sha256
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         assert self._file is not None
-        tmp = Path(self._file.name)
         try:
             if exc_type is None:
                 if self._next != len(self.order):
                     raise AssertionError("writer closed before every tensor was written")
-                self._finish(tmp)
+                self._finish(self._file)
         finally:
-            if not self._file.closed:
-                with contextlib.suppress(OSError):  # after a failed write, close re-flushes and fails again
-                    self._file.close()
-            if tmp.exists() and self.done is None:
-                tmp.unlink()
+            if not self._placed:  # failed, or interrupted: leave nothing behind
+                self._file.discard()
 
-    def _finish(self, tmp: Path) -> None:
-        assert self._file is not None
-        try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # tempfile makes 0600; give the usual permissions
-            if self._rename:
-                os.replace(tmp, self.path)
-            else:
-                self.done = tmp
-        except OSError as e:
-            raise OutputError(f"{self.path}: cannot finish writing ({e.strerror}); nothing was written.") from None
+    def _finish(self, file: OutputFile) -> None:
+        self._sha256 = file.finish()
+        if self._rename:
+            try:
+                os.replace(file.temp, self.path)
+            except OSError as e:
+                raise OutputError(f"{self.path}: cannot finish writing ({e.strerror}); nothing was written.") from None
+        else:
+            self.done = file.temp
+        self._placed = True

@@ -26,9 +26,9 @@ from safetensors.torch import save_file
 
 from ckptavg import average_checkpoints, plan_checkpoints
 from ckptavg.errors import OutputError
+from ckptavg.outfile import TEMP_SUFFIX
 from ckptavg.reduce import TensorSpec
 from ckptavg.verify import verify_output
-from ckptavg.writer import TEMP_SUFFIX
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="signals and RLIMIT_FSIZE as on Linux")
 
@@ -58,12 +58,22 @@ def start_average(inputs: Path, output: Path, **popen: object) -> subprocess.Pop
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)  # type: ignore[call-overload]
 
 
+def written(proc: subprocess.Popen[str]) -> int:
+    """Bytes the process has passed to write() so far (the temp file is allocated whole at once, so its
+    size does not tell how far the writing is)."""
+    try:
+        io = Path(f"/proc/{proc.pid}/io").read_text()
+    except OSError:  # the process has just ended
+        return 0
+    return int(next(line.split()[1] for line in io.splitlines() if line.startswith("wchar:")))
+
+
 def wait_until_writing(proc: subprocess.Popen[str], folder: Path, timeout: float = 60) -> Path:
     """Poll until the temp file holds the header and some data, but far from all of it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = temp_files(folder)
-        if found and found[0].exists() and found[0].stat().st_size > 1024 * 1024:
+        if found and found[0].exists() and written(proc) > 1024 * 1024:
             return found[0]
         if proc.poll() is not None:
             break
@@ -79,7 +89,7 @@ def test_signal_during_write_leaves_nothing(big_run: Path, tmp_path: Path, signu
     output = tmp_path / "avg.safetensors"
     proc = start_average(big_run, output)
     temp = wait_until_writing(proc, tmp_path)
-    assert temp.stat().st_size < OUTPUT_BYTES, "the write finished before the signal; make the inputs larger"
+    assert written(proc) < OUTPUT_BYTES, "the write finished before the signal; make the inputs larger"
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode in codes, (proc.returncode, err)

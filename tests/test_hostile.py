@@ -576,7 +576,7 @@ def test_temp_file_cannot_be_created(cli: Cli, corpus: dict[str, str], monkeypat
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
     before = snapshot(Path(corpus["tmp"]), Path(corpus["work"]))
     line = assert_one_error_line(cli("swa", *PAIR.format(**corpus).split(), "-o", corpus["out"]))
     assert "avg.safetensors" in line and "Permission denied" in line

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -10,9 +13,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from ckptavg import outfile
+from ckptavg.errors import OutputError
 from ckptavg.formats import DTYPE_NAMES
+from ckptavg.outfile import HASH_CHUNK, TEMP_SUFFIX, WRITEBACK_BYTES
 from ckptavg.reduce import TensorSpec
-from ckptavg.writer import TEMP_SUFFIX, SafetensorsWriter
+from ckptavg.writer import SafetensorsWriter
 
 DTYPES = list(DTYPE_NAMES)
 
@@ -89,3 +95,51 @@ def test_output_permissions_follow_umask(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def _hash_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name == "ckptavg-sha256"]
+
+
+def test_sha256_of_a_file_larger_than_the_hash_chunk_and_writeback_window(tmp_path: Path) -> None:
+    """The hash is read back behind the writer in HASH_CHUNK pieces while writeback starts every
+    WRITEBACK_BYTES; blocks of odd sizes make the pieces straddle both."""
+    big = torch.arange(3 * (WRITEBACK_BYTES // 4) // 2 + 12345, dtype=torch.float32)
+    spec = TensorSpec("big", tuple(big.shape), torch.float32, torch.float32)
+    out = tmp_path / "a.safetensors"
+    with SafetensorsWriter(out, [spec], {"k": "v"}) as w:
+        for start in range(0, big.numel(), 777_777):
+            w.write_part(big[start : start + 777_777])
+    data = out.read_bytes()
+    assert len(data) > WRITEBACK_BYTES + HASH_CHUNK
+    assert w.sha256 == hashlib.sha256(data).hexdigest() and w.nbytes == len(data)
+    assert data == save({"big": big}, metadata={"k": "v"})
+    assert _hash_threads() == []
+
+
+def test_failure_stops_the_hash_thread(tmp_path: Path) -> None:
+    specs = [TensorSpec("a", (4,), torch.float32, torch.float32), TensorSpec("b", (4,), torch.float32, torch.float32)]
+    with pytest.raises(RuntimeError), SafetensorsWriter(tmp_path / "a.safetensors", specs, {}) as w:
+        w.write(torch.ones(4))
+        assert _hash_threads() == ["ckptavg-sha256"]
+        raise RuntimeError
+    assert _hash_threads() == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fallocate is Linux's")
+def test_the_whole_file_is_allocated_before_writing(tmp_path: Path) -> None:
+    specs = [TensorSpec("w", (1 << 20,), torch.float32, torch.float32)]
+    with SafetensorsWriter(tmp_path / "a.safetensors", specs, {}) as w:
+        (temp,) = [p for p in tmp_path.iterdir() if p.name.endswith(TEMP_SUFFIX)]
+        assert temp.stat().st_size == len(w._header) + 4 * (1 << 20)  # before any tensor is written
+        assert temp.stat().st_blocks * 512 >= 4 * (1 << 20)
+        w.write(torch.zeros(1 << 20))
+
+
+def test_a_full_disk_is_reported_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reservation's error is what a full disk gives; the writer must stop at once and clean up."""
+    monkeypatch.setattr(outfile, "reserve", lambda fd, n: errno.ENOSPC)
+    specs = [TensorSpec("w", (8,), torch.float32, torch.float32)]
+    with pytest.raises(OutputError, match=r"a\.safetensors: cannot reserve \d+ bytes .*No space left"):
+        SafetensorsWriter(tmp_path / "a.safetensors", specs, {}).__enter__()
+    assert list(tmp_path.iterdir()) == [] and _hash_threads() == []
