@@ -24,7 +24,7 @@ from .errors import OutputError
 
 TEMP_SUFFIX = ".ckptavg-partial"
 WRITEBACK_BYTES = 32 * 2**20
-HASH_CHUNK = 1 << 20
+HASH_CHUNK = 256 * 1024
 _SYNC_FILE_RANGE_WRITE = 2
 _OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from .formats import LazyTensor, byte_view, pread_exact
-from .reduce import TensorSpec, uniform_divisor
+from .reduce import TensorSpec, uniform_divisor, widen
 from .sources import Checkpoint
 
-POOL_BUFFERS = 4  # read-ahead depth, in buffers of one checkpoint's block each
+POOL_BUFFERS = 3  # read-ahead depth, in buffers of one checkpoint's block each (3 and 4 measure the same)
 MAX_OPEN_FILES = 256
 
 WeightsFor = Callable[[TensorSpec], Sequence[float]]
@@ -138,15 +138,29 @@ def plan_batches(
 
 
 class Prefetcher:
-    """A reader thread that fills pool buffers with the batches of `plan_batches`, in order."""
+    """A reader thread that fills pool buffers with the batches of `plan_batches`, in order.
 
-    def __init__(self, work: Iterator[Batch | Whole], buf_bytes: int, pin: bool) -> None:
+    With `widen_to` (on the CPU) the thread also converts each read to the accumulator's dtype (complex
+    inputs to complex128), so that on a second core this conversion, a third of the arithmetic, runs
+    beside the adds (bench/RESULTS.md, "widening on the reader thread").
+    """
+
+    def __init__(self, work: Iterator[Batch | Whole], block_elems: int, itemsize: int, pin: bool,
+                 widen_to: torch.dtype | None = None) -> None:
+        """`work` holds batches of at most `block_elems` elements of at most `itemsize` bytes each."""
         self._work = work
-        self._pool = [torch.empty(buf_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(POOL_BUFFERS)]
-        self._free: queue.Queue[int] = queue.Queue()
+        self._elems = block_elems
+        self._pool = [torch.empty(block_elems * itemsize, dtype=torch.uint8, pin_memory=pin) for _ in range(POOL_BUFFERS)]
+        self._views = {id(b): byte_view(b) for b in self._pool}  # pread targets, sliced without torch calls
+        self._widen_to = widen_to
+        self._raw: torch.Tensor | None = None  # staging buffer for bytes that are widened right after reading
+        self._wide: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # (slot, dtype): widened data of the slot
+        # SimpleQueue (C) rather than Queue (Python locks): ~8 queue operations per block. The pool bounds
+        # how far the reader runs ahead; what else it queues (Whole, empty reads) holds no tensor data.
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for slot in range(POOL_BUFFERS):
             self._free.put(slot)
-        self._out: queue.Queue[Read | Whole | BaseException | None] = queue.Queue(maxsize=2 * POOL_BUFFERS)
+        self._out: queue.SimpleQueue[Read | Whole | BaseException | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._files = FileHandles()
         self._thread = threading.Thread(target=self._run, name="ckptavg-reader", daemon=True)
@@ -154,6 +168,8 @@ class Prefetcher:
 
     def _run(self) -> None:
         try:
+            if self._widen_to is not None:
+                torch.set_num_threads(1)  # this thread's own OpenMP setting: the other core runs the adds
             for item in self._work:
                 if self._stop.is_set():
                     return
@@ -175,15 +191,39 @@ class Prefetcher:
             slot = self._take_slot()
             if slot is None:
                 return
-            size = lazies[0].dtype.itemsize
-            raw = self._pool[slot][: batch.total * size]
-            at = 0
+            dtype = lazies[0].dtype
+            wide = self._wide_dtype(dtype)
+            # bytes that will be widened go through one shared staging buffer; others stay in the slot
+            raw = self._staging() if wide else self._pool[slot]
+            view, at = self._views[id(raw)], 0
             for piece, lazy in zip(batch.pieces, lazies, strict=True):
-                n = piece.count * size
-                pread_exact(self._files.fd(lazy.path), lazy.path, lazy.file_offset + piece.start * size,
-                            byte_view(raw[at : at + n]))
+                n = piece.count * dtype.itemsize
+                pread_exact(self._files.fd(lazy.path), lazy.path, lazy.file_offset + piece.start * dtype.itemsize,
+                            view[at : at + n])
                 at += n
-            self._put(Read(batch, weight, raw.view(lazies[0].dtype), slot, k == 0, k == len(batch.parts) - 1))
+            data = raw[:at].view(dtype)
+            if wide:
+                data = self._wide_buffer(slot, wide)[: batch.total].copy_(widen(data))
+            self._put(Read(batch, weight, data, slot, k == 0, k == len(batch.parts) - 1))
+
+    def _wide_dtype(self, dtype: torch.dtype) -> torch.dtype | None:
+        """The accumulator dtype to widen `dtype` to on this thread, or None to hand the bytes over as read."""
+        if self._widen_to is None:
+            return None
+        wide = torch.complex128 if dtype.is_complex else self._widen_to
+        return None if wide == dtype else wide
+
+    def _staging(self) -> torch.Tensor:
+        if self._raw is None:
+            self._raw = torch.empty(self._pool[0].numel(), dtype=torch.uint8)
+            self._views[id(self._raw)] = byte_view(self._raw)
+        return self._raw
+
+    def _wide_buffer(self, slot: int, dtype: torch.dtype) -> torch.Tensor:
+        wide = self._wide.get((slot, dtype))
+        if wide is None:
+            wide = self._wide[slot, dtype] = torch.empty(self._elems, dtype=dtype)
+        return wide
 
     def _take_slot(self) -> int | None:
         while not self._stop.is_set():
@@ -194,12 +234,8 @@ class Prefetcher:
         return None
 
     def _put(self, item: Read | Whole | BaseException | None) -> None:
-        while not self._stop.is_set():
-            try:
-                self._out.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        if not self._stop.is_set():
+            self._out.put(item)
 
     def __iter__(self) -> Iterator[Read | Whole]:
         while True:

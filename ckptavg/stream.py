@@ -84,7 +84,9 @@ def _reduce_all(
     cuda = dev.type == "cuda"
     elems = block_elems or (CUDA_BLOCK_ELEMS if cuda else CPU_BLOCK_ELEMS)
     widest = max((t.dtype.itemsize for c in ckpts for t in c.tensors.values()), default=1)
-    reader = Prefetcher(plan_batches(specs, ckpts, weights_for, elems), elems * widest, pin=cuda)
+    # on a GPU the inputs cross to the device in their own (narrower) dtype and are widened there
+    reader = Prefetcher(plan_batches(specs, ckpts, weights_for, elems), elems, widest, pin=cuda,
+                        widen_to=None if cuda else accum_dtype)
     copies = _CopyTracker(reader, cuda)
     accs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # (accumulator, scratch) by dtype, reused
     outs: dict[torch.dtype, torch.Tensor] = {}  # reused host buffers for the rounded blocks, by dtype
@@ -133,9 +135,10 @@ def _rounded(block: torch.Tensor, dtype: torch.dtype, outs: dict[torch.dtype, to
 def _accumulate(block: torch.Tensor, item: Read, scratch: torch.Tensor) -> None:
     """block = data * w on the first read of a batch, block += data * w on the others (in the block's dtype).
 
-    The first read is a copy rather than zero-then-add: one pass over the block instead of two. Later
-    reads are widened into `scratch` first: an add_ that mixes dtypes allocates a temporary per call, and
-    glibc then keeps ~16 MiB of freed temporaries resident (measured in bench/RESULTS.md), for no speed gain.
+    The first read is a copy rather than zero-then-add: one pass over the block instead of two. On the
+    CPU the reader thread has already widened the data to the block's dtype; on a GPU later reads are
+    widened into `scratch` first: an add_ that mixes dtypes allocates a temporary per call (and on the
+    CPU glibc then kept ~16 MiB of freed temporaries resident, bench/RESULTS.md).
     """
     if item.data is None:
         block.zero_()

@@ -88,7 +88,7 @@ def test_signal_during_write_leaves_nothing(big_run: Path, tmp_path: Path, signu
     """130 is the README's code for an interruption; SIGTERM may also use the conventional 128 + 15."""
     output = tmp_path / "avg.safetensors"
     proc = start_average(big_run, output)
-    temp = wait_until_writing(proc, tmp_path)
+    wait_until_writing(proc, tmp_path)
     assert written(proc) < OUTPUT_BYTES, "the write finished before the signal; make the inputs larger"
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
