@@ -11,6 +11,7 @@ import struct
 import warnings
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointFormatError, CkptavgWarning
+from .fastpickle import load_plain
 from .formats import LazyTensor
 
 
@@ -37,7 +39,12 @@ _SAFE_EXTRAS: list[Any] = [
 def load_torch(path: Path, fmt: str, trust_pickle: bool) -> Any:
     """Unpickle a torch checkpoint; zip archives come back with lazy tensors (no data read)."""
     lazy = fmt == "torch-zip"
-    records = _check_torch_zip(path) if lazy else {}
+    archive = _check_torch_zip(path) if lazy else None
+    if archive is not None and not trust_pickle:
+        plain = load_plain(path, archive.pickled, archive.prefix, archive.records)
+        if plain is not None:  # the common case, read by the C unpickler; anything else goes to torch's
+            return _lazify(path, plain, _eager)[0]
+    records = {start: size for start, size in archive.records.values()} if archive else {}
     try:
         # An open file, not a path: torch.load hands paths ending in .safetensors to safetensors.
         with open(path, "rb") as f, warnings.catch_warnings(), torch.serialization.safe_globals(_SAFE_EXTRAS):
@@ -153,8 +160,15 @@ def _first_line(e: BaseException) -> str:
 MAX_INFLATED_BYTES = 256 * 1024 * 1024
 
 
-def _check_torch_zip(path: Path) -> dict[int, int]:
-    """Check the archive's directory; return {byte offset in the file: size} of each tensor data record."""
+@dataclass(frozen=True)
+class _Archive:
+    records: dict[str, tuple[int, int]]  # tensor data record name: (byte offset in the file, size)
+    pickled: bytes  # data.pkl
+    prefix: str  # the archive's top folder, "archive/" for torch.save
+
+
+def _check_torch_zip(path: Path) -> _Archive:
+    """Check the archive's directory; return where each tensor data record lies, and the pickle."""
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
@@ -163,14 +177,15 @@ def _check_torch_zip(path: Path) -> dict[int, int]:
                 raise CheckpointFormatError(
                     f"{path}: this is a TorchScript archive; save the model's state_dict() instead."
                 )
-            if not any(n.endswith("/data.pkl") for n in names):
+            pickles = [n for n in names if n.endswith("/data.pkl")]
+            if not pickles:
                 raise CheckpointFormatError(f"{path}: zip file without data.pkl, not a torch checkpoint.")
             order = [n for n in names if n.endswith("/byteorder")]
             if order and z.read(order[0]).strip() != b"little":
                 raise CheckpointFormatError(
                     f"{path}: big-endian torch checkpoints are not supported; re-save on a little-endian machine."
                 )
-            return _data_records(path, z.infolist())
+            return _Archive(_data_records(path, z.infolist()), z.read(pickles[0]), pickles[0][: -len("data.pkl")])
     except CheckpointFormatError:  # a ValueError too: keep the message as it is
         raise
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
@@ -192,14 +207,14 @@ def _check_compression(path: Path, infos: list[zipfile.ZipInfo]) -> None:
             )
 
 
-def _data_records(path: Path, infos: list[zipfile.ZipInfo]) -> dict[int, int]:
+def _data_records(path: Path, infos: list[zipfile.ZipInfo]) -> dict[str, tuple[int, int]]:
     """Where each tensor record's bytes start (after its local header), and how many there are.
 
     torch (on the meta device) computes each storage's offset from the sizes declared in the pickle; a
     corrupt or hand-made archive can make those point anywhere, so they are checked against these.
     """
     size = path.stat().st_size
-    records: dict[int, int] = {}
+    records: dict[str, tuple[int, int]] = {}
     fd = os.open(path, os.O_RDONLY)
     try:
         for info in infos:
@@ -216,7 +231,7 @@ def _data_records(path: Path, infos: list[zipfile.ZipInfo]) -> dict[int, int]:
                 raise CheckpointFormatError(
                     f"{path}: record '{info.filename}' ends past the end of the file; the file is truncated."
                 )
-            records[start] = info.file_size
+            records[info.filename] = (start, info.file_size)
     finally:
         os.close(fd)
     return records
@@ -227,6 +242,8 @@ def _lazify(path: Path, obj: Any, wrap: Callable[[Path, torch.Tensor], LazyTenso
     `obj` held any tensor."""
     if isinstance(obj, torch.Tensor):
         return wrap(path, obj), True
+    if isinstance(obj, LazyTensor):  # from the fast path
+        return obj, True
     if isinstance(obj, dict):  # dict, OrderedDict and dict subclasses rebuild from pairs
         pairs = [(k, *_lazify(path, v, wrap)) for k, v in obj.items()]
         for k, _, held in pairs:

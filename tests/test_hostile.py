@@ -11,6 +11,7 @@ an error into a result, links and odd paths, read-only output, and inputs that a
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -181,8 +182,11 @@ def _torch_archives(src: Path) -> None:
     sd = state(3)
     archive = torch_bytes(sd)
     (src / "ok.pt").write_bytes(archive)
-    # re-zipped by another tool: torch's computed offsets then point at the wrong bytes
+    # re-zipped by another tool: torch's computed offsets then point at the wrong bytes. ckptavg's fast path
+    # takes each record's offset from its own local header and reads it right; a checkpoint that needs
+    # torch's unpickler (here for an argparse.Namespace) gets torch's offsets, and is refused.
     (src / "rezipped.pt").write_bytes(repack_zip(archive))
+    (src / "rezipped_hparams.pt").write_bytes(repack_zip(torch_bytes({"state_dict": sd, "hparams": argparse.Namespace(lr=0.1)})))
     (src / "deflated.pt").write_bytes(repack_zip(archive, zipfile.ZIP_DEFLATED))
     (src / "no_data_pkl.pt").write_bytes(repack_zip(archive, skip="data.pkl"))
     (src / "zip_bomb.pt").write_bytes(_claimed_size(repack_zip(archive, zipfile.ZIP_DEFLATED), "data.pkl", 2**40))
@@ -309,7 +313,7 @@ HOSTILE_CASES = [
     pytest.param("{src}/not_utf8.safetensors", ["not_utf8.safetensors", "JSON"], id="header-not-utf8"),
     pytest.param("{src}/long_name.safetensors", ["long_name.safetensors", "F99", "..."], id="megabyte-tensor-name"),
     # torch archives
-    pytest.param("{src}/rezipped.pt", ["rezipped.pt", "torch.save"], id="torch-zip-repacked-by-zipfile"),
+    pytest.param("{src}/rezipped_hparams.pt", ["rezipped_hparams.pt", "torch.save"], id="torch-zip-repacked-by-zipfile"),
     pytest.param("{src}/deflated.pt", ["deflated.pt", "compressed"], id="torch-zip-deflated"),
     pytest.param("{src}/no_data_pkl.pt", ["no_data_pkl.pt", "data.pkl"], id="torch-zip-without-data-pkl"),
     pytest.param("{src}/zip_bomb.pt", ["zip_bomb.pt", "zip bomb"], id="torch-zip-bomb"),
@@ -449,16 +453,18 @@ def _rewrite_record(archive: bytes, name: str, payload: bytes) -> bytes:
     return buf.getvalue()
 
 
-def test_rezipped_archive_is_intact_for_torch_but_refused(corpus: dict[str, str]) -> None:
-    """Why the re-zipped case matters: torch.load reads it fine, so the data is intact; ckptavg must not
-    hand out other bytes for it (it refuses, see HOSTILE_CASES)."""
+def test_rezipped_archive_is_read_right_or_refused(corpus: dict[str, str]) -> None:
+    """Why the re-zipped case matters: torch.load reads it fine, so the data is intact; ckptavg must never
+    hand out other bytes for it. The fast path reads the true offsets; torch's path refuses (HOSTILE_CASES)."""
     src = Path(corpus["src"])
     reference = torch.load(src / "rezipped.pt", weights_only=True)
     assert all(torch.equal(reference[k], v) for k, v in state(3).items())
+    ckpt = open_checkpoint(src / "rezipped.pt")
+    assert sorted(ckpt.tensors) == sorted(reference)
+    for name, t in ckpt.tensors.items():
+        assert torch.equal(t.load(), reference[name]), name
     with pytest.raises(CheckpointFormatError, match="torch.save"):
-        ckpt = open_checkpoint(src / "rezipped.pt")
-        for name, t in ckpt.tensors.items():
-            assert torch.equal(t.load(), reference[name]), name
+        open_checkpoint(src / "rezipped_hparams.pt")
 
 
 @contextmanager

@@ -1,0 +1,140 @@
+"""The fast path for torch zip archives: the C unpickler with a short allow-list.
+
+torch's weights-only unpickler is written in Python and builds a meta tensor per entry: about 25 ms
+for a 320-tensor checkpoint (bench/RESULTS.md). The pickle of a plain state dict or training
+checkpoint needs only a handful of globals, so `load_plain` unpickles it with the C unpickler, turning
+each tensor straight into a LazyTensor, and gives up (returns None) on anything else. The caller then
+falls back to torch's unpickler, so this path never changes what is accepted or how it is refused.
+
+Nothing from the file can run code here: `find_class` answers only the names below, each mapped to
+a stand-in of ours or to a plain container type; every other global ends the fast path.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .formats import LazyTensor
+
+_QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
+_STORAGE_DTYPES = {  # torch.FloatStorage and the like, as torch.save names a storage's type
+    name: dtype for dtype, name in torch.storage._dtype_to_storage_type_map().items() if dtype not in _QUANTIZED
+}
+
+
+class _NotPlain(Exception):
+    """The pickle holds something the fast path does not handle; torch's unpickler will."""
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    dtype: torch.dtype  # uint8 for an untyped storage (sizes are then in bytes)
+
+
+@dataclass(frozen=True)
+class _Storage:
+    start: int  # first byte of the storage in the file
+    nbytes: int
+    record: int  # bytes of its record in the archive
+    dtype: torch.dtype
+
+
+def load_plain(path: Path, pickled: bytes, prefix: str, records: dict[str, tuple[int, int]]) -> Any | None:
+    """Unpickle `pickled` (the archive's data.pkl) with tensors as LazyTensors; None when it needs more
+    than plain containers, numbers, strings and tensors. `records`: {record name: (start, size)}."""
+    try:
+        return _Plain(io.BytesIO(pickled), path, prefix, records).load()
+    except Exception:  # noqa: BLE001 - any surprise, corrupt bytes included, is torch's unpickler's to judge
+        return None
+
+
+class _Plain(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, path: Path, prefix: str, records: dict[str, tuple[int, int]]) -> None:
+        super().__init__(file)
+        self._path, self._prefix, self._records = path, prefix, records
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return self._tensor_v2
+        if module == "torch._utils" and name == "_rebuild_tensor_v3":
+            return self._tensor_v3
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return _parameter
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(_STORAGE_DTYPES[name])
+        if (module, name) == ("torch.storage", "UntypedStorage"):
+            return _StorageType(torch.uint8)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise _NotPlain(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise _NotPlain("persistent id")
+        _, kind, key, _location, numel = pid
+        if not (isinstance(kind, _StorageType) and isinstance(key, str) and _is_count(numel)):
+            raise _NotPlain("storage")
+        start, record = self._records[f"{self._prefix}data/{key}"]  # KeyError: a missing record
+        return _Storage(start, numel * kind.dtype.itemsize, record, kind.dtype)
+
+    def _tensor_v2(self, storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> LazyTensor:
+        if not isinstance(storage, _Storage):
+            raise _NotPlain("tensor")
+        return self._tensor(storage, storage.dtype, offset, size, stride)
+
+    def _tensor_v3(self, storage: Any, offset: Any, size: Any, stride: Any, _grad: Any, _hooks: Any,
+                   dtype: Any, *_: Any) -> LazyTensor:
+        if not (isinstance(storage, _Storage) and isinstance(dtype, torch.dtype)):
+            raise _NotPlain("tensor")
+        return self._tensor(storage, dtype, offset, size, stride)
+
+    def _tensor(self, storage: _Storage, dtype: torch.dtype, offset: Any, size: Any, stride: Any) -> LazyTensor:
+        """The checks of `pickles._lazy_from_meta`, on the numbers torch would have put on a meta tensor."""
+        if not (_is_count(offset) and isinstance(size, tuple) and isinstance(stride, tuple)
+                and len(size) == len(stride) and all(map(_is_count, size + stride))):
+            raise _NotPlain("tensor layout")
+        if dtype in _QUANTIZED or storage.record < storage.nbytes:
+            raise _NotPlain("tensor storage")
+        item = dtype.itemsize
+        numel = 1
+        for s in size:
+            numel *= s
+        start = storage.start + offset * item
+        if _contiguous(size, stride) or numel <= 1:
+            lazy = LazyTensor(self._path, dtype, size, start)
+        else:
+            last = sum((s - 1) * st for s, st in zip(size, stride, strict=True) if s > 0)
+            lazy = LazyTensor(self._path, dtype, size, start, stride=stride, span=(last + 1) * item)
+        used = lazy.span if lazy.span is not None else lazy.nbytes
+        if numel and start + used > storage.start + storage.nbytes:
+            raise _NotPlain("tensor past its storage")
+        return lazy
+
+
+def _parameter(data: Any, *_: Any) -> LazyTensor:
+    if not isinstance(data, LazyTensor):
+        raise _NotPlain("parameter")
+    return data
+
+
+def _is_count(x: Any) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """torch's is_contiguous: strides of a row-major layout, ignoring dimensions of size 1."""
+    expected = 1
+    for s, st in zip(reversed(size), reversed(stride), strict=True):
+        if s != 1 and st != expected:
+            return False
+        expected *= s
+    return True

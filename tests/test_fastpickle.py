@@ -1,0 +1,120 @@
+"""The C-unpickler fast path for torch zip archives must read exactly what torch's weights-only unpickler
+reads (same structure, same LazyTensors), give way to it on anything else, and run no code."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import pickle
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ckptavg import pickles
+from ckptavg.fastpickle import load_plain
+from ckptavg.formats import LazyTensor
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "runs"
+
+
+def _both(path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any, bool]:
+    """(fast path result, torch path result, whether the fast path answered)."""
+    answered = []
+    real = pickles.load_plain
+
+    def spy(*args: Any) -> Any:
+        out = real(*args)
+        answered.append(out is not None)
+        return out
+
+    monkeypatch.setattr(pickles, "load_plain", spy)
+    fast = pickles.load_torch(path, "torch-zip", trust_pickle=False)
+    monkeypatch.setattr(pickles, "load_plain", lambda *args: None)
+    slow = pickles.load_torch(path, "torch-zip", trust_pickle=False)
+    return fast, slow, answered == [True]
+
+
+def _same(a: Any, b: Any) -> None:
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            _same(a[k], b[k])
+        assert getattr(a, "_metadata", None) == getattr(b, "_metadata", None)
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _same(x, y)
+    else:
+        assert a == b, (a, b)
+
+
+def _cases() -> dict[str, Any]:
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    return {
+        "state_dict": torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).state_dict(),
+        "views_and_offsets": {"whole": base, "row": base[2], "col": base[:, 1], "t": base.t(), "tail": base.view(-1)[5:]},
+        "dtypes": {str(d): torch.ones(3, dtype=d) for d in (
+            torch.float16, torch.bfloat16, torch.float64, torch.complex64, torch.int64, torch.int8, torch.bool,
+            torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16)},
+        "scalars_and_empty": {"zero_dim": torch.tensor(3.5), "empty": torch.empty(0, 5), "one": torch.ones(1, 1)},
+        "parameters": {"p": torch.nn.Parameter(torch.randn(2, 3)), "frozen": torch.nn.Parameter(torch.ones(2), requires_grad=False)},
+        "training": {"epoch": 3, "global_step": 120, "lr": 0.1, "name": "run-1", "flags": [True, None],
+                     "state_dict": OrderedDict(w=torch.randn(5)), "optimizer": {"state": {0: {"step": torch.tensor(4.0)}},
+                                                                                 "param_groups": [{"lr": 0.1, "params": [0]}]}},
+        "storage_dtype_object": {"w": torch.ones(2), "dtype": torch.bfloat16},
+    }
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_fast_path_reads_what_torch_reads(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.pt"
+    torch.save(_cases()[name], path)
+    fast, slow, answered = _both(path, monkeypatch)
+    assert answered, "the fast path gave way on a plain checkpoint"
+    _same(fast, slow)
+
+
+@pytest.mark.parametrize("path", sorted(p for p in FIXTURES.rglob("*") if p.is_file() and pickles.zipfile.is_zipfile(p)
+                                        and p.suffix in (".pt", ".ckpt", ".bin", ".pth")), ids=lambda p: str(p.relative_to(FIXTURES)))
+def test_fast_path_on_every_fixture(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fast, slow, _ = _both(path, monkeypatch)
+    _same(fast, slow)
+
+
+def test_other_globals_go_to_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.pt"
+    torch.save({"hparams": argparse.Namespace(lr=0.1), "w": torch.ones(2)}, path)
+    fast, slow, answered = _both(path, monkeypatch)
+    assert not answered
+    _same(fast, slow)
+    assert isinstance(fast["w"], LazyTensor)
+
+
+def test_no_code_runs(tmp_path: Path) -> None:
+    """A pickle that would call os.system is declined before anything is called."""
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self) -> Any:
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    data = pickle.dumps({"w": Evil()}, protocol=2)
+    assert load_plain(tmp_path / "x.pt", data, "archive/", {}) is None
+    assert not marker.exists()
+
+
+def test_corrupt_pickle_gives_way(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as z:
+        data = z.read("archive/data.pkl")
+    for cut in (1, len(data) // 2, len(data) - 1):
+        assert load_plain(tmp_path / "x.pt", data[:cut], "archive/", {}) is None
+    assert load_plain(tmp_path / "x.pt", data, "archive/", {}) is None  # no record for its storage
