@@ -7,7 +7,9 @@ each tensor straight into a LazyTensor, and gives up (returns None) on anything 
 falls back to torch's unpickler, so this path never changes what is accepted or how it is refused.
 
 Nothing from the file can run code here: `find_class` answers only the names below, each mapped to
-a stand-in of ours or to a plain container type; every other global ends the fast path.
+a stand-in of ours or to a plain container type; every other global ends the fast path. Our stand-ins
+refuse pickle's BUILD (which would otherwise rewrite their fields, a tensor's file path included), and
+the result must consist of plain values only.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import io
 import pickle
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,26 +34,69 @@ class _NotPlain(Exception):
     """The pickle holds something the fast path does not handle; torch's unpickler will."""
 
 
-@dataclass(frozen=True)
-class _StorageType:
-    dtype: torch.dtype  # uint8 for an untyped storage (sizes are then in bytes)
+class _Sealed:
+    """A stand-in whose fields a pickle cannot set: no __dict__, and BUILD is refused. (Not a dataclass:
+    a frozen slotted dataclass brings its own __setstate__, which would let BUILD rewrite every field.)"""
+
+    __slots__ = ()
+
+    def __setstate__(self, state: Any) -> None:
+        raise _NotPlain("BUILD on a stand-in")
 
 
-@dataclass(frozen=True)
-class _Storage:
-    start: int  # first byte of the storage in the file
-    nbytes: int
-    record: int  # bytes of its record in the archive
-    dtype: torch.dtype
+class _StorageType(_Sealed):
+    __slots__ = ("dtype",)
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype  # uint8 for an untyped storage (sizes are then in bytes)
+
+
+class _Storage(_Sealed):
+    __slots__ = ("start", "nbytes", "record", "dtype")
+
+    def __init__(self, start: int, nbytes: int, record: int, dtype: torch.dtype) -> None:
+        self.start = start  # first byte of the storage in the file
+        self.nbytes = nbytes
+        self.record = record  # bytes of its record in the archive
+        self.dtype = dtype
+
+
+class _Tensor(_Sealed):
+    __slots__ = ("lazy",)
+
+    def __init__(self, lazy: LazyTensor) -> None:
+        self.lazy = lazy
+
+
+_DTYPES = {name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
+_PLAIN_LEAVES = (str, int, float, bool, complex, bytes, type(None), torch.dtype)
 
 
 def load_plain(path: Path, pickled: bytes, prefix: str, records: dict[str, tuple[int, int]]) -> Any | None:
     """Unpickle `pickled` (the archive's data.pkl) with tensors as LazyTensors; None when it needs more
     than plain containers, numbers, strings and tensors. `records`: {record name: (start, size)}."""
     try:
-        return _Plain(io.BytesIO(pickled), path, prefix, records).load()
+        return _plain(_Plain(io.BytesIO(pickled), path, prefix, records).load())
     except Exception:  # noqa: BLE001 - any surprise, corrupt bytes included, is torch's unpickler's to judge
         return None
+
+
+def _plain(obj: Any) -> Any:
+    """`obj` with each tensor stand-in replaced by its LazyTensor; _NotPlain for anything but plain values."""
+    if isinstance(obj, _Tensor):
+        return obj.lazy
+    if type(obj) in (dict, OrderedDict):
+        if any(type(k) not in _PLAIN_LEAVES for k in obj):
+            raise _NotPlain("dict key")
+        out = type(obj)((k, _plain(v)) for k, v in obj.items())
+        if getattr(obj, "__dict__", None):  # a state dict's _metadata, set by BUILD
+            out.__dict__.update({k: _plain(v) for k, v in vars(obj).items()})
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(_plain(v) for v in obj)
+    if type(obj) in _PLAIN_LEAVES:
+        return obj
+    raise _NotPlain(type(obj).__name__)
 
 
 class _Plain(pickle.Unpickler):
@@ -73,8 +117,8 @@ class _Plain(pickle.Unpickler):
             return _StorageType(_STORAGE_DTYPES[name])
         if (module, name) == ("torch.storage", "UntypedStorage"):
             return _StorageType(torch.uint8)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        if module == "torch" and name in _DTYPES:  # not getattr: torch imports submodules on attribute access
+            return _DTYPES[name]
         raise _NotPlain(f"{module}.{name}")
 
     def persistent_load(self, pid: Any) -> _Storage:
@@ -86,18 +130,18 @@ class _Plain(pickle.Unpickler):
         start, record = self._records[f"{self._prefix}data/{key}"]  # KeyError: a missing record
         return _Storage(start, numel * kind.dtype.itemsize, record, kind.dtype)
 
-    def _tensor_v2(self, storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> LazyTensor:
+    def _tensor_v2(self, storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> _Tensor:
         if not isinstance(storage, _Storage):
             raise _NotPlain("tensor")
         return self._tensor(storage, storage.dtype, offset, size, stride)
 
     def _tensor_v3(self, storage: Any, offset: Any, size: Any, stride: Any, _grad: Any, _hooks: Any,
-                   dtype: Any, *_: Any) -> LazyTensor:
+                   dtype: Any, *_: Any) -> _Tensor:
         if not (isinstance(storage, _Storage) and isinstance(dtype, torch.dtype)):
             raise _NotPlain("tensor")
         return self._tensor(storage, dtype, offset, size, stride)
 
-    def _tensor(self, storage: _Storage, dtype: torch.dtype, offset: Any, size: Any, stride: Any) -> LazyTensor:
+    def _tensor(self, storage: _Storage, dtype: torch.dtype, offset: Any, size: Any, stride: Any) -> _Tensor:
         """The checks of `pickles._lazy_from_meta`, on the numbers torch would have put on a meta tensor."""
         if not (_is_count(offset) and isinstance(size, tuple) and isinstance(stride, tuple)
                 and len(size) == len(stride) and all(map(_is_count, size + stride))):
@@ -117,11 +161,11 @@ class _Plain(pickle.Unpickler):
         used = lazy.span if lazy.span is not None else lazy.nbytes
         if numel and start + used > storage.start + storage.nbytes:
             raise _NotPlain("tensor past its storage")
-        return lazy
+        return _Tensor(lazy)
 
 
-def _parameter(data: Any, *_: Any) -> LazyTensor:
-    if not isinstance(data, LazyTensor):
+def _parameter(data: Any, *_: Any) -> _Tensor:
+    if not isinstance(data, _Tensor):
         raise _NotPlain("parameter")
     return data
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import io
 import pickle
+import pickletools
+import struct
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -118,3 +120,30 @@ def test_corrupt_pickle_gives_way(tmp_path: Path) -> None:
     for cut in (1, len(data) // 2, len(data) - 1):
         assert load_plain(tmp_path / "x.pt", data[:cut], "archive/", {}) is None
     assert load_plain(tmp_path / "x.pt", data, "archive/", {}) is None  # no record for its storage
+
+
+def _with_build_after_tensor(data: bytes, state: bytes) -> bytes:
+    """Insert `state` + BUILD right after the REDUCE that rebuilds the (only) tensor."""
+    reduces = [pos for op, _, pos in pickletools.genops(data) if op.name == "REDUCE"]
+    at = reduces[-1] + 1
+    return data[:at] + state + b"b" + data[at:]
+
+
+def _unicode(text: str) -> bytes:
+    raw = text.encode()
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+@pytest.mark.parametrize("state", [
+    b"}" + _unicode("path") + _unicode("/etc/passwd") + b"s",  # a dict state: would update __dict__
+    b"N}" + _unicode("file_offset") + b"K\x00s\x86",  # (None, slot state): would setattr
+], ids=["dict-state", "slot-state"])
+def test_build_cannot_rewrite_a_tensor(tmp_path: Path, state: bytes) -> None:
+    """pickle's BUILD on a tensor stand-in could point it at another file or offset; the fast path declines."""
+    path = tmp_path / "c.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    with zipfile.ZipFile(path) as z:
+        data = z.read("c/data.pkl")  # torch.save names the archive's folder after the file
+    records = {"c/data/0": (0, 8)}
+    assert isinstance(load_plain(path, data, "c/", records)["w"], LazyTensor)  # the unmodified pickle is plain
+    assert load_plain(path, _with_build_after_tensor(data, state), "c/", records) is None
