@@ -103,6 +103,7 @@ class _Plain(pickle.Unpickler):
     def __init__(self, file: io.BytesIO, path: Path, prefix: str, records: dict[str, tuple[int, int]]) -> None:
         super().__init__(file)
         self._path, self._prefix, self._records = path, prefix, records
+        self._storages: dict[str, _Storage] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("collections", "OrderedDict"):
@@ -127,8 +128,11 @@ class _Plain(pickle.Unpickler):
         _, kind, key, _location, numel = pid
         if not (isinstance(kind, _StorageType) and isinstance(key, str) and _is_count(numel)):
             raise _NotPlain("storage")
+        if key in self._storages:  # as torch does: the first reference to a storage fixes its dtype and size
+            return self._storages[key]
         start, record = self._records[f"{self._prefix}data/{key}"]  # KeyError: a missing record
-        return _Storage(start, numel * kind.dtype.itemsize, record, kind.dtype)
+        storage = self._storages[key] = _Storage(start, numel * kind.dtype.itemsize, record, kind.dtype)
+        return storage
 
     def _tensor_v2(self, storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> _Tensor:
         if not isinstance(storage, _Storage):

@@ -71,10 +71,13 @@ class Batch:
     pieces: list[Piece]
     parts: list[tuple[list[LazyTensor], float]]  # per contributing checkpoint: a lazy tensor per piece, its weight
     divisor: int  # uniform weights: sum, then divide once by this (see reduce.uniform_divisor)
+    total: int = 0  # elements of all pieces
 
-    @property
-    def total(self) -> int:
-        return sum(p.count for p in self.pieces)
+    def add(self, piece: Piece, lazies: Sequence[LazyTensor]) -> None:
+        self.pieces.append(piece)
+        for (mine, _), t in zip(self.parts, lazies, strict=True):
+            mine.append(t)
+        self.total += piece.count
 
 
 @dataclass
@@ -83,10 +86,11 @@ class Read:
 
     batch: Batch
     weight: float
-    data: torch.Tensor | None  # typed view of the batch's elements; None for a batch nobody contributes to
+    data: torch.Tensor | None  # the batch's elements (widened on the CPU); None for a batch nobody contributes to
     slot: int
     first: bool
     last: bool
+    nbytes: int = 0  # bytes read from the files
 
 
 @dataclass
@@ -127,9 +131,7 @@ def plan_batches(
             if current is None:
                 current, key = Batch([], [([], w) for _, w in used], divisor), spec_key
             count = min(block_elems - current.total, numel - start)
-            current.pieces.append(Piece(i, start, count))
-            for (mine, _), (t, _) in zip(current.parts, used, strict=True):
-                mine.append(t)
+            current.add(Piece(i, start, count), [t for t, _ in used])
             start += count
             if start >= numel:
                 break
@@ -204,7 +206,7 @@ class Prefetcher:
             data = raw[:at].view(dtype)
             if wide:
                 data = self._wide_buffer(slot, wide)[: batch.total].copy_(widen(data))
-            self._put(Read(batch, weight, data, slot, k == 0, k == len(batch.parts) - 1))
+            self._put(Read(batch, weight, data, slot, k == 0, k == len(batch.parts) - 1, at))
 
     def _wide_dtype(self, dtype: torch.dtype) -> torch.dtype | None:
         """The accumulator dtype to widen `dtype` to on this thread, or None to hand the bytes over as read."""

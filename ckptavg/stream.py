@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .errors import PlanError
-from .readahead import POOL_BUFFERS, Prefetcher, Read, WeightsFor, Whole, plan_batches
+from .readahead import POOL_BUFFERS, Batch, Prefetcher, Read, WeightsFor, Whole, plan_batches
 from .reduce import TensorSpec, reduce_tensor, widen
 from .sources import Checkpoint
 
@@ -90,6 +90,8 @@ def _reduce_all(
     copies = _CopyTracker(reader, cuda)
     accs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # (accumulator, scratch) by dtype, reused
     outs: dict[torch.dtype, torch.Tensor] = {}  # reused host buffers for the rounded blocks, by dtype
+    block = torch.empty(0)
+    held = -1  # the pool slot whose data is the current batch's accumulator (CPU), or -1
     try:
         for item in reader:
             if isinstance(item, Whole):
@@ -98,27 +100,42 @@ def _reduce_all(
                 sink(spec, 0, whole.reshape(-1))
                 continue
             batch = item.batch
-            first_spec = specs[batch.pieces[0].spec_index]
-            dtype = torch.complex128 if first_spec.in_dtype.is_complex else accum_dtype
-            if dtype not in accs:
-                accs[dtype] = (torch.empty(elems, dtype=dtype, device=dev), torch.empty(elems, dtype=dtype, device=dev))
-            acc, scratch = accs[dtype]
-            block = acc[: batch.total]
-            _accumulate(block, item, scratch)
-            if item.data is not None:
-                copies.done_with(item.slot)
-                if on_read:
-                    on_read(item.data.nbytes)
+            dtype = torch.complex128 if specs[batch.pieces[0].spec_index].in_dtype.is_complex else accum_dtype
+            if item.first and not cuda and item.data is not None and item.data.dtype == dtype:
+                # the reader's (widened) copy of the first checkpoint becomes the accumulator: no copy, no
+                # extra block of memory; its slot goes back to the reader when the batch is done
+                block, held = item.data, item.slot
+                if item.weight != 1.0:
+                    block.mul_(item.weight)
+            else:
+                if dtype not in accs:  # torch.empty: pages are touched only when used
+                    accs[dtype] = (torch.empty(elems, dtype=dtype, device=dev), torch.empty(elems, dtype=dtype, device=dev))
+                if item.first:
+                    block = accs[dtype][0][: batch.total]
+                _accumulate(block, item, accs[dtype][1])
+                if item.data is not None:
+                    copies.done_with(item.slot)
+            if on_read and item.nbytes:
+                on_read(item.nbytes)
             if item.last:
-                if batch.divisor:
-                    block.div_(batch.divisor)
-                out = _rounded(block, first_spec.out_dtype, outs, elems)
-                at = 0
-                for piece in batch.pieces:
-                    sink(specs[piece.spec_index], piece.start, out[at : at + piece.count])
-                    at += piece.count
+                _finish(batch, block, specs, sink, outs, elems)
+                if held >= 0:
+                    copies.done_with(held)
+                    held = -1
     finally:
         reader.close()
+
+
+def _finish(batch: Batch, block: torch.Tensor, specs: Sequence[TensorSpec], sink: Sink,
+            outs: dict[torch.dtype, torch.Tensor], elems: int) -> None:
+    """Divide a finished batch (uniform weights), round it once and hand each tensor's piece to the sink."""
+    if batch.divisor:
+        block.div_(batch.divisor)
+    out = _rounded(block, specs[batch.pieces[0].spec_index].out_dtype, outs, elems)
+    at = 0
+    for piece in batch.pieces:
+        sink(specs[piece.spec_index], piece.start, out[at : at + piece.count])
+        at += piece.count
 
 
 def _rounded(block: torch.Tensor, dtype: torch.dtype, outs: dict[torch.dtype, torch.Tensor], capacity: int) -> torch.Tensor:
@@ -143,7 +160,8 @@ def _accumulate(block: torch.Tensor, item: Read, scratch: torch.Tensor) -> None:
     if item.data is None:
         block.zero_()
         return
-    data = widen(item.data.to(block.device, non_blocking=True))
+    data = item.data if item.data.device == block.device else item.data.to(block.device, non_blocking=True)
+    data = widen(data)
     if item.first:
         block.copy_(data)
         if item.weight != 1.0:

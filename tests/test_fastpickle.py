@@ -147,3 +147,43 @@ def test_build_cannot_rewrite_a_tensor(tmp_path: Path, state: bytes) -> None:
     records = {"c/data/0": (0, 8)}
     assert isinstance(load_plain(path, data, "c/", records)["w"], LazyTensor)  # the unmodified pickle is plain
     assert load_plain(path, _with_build_after_tensor(data, state), "c/", records) is None
+
+
+class _Ref:
+    """Pickles as torch's persistent id of a storage, with whatever storage class we like."""
+
+    def __init__(self, kind: type, key: str, numel: int) -> None:
+        self.kind, self.key, self.numel = kind, key, numel
+
+
+class _T:
+    def __init__(self, ref: _Ref, size: tuple[int, ...]) -> None:
+        self.ref, self.size = ref, size
+
+    def __reduce__(self) -> Any:
+        return torch._utils._rebuild_tensor_v2, (self.ref, 0, self.size, (1,), False, OrderedDict())
+
+
+class _StoragePickler(pickle.Pickler):
+    def persistent_id(self, obj: Any) -> Any:
+        return ("storage", obj.kind, obj.key, "cpu", obj.numel) if isinstance(obj, _Ref) else None
+
+
+def test_a_storage_keeps_the_dtype_of_its_first_reference(tmp_path: Path) -> None:
+    """Found by bench/fuzz.py: a pickle that names one storage with two types. torch keeps the first; so must we."""
+    path = tmp_path / "c.pt"
+    torch.save({"a": torch.arange(6.0)}, path)
+    buf = io.BytesIO()
+    _StoragePickler(buf, protocol=2).dump({"a": _T(_Ref(torch.FloatStorage, "0", 6), (6,)),
+                                           "b": _T(_Ref(torch.HalfStorage, "0", 12), (3,))})
+    with zipfile.ZipFile(path) as z:
+        members = {i.filename: z.read(i) for i in z.infolist()} | {"c/data.pkl": buf.getvalue()}
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    reference = torch.load(path, weights_only=True)
+    with zipfile.ZipFile(path) as z:
+        records = pickles._data_records(path, z.infolist())
+    got = load_plain(path, buf.getvalue(), "c/", records)
+    assert got is not None and reference["b"].dtype == torch.float32
+    assert got["b"].dtype == torch.float32 and torch.equal(got["b"].load(), reference["b"])

@@ -12,7 +12,7 @@ from refs import FORMATS, RUNS
 from safetensors.torch import save_file
 
 from ckptavg.errors import CheckpointFormatError
-from ckptavg.reduce import TensorSpec, check_layout, reduce_tensor
+from ckptavg.reduce import TensorSpec, check_layout, reduce_tensor, work_bytes
 from ckptavg.sources import Checkpoint, find_checkpoints, open_checkpoint
 from ckptavg.stream import stream_reduce
 
@@ -106,3 +106,20 @@ def test_consumer_failure_stops_reader(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         stream_reduce(specs, ckpts, lambda s: [0.25] * 4, sink, block_elems=100)
     assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.complex64])
+def test_progress_counts_the_bytes_read(tmp_path: Path, dtype: torch.dtype) -> None:
+    """on_read reports file bytes (not the widened copies), so a progress bar ends exactly at its total."""
+    g = torch.Generator().manual_seed(0)
+    ckpts = _write_set(tmp_path, [
+        {"big": torch.randn(3000, generator=g).to(dtype), "small": torch.randn(5, generator=g).to(dtype),
+         "count": torch.tensor(i)} for i in range(3)
+    ])
+    specs = check_layout(ckpts)
+    reported: list[int] = []
+    weights = [0.5, 0.25, 0.25]
+    _collect(specs, ckpts, weights, block_elems=1000, on_read=reported.append)
+    # every input byte of the averaged tensors, one copy of the integer one: the total a progress bar is given
+    assert sum(reported) == sum(work_bytes(s, ckpts, weights) for s in specs) == 3 * 3005 * dtype.itemsize + 8
+    assert all(n > 0 for n in reported)
