@@ -188,8 +188,9 @@ def _check_torch_zip(path: Path) -> _Archive:
             return _Archive(_data_records(path, z.infolist()), z.read(pickles[0]), pickles[0][: -len("data.pkl")])
     except CheckpointFormatError:  # a ValueError too: keep the message as it is
         raise
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
-        # ValueError/EOFError/NotImplementedError: zipfile's answers to corrupt fields and unknown compressions
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as e:
+        # ValueError/EOFError/NotImplementedError: zipfile's answers to corrupt fields and unknown compressions;
+        # RuntimeError: a record flagged as encrypted (found by fuzzing)
         raise CheckpointFormatError(f"{path}: broken zip archive ({e}); the file may be truncated.") from None
 
 

@@ -17,8 +17,10 @@ import pytest
 import torch
 
 from ckptavg import pickles
+from ckptavg.errors import CheckpointFormatError
 from ckptavg.fastpickle import load_plain
 from ckptavg.formats import LazyTensor
+from ckptavg.sources import open_checkpoint
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "runs"
 
@@ -187,3 +189,19 @@ def test_a_storage_keeps_the_dtype_of_its_first_reference(tmp_path: Path) -> Non
     got = load_plain(path, buf.getvalue(), "c/", records)
     assert got is not None and reference["b"].dtype == torch.float32
     assert got["b"].dtype == torch.float32 and torch.equal(got["b"].load(), reference["b"])
+
+
+@pytest.mark.parametrize("record", ["byteorder", "data.pkl"])
+def test_a_record_flagged_encrypted_is_a_broken_archive(tmp_path: Path, record: str) -> None:
+    """Found by bench/fuzz.py: zipfile raises RuntimeError for a record whose encryption bit is set."""
+    path = tmp_path / "c.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    data = bytearray(path.read_bytes())
+    name = f"c/{record}".encode()
+    central = data.index(b"PK\x01\x02")  # the central directory, after every local record
+    at = data.index(name, central) - 46  # the central directory entry of that record
+    assert data[at : at + 4] == b"PK\x01\x02"
+    data[at + 8] |= 1  # general purpose flag bit 0: encrypted
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointFormatError, match="broken zip archive"):
+        open_checkpoint(path)
