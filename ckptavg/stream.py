@@ -1,11 +1,11 @@
 """The blocked, prefetched reduction: average every tensor at about the speed of reading its bytes.
 
 Each tensor is cut into blocks of `block_elems` elements. For one block, the bytes of every checkpoint
-are read with pread into a small pool of reusable buffers and added into one float64 accumulator
-block that stays in the CPU cache; the block is then rounded once to the output dtype and handed
-to a sink (the writer). A reader thread fills the buffers ahead of the arithmetic, so reading
-overlaps adding. Memory is the pool plus one block: it does not grow with the number of checkpoints,
-their size, or even the size of the largest tensor.
+are read with pread (and, on the CPU, widened to float64) by a reader thread into a small pool of
+reusable buffers; the first checkpoint's block becomes the accumulator, the others are added into it
+while it stays in the CPU cache, and it is then rounded once to the output dtype and handed to a sink
+(the writer). Reading and widening overlap adding. Memory is the pool plus one output block: it does
+not grow with the number of checkpoints, their size, or even the size of the largest tensor.
 
 Tensors that cannot be read piecewise (legacy pickles, non-contiguous views, other readers' formats)
 and non-floating tensors take the whole-tensor path of `reduce.reduce_tensor`.
@@ -22,7 +22,7 @@ from .readahead import POOL_BUFFERS, Batch, Prefetcher, Read, WeightsFor, Whole,
 from .reduce import TensorSpec, reduce_tensor, widen
 from .sources import Checkpoint
 
-# 128 Ki elements: a 1 MiB float64 accumulator (and its 1 MiB scratch) fit the L2 cache, yet the per-block
+# 128 Ki elements: a 1 MiB float64 accumulator and the 1 MiB block added into it fit the L2 cache, yet the per-block
 # Python work is small next to the arithmetic (bench/RESULTS.md, "block size").
 CPU_BLOCK_ELEMS = 128 * 1024
 # On a GPU the arithmetic is nearly free; large blocks amortise the launch and copy latency.
