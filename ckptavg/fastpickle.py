@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .formats import LazyTensor
+from .formats import LazyTensor, lazy_view
 
 _QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
 _STORAGE_DTYPES = {  # torch.FloatStorage and the like, as torch.save names a storage's type
@@ -152,18 +152,9 @@ class _Plain(pickle.Unpickler):
             raise _NotPlain("tensor layout")
         if dtype in _QUANTIZED or storage.record < storage.nbytes:
             raise _NotPlain("tensor storage")
-        item = dtype.itemsize
-        numel = 1
-        for s in size:
-            numel *= s
-        start = storage.start + offset * item
-        if _contiguous(size, stride) or numel <= 1:
-            lazy = LazyTensor(self._path, dtype, size, start)
-        else:
-            last = sum((s - 1) * st for s, st in zip(size, stride, strict=True) if s > 0)
-            lazy = LazyTensor(self._path, dtype, size, start, stride=stride, span=(last + 1) * item)
+        lazy = lazy_view(self._path, dtype, size, stride, storage.start + offset * dtype.itemsize)
         used = lazy.span if lazy.span is not None else lazy.nbytes
-        if numel and start + used > storage.start + storage.nbytes:
+        if lazy.numel and lazy.file_offset + used > storage.start + storage.nbytes:
             raise _NotPlain("tensor past its storage")
         return _Tensor(lazy)
 
@@ -176,13 +167,3 @@ def _parameter(data: Any, *_: Any) -> _Tensor:
 
 def _is_count(x: Any) -> bool:
     return type(x) is int and x >= 0
-
-
-def _contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
-    """torch's is_contiguous: strides of a row-major layout, ignoring dimensions of size 1."""
-    expected = 1
-    for s, st in zip(reversed(size), reversed(stride), strict=True):
-        if s != 1 and st != expected:
-            return False
-        expected *= s
-    return True

@@ -12,14 +12,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .dist import balance
 from .errors import OutputError, PlanError
-from .outfile import TEMP_SUFFIX
+from .outfile import temp_beside
 from .reduce import TensorSpec
 from .sources import HF_WEIGHT_FILES, Checkpoint
 from .stream import Sink
@@ -189,15 +188,9 @@ def _is_weights(name: str) -> bool:
     return name in HF_WEIGHT_FILES or name.endswith((".safetensors", ".index.json")) or name.startswith("pytorch_model")
 
 
-def _temp_in(folder: Path, name: str) -> tuple[int, Path]:
-    """A new temp file for `name` in `folder`, named like the writer's (`.NAME.*.ckptavg-partial`)."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=TEMP_SUFFIX)
-    return fd, Path(tmp)
-
-
 def copy_temp(src: Path, folder: Path) -> Path:
     """Copy a sidecar file to a temp name in `folder`, to be renamed into place with the shards."""
-    fd, tmp = _temp_in(folder, src.name)
+    fd, tmp = temp_beside(folder, src.name)
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)
@@ -208,7 +201,7 @@ def copy_temp(src: Path, folder: Path) -> Path:
 
 
 def write_text_temp(folder: Path, name: str, text: str) -> Path:
-    fd, tmp = _temp_in(folder, name)
+    fd, tmp = temp_beside(folder, name)
     with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()

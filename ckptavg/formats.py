@@ -85,6 +85,28 @@ class LazyTensor:
         return flat.as_strided(self.shape, self.stride).clone()
 
 
+def lazy_view(path: Path, dtype: torch.dtype, shape: tuple[int, ...], stride: tuple[int, ...], start: int) -> LazyTensor:
+    """A LazyTensor for a view whose first element lies at byte `start`: plain when the view is contiguous
+    (any range of it can then be read with pread), else with its strides and the span of storage it covers."""
+    if _contiguous(shape, stride):
+        return LazyTensor(path, dtype, shape, start)
+    last = sum((s - 1) * st for s, st in zip(shape, stride, strict=True) if s > 0)
+    return LazyTensor(path, dtype, shape, start, stride=stride, span=(last + 1) * dtype.itemsize)
+
+
+def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """torch's is_contiguous: row-major strides, ignoring dimensions of size 1; any view of <= 1 element."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    expected = 1
+    for s, st in zip(reversed(shape), reversed(stride), strict=True):
+        if s != 1 and st != expected:
+            return numel <= 1
+        expected *= s
+    return True
+
+
 def byte_view(t: torch.Tensor) -> memoryview:
     """A writable view of a contiguous CPU tensor's bytes (without numpy, which ckptavg does not need)."""
     return memoryview((ctypes.c_char * t.nbytes).from_address(t.data_ptr())).cast("B")

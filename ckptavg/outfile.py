@@ -62,6 +62,12 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
         _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
+def temp_beside(folder: Path, name: str) -> tuple[int, Path]:
+    """A new hidden temp file for `name` in `folder`: `.NAME.*.ckptavg-partial` (mode 0600), and its fd."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=TEMP_SUFFIX)
+    return fd, Path(tmp)
+
+
 class OutputFile:
     """A hidden temp file beside `path` (`.NAME.*.ckptavg-partial`), of a known final size.
 
@@ -74,10 +80,9 @@ class OutputFile:
         self.nbytes = 0
         self._written_back = 0
         try:
-            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+            fd, self.temp = temp_beside(path.parent, path.name)
         except OSError as e:
             raise OutputError(f"{path}: cannot create a file in {path.parent} ({e.strerror}).") from None
-        self.temp = Path(name)
         self._fd: int | None = fd
         err = reserve(fd, size)
         if err in _OUT_OF_SPACE:

@@ -20,7 +20,7 @@ import torch
 
 from .errors import CheckpointFormatError, CkptavgWarning
 from .fastpickle import load_plain
-from .formats import LazyTensor
+from .formats import LazyTensor, lazy_view
 
 
 class _AttributeDict(dict):  # type: ignore[type-arg]
@@ -279,14 +279,7 @@ def _lazy_from_meta(records: dict[int, int], path: Path, t: torch.Tensor) -> Laz
     storage_at = getattr(storage, "_checkpoint_offset", None)
     if storage_at is None:
         raise CheckpointFormatError(f"{path}: cannot locate tensor data in the archive.")
-    item = t.dtype.itemsize
-    start = storage_at + t.storage_offset() * item
-    shape = tuple(t.shape)
-    if t.is_contiguous() or t.numel() <= 1:
-        lazy = LazyTensor(path, t.dtype, shape, start)
-    else:
-        last = sum((s - 1) * st for s, st in zip(shape, t.stride(), strict=True) if s > 0)
-        lazy = LazyTensor(path, t.dtype, shape, start, stride=tuple(t.stride()), span=(last + 1) * item)
+    lazy = lazy_view(path, t.dtype, tuple(t.shape), tuple(t.stride()), storage_at + t.storage_offset() * t.dtype.itemsize)
     _check_extent(path, lazy, storage_at, storage.nbytes(), records)
     return lazy
 

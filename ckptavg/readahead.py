@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .formats import LazyTensor, byte_view, pread_exact
-from .reduce import TensorSpec, uniform_divisor, widen
+from .reduce import TensorSpec, accumulator_dtype, uniform_divisor, widen
 from .sources import Checkpoint
 
 POOL_BUFFERS = 3  # read-ahead depth, in buffers of one checkpoint's block each (3 and 4 measure the same)
@@ -153,9 +153,12 @@ class Prefetcher:
         self._work = work
         self._elems = block_elems
         self._pool = [torch.empty(block_elems * itemsize, dtype=torch.uint8, pin_memory=pin) for _ in range(POOL_BUFFERS)]
-        self._views = {id(b): byte_view(b) for b in self._pool}  # pread targets, sliced without torch calls
+        self._views = [byte_view(b) for b in self._pool]  # pread targets, sliced without torch calls
         self._widen_to = widen_to
-        self._raw: torch.Tensor | None = None  # staging buffer for bytes that are widened right after reading
+        # bytes that are widened right after reading go through one staging buffer (untouched, and so not
+        # resident, when nothing is widened)
+        self._staging = torch.empty(block_elems * itemsize, dtype=torch.uint8)
+        self._staging_view = byte_view(self._staging)
         self._wide: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # (slot, dtype): widened data of the slot
         # SimpleQueue (C) rather than Queue (Python locks): ~8 queue operations per block. The pool bounds
         # how far the reader runs ahead; what else it queues (Whole, empty reads) holds no tensor data.
@@ -195,9 +198,8 @@ class Prefetcher:
                 return
             dtype = lazies[0].dtype
             wide = self._wide_dtype(dtype)
-            # bytes that will be widened go through one shared staging buffer; others stay in the slot
-            raw = self._staging() if wide else self._pool[slot]
-            view, at = self._views[id(raw)], 0
+            raw, view = (self._staging, self._staging_view) if wide else (self._pool[slot], self._views[slot])
+            at = 0
             for piece, lazy in zip(batch.pieces, lazies, strict=True):
                 n = piece.count * dtype.itemsize
                 pread_exact(self._files.fd(lazy.path), lazy.path, lazy.file_offset + piece.start * dtype.itemsize,
@@ -212,14 +214,8 @@ class Prefetcher:
         """The accumulator dtype to widen `dtype` to on this thread, or None to hand the bytes over as read."""
         if self._widen_to is None:
             return None
-        wide = torch.complex128 if dtype.is_complex else self._widen_to
+        wide = accumulator_dtype(dtype, self._widen_to)
         return None if wide == dtype else wide
-
-    def _staging(self) -> torch.Tensor:
-        if self._raw is None:
-            self._raw = torch.empty(self._pool[0].numel(), dtype=torch.uint8)
-            self._views[id(self._raw)] = byte_view(self._raw)
-        return self._raw
 
     def _wide_buffer(self, slot: int, dtype: torch.dtype) -> torch.Tensor:
         wide = self._wide.get((slot, dtype))

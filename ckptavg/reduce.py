@@ -41,6 +41,11 @@ class TensorSpec:
         return n
 
 
+def accumulator_dtype(in_dtype: torch.dtype, accum_dtype: torch.dtype) -> torch.dtype:
+    """What an input of `in_dtype` is summed in: `accum_dtype`, or complex128 for complex inputs."""
+    return torch.complex128 if in_dtype.is_complex else accum_dtype
+
+
 def _kind(dtype: torch.dtype) -> str:
     if dtype.is_complex:
         return "complex"
@@ -123,7 +128,7 @@ def reduce_tensor(
         if on_read:
             on_read(t.nbytes)
         return t.load()
-    dtype = accum_dtype if not spec.in_dtype.is_complex else torch.complex128
+    dtype = accumulator_dtype(spec.in_dtype, accum_dtype)
     acc = torch.zeros(spec.shape, dtype=dtype)
     divisor = uniform_divisor(weights)  # see readahead.plan_batches: sum, then divide once
     for ckpt, w in zip(ckpts, weights, strict=True):

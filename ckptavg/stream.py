@@ -19,7 +19,7 @@ import torch
 
 from .errors import PlanError
 from .readahead import POOL_BUFFERS, Batch, Prefetcher, Read, WeightsFor, Whole, plan_batches
-from .reduce import TensorSpec, reduce_tensor, widen
+from .reduce import TensorSpec, accumulator_dtype, reduce_tensor, widen
 from .sources import Checkpoint
 
 # 128 Ki elements: a 1 MiB float64 accumulator and the 1 MiB block added into it fit the L2 cache, yet the per-block
@@ -100,7 +100,7 @@ def _reduce_all(
                 sink(spec, 0, whole.reshape(-1))
                 continue
             batch = item.batch
-            dtype = torch.complex128 if specs[batch.pieces[0].spec_index].in_dtype.is_complex else accum_dtype
+            dtype = accumulator_dtype(specs[batch.pieces[0].spec_index].in_dtype, accum_dtype)
             if item.first and not cuda and item.data is not None and item.data.dtype == dtype:
                 # the reader's (widened) copy of the first checkpoint becomes the accumulator: no copy, no
                 # extra block of memory; its slot goes back to the reader when the batch is done
