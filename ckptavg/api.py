@@ -29,10 +29,11 @@ from .folder import (
     write_shards,
 )
 from .plans import Plan, Swa, Weights
+from .readahead import Sink
 from .reduce import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_finite, check_layout, work_bytes
 from .select import Selection, order_checkpoints, select_checkpoints
 from .sources import Checkpoint, LoadOptions, PathLike, find_checkpoints, open_checkpoint
-from .stream import Sink, resolve_device, stream_reduce
+from .stream import resolve_device, stream_reduce
 from .verify import verify_output
 from .writer import SafetensorsWriter, check_output
 

@@ -19,9 +19,9 @@ from pathlib import Path
 from .dist import balance
 from .errors import OutputError, PlanError
 from .outfile import temp_beside
+from .readahead import Sink
 from .reduce import TensorSpec
 from .sources import HF_WEIGHT_FILES, Checkpoint
-from .stream import Sink
 from .writer import SafetensorsWriter
 
 SINGLE = "model.safetensors"

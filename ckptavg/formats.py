@@ -33,7 +33,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 LEGACY_TORCH_MAGIC = 0x1950A86A20F9469CFC6C
 
 
-@dataclass
+@dataclass(slots=True)
 class LazyTensor:
     """A tensor whose bytes stay in the file until `load()` reads them.
 

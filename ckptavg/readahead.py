@@ -1,8 +1,9 @@
 """Read-ahead for the reducer: which bytes to read, in what groups, and a reader thread that reads them.
 
 `plan_batches` turns the output tensors into batches of at most one block of elements (small tensors
-gathered together, large ones cut); `Prefetcher` reads each checkpoint's share of a batch with pread
-into a small pool of reusable buffers, ahead of the arithmetic in `stream.py`.
+gathered together, large ones cut): the work list of both reducers. For the GPU reducer (`stream.py`),
+`Prefetcher` reads each checkpoint's share of a batch with pread into a small pool of reusable (pinned)
+buffers, ahead of the copies to the device; the CPU workers (`workers.py`) read for themselves.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from pathlib import Path
 import torch
 
 from .formats import LazyTensor, byte_view, pread_exact
-from .reduce import TensorSpec, accumulator_dtype, uniform_divisor, widen
+from .reduce import TensorSpec, uniform_divisor
 from .sources import Checkpoint
 
 POOL_BUFFERS = 3  # read-ahead depth, in buffers of one checkpoint's block each (3 and 4 measure the same)
 MAX_OPEN_FILES = 256
 
 WeightsFor = Callable[[TensorSpec], Sequence[float]]
+Sink = Callable[[TensorSpec, int, torch.Tensor], None]  # (spec, first element, block in the output dtype)
 
 
 class FileHandles:
@@ -86,7 +88,7 @@ class Read:
 
     batch: Batch
     weight: float
-    data: torch.Tensor | None  # the batch's elements (widened on the CPU); None for a batch nobody contributes to
+    data: torch.Tensor | None  # the batch's elements, as stored; None for a batch nobody contributes to
     slot: int
     first: bool
     last: bool
@@ -140,26 +142,14 @@ def plan_batches(
 
 
 class Prefetcher:
-    """A reader thread that fills pool buffers with the batches of `plan_batches`, in order.
+    """A reader thread that fills pool buffers with the batches of `plan_batches`, in order."""
 
-    With `widen_to` (on the CPU) the thread also converts each read to the accumulator's dtype (complex
-    inputs to complex128), so that on a second core this conversion, a third of the arithmetic, runs
-    beside the adds (bench/RESULTS.md, "widening on the reader thread").
-    """
-
-    def __init__(self, work: Iterator[Batch | Whole], block_elems: int, itemsize: int, pin: bool,
-                 widen_to: torch.dtype | None = None) -> None:
+    def __init__(self, work: Iterator[Batch | Whole], block_elems: int, itemsize: int, pin: bool) -> None:
         """`work` holds batches of at most `block_elems` elements of at most `itemsize` bytes each."""
         self._work = work
         self._elems = block_elems
         self._pool = [torch.empty(block_elems * itemsize, dtype=torch.uint8, pin_memory=pin) for _ in range(POOL_BUFFERS)]
         self._views = [byte_view(b) for b in self._pool]  # pread targets, sliced without torch calls
-        self._widen_to = widen_to
-        # bytes that are widened right after reading go through one staging buffer (untouched, and so not
-        # resident, when nothing is widened)
-        self._staging = torch.empty(block_elems * itemsize, dtype=torch.uint8)
-        self._staging_view = byte_view(self._staging)
-        self._wide: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # (slot, dtype): widened data of the slot
         # SimpleQueue (C) rather than Queue (Python locks): ~8 queue operations per block. The pool bounds
         # how far the reader runs ahead; what else it queues (Whole, empty reads) holds no tensor data.
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -173,8 +163,6 @@ class Prefetcher:
 
     def _run(self) -> None:
         try:
-            if self._widen_to is not None:
-                torch.set_num_threads(1)  # this thread's own OpenMP setting: the other core runs the adds
             for item in self._work:
                 if self._stop.is_set():
                     return
@@ -196,32 +184,15 @@ class Prefetcher:
             slot = self._take_slot()
             if slot is None:
                 return
-            dtype = lazies[0].dtype
-            wide = self._wide_dtype(dtype)
-            raw, view = (self._staging, self._staging_view) if wide else (self._pool[slot], self._views[slot])
+            dtype, view = lazies[0].dtype, self._views[slot]
             at = 0
             for piece, lazy in zip(batch.pieces, lazies, strict=True):
                 n = piece.count * dtype.itemsize
                 pread_exact(self._files.fd(lazy.path), lazy.path, lazy.file_offset + piece.start * dtype.itemsize,
                             view[at : at + n])
                 at += n
-            data = raw[:at].view(dtype)
-            if wide:
-                data = self._wide_buffer(slot, wide)[: batch.total].copy_(widen(data))
+            data = self._pool[slot][:at].view(dtype)
             self._put(Read(batch, weight, data, slot, k == 0, k == len(batch.parts) - 1, at))
-
-    def _wide_dtype(self, dtype: torch.dtype) -> torch.dtype | None:
-        """The accumulator dtype to widen `dtype` to on this thread, or None to hand the bytes over as read."""
-        if self._widen_to is None:
-            return None
-        wide = accumulator_dtype(dtype, self._widen_to)
-        return None if wide == dtype else wide
-
-    def _wide_buffer(self, slot: int, dtype: torch.dtype) -> torch.Tensor:
-        wide = self._wide.get((slot, dtype))
-        if wide is None:
-            wide = self._wide[slot, dtype] = torch.empty(self._elems, dtype=dtype)
-        return wide
 
     def _take_slot(self) -> int | None:
         while not self._stop.is_set():

@@ -1,14 +1,15 @@
-"""The blocked, prefetched reduction: average every tensor at about the speed of reading its bytes.
+"""The blocked reduction: average every tensor at about the speed of reading its bytes.
 
-Each tensor is cut into blocks of `block_elems` elements. For one block, the bytes of every checkpoint
-are read with pread (and, on the CPU, widened to float64) by a reader thread into a small pool of
-reusable buffers; the first checkpoint's block becomes the accumulator, the others are added into it
-while it stays in the CPU cache, and it is then rounded once to the output dtype and handed to a sink
-(the writer). Reading and widening overlap adding. Memory is the pool plus one output block: it does
-not grow with the number of checkpoints, their size, or even the size of the largest tensor.
+Each tensor is cut into blocks of `block_elems` elements (small tensors are gathered into one block,
+`readahead.plan_batches`). For one block, every checkpoint's share is read with pread, widened and added
+into a float64 accumulator that stays in the CPU cache, divided, rounded once to the output dtype and
+handed to a sink (the writer), in order. Memory is a few blocks: it does not grow with the number of
+checkpoints, their size, or even the size of the largest tensor.
 
-Tensors that cannot be read piecewise (legacy pickles, non-contiguous views, other readers' formats)
-and non-floating tensors take the whole-tensor path of `reduce.reduce_tensor`.
+On the CPU, worker threads each reduce whole blocks (`workers.py`); on a GPU, a reader thread fills
+pinned buffers whose copies to the device overlap the arithmetic there (`_reduce_cuda`). Tensors that
+cannot be read piecewise (legacy pickles, non-contiguous views, other readers' formats) and
+non-floating tensors take the whole-tensor path of `reduce.reduce_tensor`.
 """
 
 from __future__ import annotations
@@ -18,17 +19,16 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .errors import PlanError
-from .readahead import POOL_BUFFERS, Batch, Prefetcher, Read, WeightsFor, Whole, plan_batches
-from .reduce import TensorSpec, accumulator_dtype, reduce_tensor, widen
+from .readahead import POOL_BUFFERS, Batch, Prefetcher, Read, Sink, WeightsFor, Whole, plan_batches
+from .reduce import TensorSpec, accumulator_dtype, add_share, reduce_tensor
 from .sources import Checkpoint
+from .workers import stream_cpu
 
 # 128 Ki elements: a 1 MiB float64 accumulator and the 1 MiB block added into it fit the L2 cache, yet the per-block
 # Python work is small next to the arithmetic (bench/RESULTS.md, "block size").
 CPU_BLOCK_ELEMS = 128 * 1024
 # On a GPU the arithmetic is nearly free; large blocks amortise the launch and copy latency.
 CUDA_BLOCK_ELEMS = 4 * 1024 * 1024
-
-Sink = Callable[[TensorSpec, int, torch.Tensor], None]  # (spec, first element, block in the output dtype)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -65,33 +65,28 @@ def stream_reduce(
     reused buffer: it is valid until the sink returns, so a sink that keeps it must copy it.
     """
     dev = resolve_device(device)
-    cuda = dev.type == "cuda"
+    if dev.type == "cuda":
+        _reduce_cuda(specs, ckpts, weights_for, sink, accum_dtype, dev, on_read, block_elems or CUDA_BLOCK_ELEMS)
+        return
     threads = torch.get_num_threads()
-    if not cuda:
-        # One compute thread: the reader thread needs a core, and a 128Ki-element add is too small to
-        # split across threads with a gain (bench/RESULTS.md, "threads").
-        torch.set_num_threads(1)
     try:
-        _reduce_all(specs, ckpts, weights_for, sink, accum_dtype, dev, on_read, block_elems)
+        stream_cpu(specs, ckpts, weights_for, sink, accum_dtype, on_read, block_elems or CPU_BLOCK_ELEMS)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # the calling thread, a worker, ran with one
 
 
-def _reduce_all(
+def _reduce_cuda(
     specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], weights_for: WeightsFor, sink: Sink,
-    accum_dtype: torch.dtype, dev: torch.device, on_read: Callable[[int], None] | None, block_elems: int | None,
+    accum_dtype: torch.dtype, dev: torch.device, on_read: Callable[[int], None] | None, elems: int,
 ) -> None:
-    cuda = dev.type == "cuda"
-    elems = block_elems or (CUDA_BLOCK_ELEMS if cuda else CPU_BLOCK_ELEMS)
+    """The GPU reducer: a reader thread fills pinned buffers, which cross to the device in their own
+    (narrower) dtype and are widened and added there while the next ones are read."""
     widest = max((t.dtype.itemsize for c in ckpts for t in c.tensors.values()), default=1)
-    # on a GPU the inputs cross to the device in their own (narrower) dtype and are widened there
-    reader = Prefetcher(plan_batches(specs, ckpts, weights_for, elems), elems, widest, pin=cuda,
-                        widen_to=None if cuda else accum_dtype)
-    copies = _CopyTracker(reader, cuda)
+    reader = Prefetcher(plan_batches(specs, ckpts, weights_for, elems), elems, widest, pin=True)
+    copies = _CopyTracker(reader)
     accs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # (accumulator, scratch) by dtype, reused
-    outs: dict[torch.dtype, torch.Tensor] = {}  # reused host buffers for the rounded blocks, by dtype
+    outs: dict[torch.dtype, torch.Tensor] = {}  # reused pinned host buffers for the rounded blocks, by dtype
     block = torch.empty(0)
-    held = -1  # the pool slot whose data is the current batch's accumulator (CPU), or -1
     try:
         for item in reader:
             if isinstance(item, Whole):
@@ -101,27 +96,17 @@ def _reduce_all(
                 continue
             batch = item.batch
             dtype = accumulator_dtype(specs[batch.pieces[0].spec_index].in_dtype, accum_dtype)
-            if item.first and not cuda and item.data is not None and item.data.dtype == dtype:
-                # the reader's (widened) copy of the first checkpoint becomes the accumulator: no copy, no
-                # extra block of memory; its slot goes back to the reader when the batch is done
-                block, held = item.data, item.slot
-                if item.weight != 1.0:
-                    block.mul_(item.weight)
-            else:
-                if dtype not in accs:  # torch.empty: pages are touched only when used
-                    accs[dtype] = (torch.empty(elems, dtype=dtype, device=dev), torch.empty(elems, dtype=dtype, device=dev))
-                if item.first:
-                    block = accs[dtype][0][: batch.total]
-                _accumulate(block, item, accs[dtype][1])
-                if item.data is not None:
-                    copies.done_with(item.slot)
+            if dtype not in accs:
+                accs[dtype] = (torch.empty(elems, dtype=dtype, device=dev), torch.empty(elems, dtype=dtype, device=dev))
+            if item.first:
+                block = accs[dtype][0][: batch.total]
+            _accumulate(block, item, accs[dtype][1])
+            if item.data is not None:
+                copies.done_with(item.slot)
             if on_read and item.nbytes:
                 on_read(item.nbytes)
             if item.last:
                 _finish(batch, block, specs, sink, outs, elems)
-                if held >= 0:
-                    copies.done_with(held)
-                    held = -1
     finally:
         reader.close()
 
@@ -150,29 +135,11 @@ def _rounded(block: torch.Tensor, dtype: torch.dtype, outs: dict[torch.dtype, to
 
 
 def _accumulate(block: torch.Tensor, item: Read, scratch: torch.Tensor) -> None:
-    """block = data * w on the first read of a batch, block += data * w on the others (in the block's dtype).
-
-    The first read is a copy rather than zero-then-add: one pass over the block instead of two. On the
-    CPU the reader thread has already widened the data to the block's dtype; on a GPU later reads are
-    widened into `scratch` first: an add_ that mixes dtypes allocates a temporary per call (and on the
-    CPU glibc then kept ~16 MiB of freed temporaries resident, bench/RESULTS.md).
-    """
+    """Add one checkpoint's share of a batch into the block on the device (see `reduce.add_share`)."""
     if item.data is None:
         block.zero_()
         return
-    data = item.data if item.data.device == block.device else item.data.to(block.device, non_blocking=True)
-    data = widen(data)
-    if item.first:
-        block.copy_(data)
-        if item.weight != 1.0:
-            block.mul_(item.weight)
-        return
-    if data.dtype != block.dtype:
-        data = scratch[: block.numel()].copy_(data)
-    if item.weight == 1.0:
-        block.add_(data)
-    else:
-        block.add_(data, alpha=item.weight)
+    add_share(block, item.data.to(block.device, non_blocking=True), item.first, item.weight, scratch)
 
 
 class _CopyTracker:
@@ -183,15 +150,11 @@ class _CopyTracker:
     overlaps the copy of the next and the pread of the one after.
     """
 
-    def __init__(self, reader: Prefetcher, cuda: bool) -> None:
+    def __init__(self, reader: Prefetcher) -> None:
         self._reader = reader
-        self._cuda = cuda
         self._pending: list[tuple[torch.cuda.Event, int]] = []
 
     def done_with(self, slot: int) -> None:
-        if not self._cuda:
-            self._reader.release(slot)
-            return
         event = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record()
         self._pending.append((event, slot))

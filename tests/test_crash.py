@@ -164,13 +164,13 @@ def test_failure_mid_stream_in_process(tmp_path: Path, exc: type[BaseException])
     def progress(done: int, total: int) -> None:
         nonlocal calls
         calls += 1
-        if calls == 5:
+        if calls == 3:  # of 4: progress is reported once per batch of 128 Ki elements (two tensors here)
             assert temp_files(output.parent), "the temp file should exist while streaming"
             raise exc("stop")
 
     with pytest.raises(exc):
         average_checkpoints(inputs, output, progress=progress)
-    assert calls == 5
+    assert calls == 3
     assert list(output.parent.iterdir()) == []
 
 

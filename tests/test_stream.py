@@ -15,6 +15,7 @@ from ckptavg.errors import CheckpointFormatError
 from ckptavg.reduce import TensorSpec, check_layout, reduce_tensor, work_bytes
 from ckptavg.sources import Checkpoint, find_checkpoints, open_checkpoint
 from ckptavg.stream import stream_reduce
+from ckptavg.workers import stream_cpu
 
 
 def _collect(specs: list[TensorSpec], ckpts: list[Checkpoint], weights: list[float], **kw: object) -> dict[str, torch.Tensor]:
@@ -123,3 +124,66 @@ def test_progress_counts_the_bytes_read(tmp_path: Path, dtype: torch.dtype) -> N
     # every input byte of the averaged tensors, one copy of the integer one: the total a progress bar is given
     assert sum(reported) == sum(work_bytes(s, ckpts, weights) for s in specs) == 3 * 3005 * dtype.itemsize + 8
     assert all(n > 0 for n in reported)
+
+
+def _worker_set(tmp_path: Path) -> tuple[list[TensorSpec], list[Checkpoint]]:
+    g = torch.Generator().manual_seed(1)
+    ckpts = _write_set(tmp_path, [
+        {"a": torch.randn(5000, generator=g), "b": torch.randn(7, 9, generator=g).to(torch.bfloat16),
+         "n": torch.tensor(i), "c": torch.randn(3000, generator=g)} for i in range(4)
+    ])
+    return check_layout(ckpts, torch.float32), ckpts
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_any_number_of_workers_gives_the_same_bits_in_order(tmp_path: Path, workers: int) -> None:
+    """Workers finish batches out of order; the sink still sees them in order, one call at a time."""
+    specs, ckpts = _worker_set(tmp_path)
+    weights = [0.1, 0.2, 0.3, 0.4]
+    got: dict[str, list[torch.Tensor]] = {}
+    inside = threading.Lock()
+    callers: set[str] = set()
+
+    def sink(spec: TensorSpec, start: int, block: torch.Tensor) -> None:
+        assert inside.acquire(blocking=False), "the sink was entered by two workers at once"
+        try:
+            parts = got.setdefault(spec.name, [])
+            assert start == sum(p.numel() for p in parts), "blocks out of order"
+            assert list(got) == [s.name for s in specs][: len(got)], "tensors out of order"
+            parts.append(block.clone())
+            callers.add(threading.current_thread().name)
+        finally:
+            inside.release()
+
+    stream_cpu(specs, ckpts, lambda s: weights, sink, torch.float64, None, 100, workers=workers)
+    want = _whole(specs, ckpts, weights)
+    for s in specs:
+        assert torch.equal(torch.cat(got[s.name]).reshape(s.shape), want[s.name]), s.name
+    assert len(callers) == workers  # every worker handed over some of the ~80 batches
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, OSError])
+def test_a_failure_on_a_helper_worker_is_raised_to_the_caller(tmp_path: Path, exc: type[BaseException]) -> None:
+    specs, ckpts = _worker_set(tmp_path)
+    before = threading.active_count()
+    calls: list[str] = []
+
+    def sink(spec: TensorSpec, start: int, block: torch.Tensor) -> None:
+        calls.append(threading.current_thread().name)
+        if threading.current_thread() is not threading.main_thread():
+            raise exc("from a helper")
+
+    with pytest.raises(exc, match="from a helper"):
+        stream_cpu(specs, ckpts, lambda s: [0.25] * 4, sink, torch.float64, None, 100, workers=2)
+    assert threading.active_count() == before
+    assert calls[-1] != threading.main_thread().name  # nothing reached the sink after the failure
+
+
+def test_a_read_error_stops_every_worker(tmp_path: Path) -> None:
+    specs, ckpts = _worker_set(tmp_path)
+    with open(ckpts[3].path, "r+b") as f:
+        f.truncate(ckpts[3].path.stat().st_size - 4000)
+    before = threading.active_count()
+    with pytest.raises(CheckpointFormatError, match="c3.safetensors: file is truncated"):
+        stream_cpu(specs, ckpts, lambda s: [0.25] * 4, lambda *a: None, torch.float64, None, 100, workers=3)
+    assert threading.active_count() == before
