@@ -15,10 +15,11 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 from .dist import balance
 from .errors import OutputError, PlanError
-from .outfile import temp_beside
+from .outfile import temp_beside, usual_mode
 from .readahead import Sink
 from .reduce import TensorSpec
 from .sources import HF_WEIGHT_FILES, Checkpoint
@@ -191,9 +192,10 @@ def _is_weights(name: str) -> bool:
 def copy_temp(src: Path, folder: Path) -> Path:
     """Copy a sidecar file to a temp name in `folder`, to be renamed into place with the shards."""
     fd, tmp = temp_beside(folder, src.name)
-    os.close(fd)
     try:
-        shutil.copyfile(src, tmp)
+        with os.fdopen(fd, "wb") as d, open(src, "rb") as s:
+            shutil.copyfileobj(s, d)
+            _seal(d)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"{folder / src.name}: cannot copy from {src} ({e.strerror}).") from None
@@ -201,9 +203,20 @@ def copy_temp(src: Path, folder: Path) -> Path:
 
 
 def write_text_temp(folder: Path, name: str, text: str) -> Path:
+    """Write `text` to a temp name in `folder`, to be renamed into place with the shards."""
     fd, tmp = temp_beside(folder, name)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            _seal(f)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{folder / name}: cannot write ({e.strerror}).") from None
     return tmp
+
+
+def _seal(f: IO[Any]) -> None:
+    """Make a written temp file durable, with the mode of the shards beside it, before its rename."""
+    f.flush()
+    os.fsync(f.fileno())
+    usual_mode(f.fileno())

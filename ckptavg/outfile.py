@@ -63,9 +63,19 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
 
 
 def temp_beside(folder: Path, name: str) -> tuple[int, Path]:
-    """A new hidden temp file for `name` in `folder`: `.NAME.*.ckptavg-partial` (mode 0600), and its fd."""
+    """A new hidden temp file for `name` in `folder`: `.NAME.*.ckptavg-partial` (mode 0600), and its fd.
+
+    Once written, `usual_mode` gives it the mode a plain open() would have, before it is renamed."""
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=TEMP_SUFFIX)
     return fd, Path(tmp)
+
+
+def usual_mode(fd: int) -> None:
+    """Give a finished temp file the mode open() would have given it, 0666 less the umask (mkstemp makes
+    0600, which would leave shards, sidecars and index readable by their owner only)."""
+    umask = os.umask(0)  # the only way to read it portably; set back at once
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
 
 
 class OutputFile:
@@ -112,11 +122,9 @@ class OutputFile:
         try:
             os.fsync(self._fd)  # the hash thread reads the tail meanwhile
             digest = self._hash.hexdigest()
+            usual_mode(self._fd)
             os.close(self._fd)
             self._fd = None
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.temp, 0o666 & ~umask)  # mkstemp makes 0600
         except OSError as e:
             raise OutputError(f"{self.path}: cannot finish writing ({e.strerror}); nothing was written.") from None
         return digest

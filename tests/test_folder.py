@@ -4,6 +4,7 @@ state left behind, shards like the input, and nothing new in the folder when any
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -151,3 +152,17 @@ def test_verify_catches_a_bad_write_before_it_appears(tmp_path: Path, monkeypatc
         ckptavg.average_checkpoints(str(SHARDED), checked, verify=True, **kw)
     assert str(checked) in str(info.value) and "ckptavg-partial" not in str(info.value)
     assert not checked.exists() or list(checked.iterdir()) == []  # nothing renamed into place, no temp file
+
+
+def test_every_file_of_an_output_folder_gets_the_usual_mode(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Shards, sidecars and the index are created as hidden 0600 temp files; once renamed, each has the mode
+    a plain open() would give it (0666 less the umask), like a single-file output."""
+    out = tmp_path / "avg"
+    old = os.umask(0o027)
+    try:
+        assert cli("swa", SHARDED, "-o", out, "--max-shard-size", "2KB").exit_code == 0
+    finally:
+        os.umask(old)
+    names = sorted(p.name for p in out.iterdir())
+    assert "config.json" in names and "model.safetensors.index.json" in names and len(names) > 3
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == dict.fromkeys(names, oct(0o640))
