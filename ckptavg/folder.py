@@ -196,9 +196,11 @@ def copy_temp(src: Path, folder: Path) -> Path:
         with os.fdopen(fd, "wb") as d, open(src, "rb") as s:
             shutil.copyfileobj(s, d)
             _seal(d)
-    except OSError as e:
+    except BaseException as e:  # Ctrl-C too: the temp file is not yet known to commit()'s clean-up
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"{folder / src.name}: cannot copy from {src} ({e.strerror}).") from None
+        if isinstance(e, OSError):
+            raise OutputError(f"{folder / src.name}: cannot copy from {src} ({e.strerror}).") from None
+        raise
     return tmp
 
 
@@ -209,9 +211,11 @@ def write_text_temp(folder: Path, name: str, text: str) -> Path:
         with os.fdopen(fd, "w") as f:
             f.write(text)
             _seal(f)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"{folder / name}: cannot write ({e.strerror}).") from None
+        if isinstance(e, OSError):
+            raise OutputError(f"{folder / name}: cannot write ({e.strerror}).") from None
+        raise
     return tmp
 
 

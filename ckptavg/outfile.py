@@ -73,9 +73,19 @@ def temp_beside(folder: Path, name: str) -> tuple[int, Path]:
 def usual_mode(fd: int) -> None:
     """Give a finished temp file the mode open() would have given it, 0666 less the umask (mkstemp makes
     0600, which would leave shards, sidecars and index readable by their owner only)."""
-    umask = os.umask(0)  # the only way to read it portably; set back at once
+    os.fchmod(fd, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux says it (/proc/self/status, since 4.7):
+    setting it to read it would, for a moment, give files other threads create the wrong mode."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    umask = os.umask(0o077)  # elsewhere: the portable way, with a restrictive value for that moment
     os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
+    return umask
 
 
 class OutputFile:

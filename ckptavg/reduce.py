@@ -7,6 +7,7 @@ the number of checkpoints.
 from __future__ import annotations
 
 import cmath
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -42,8 +43,11 @@ class TensorSpec:
 
 
 def accumulator_dtype(in_dtype: torch.dtype, accum_dtype: torch.dtype) -> torch.dtype:
-    """What an input of `in_dtype` is summed in: `accum_dtype`, or complex128 for complex inputs."""
-    return torch.complex128 if in_dtype.is_complex else accum_dtype
+    """What an input of `in_dtype` is summed in: `accum_dtype`, complex128 for complex inputs, and never
+    narrower than the input (float64 inputs are summed in float64 even with an `accum_dtype` of float32)."""
+    if in_dtype.is_complex:
+        return torch.complex128
+    return in_dtype if in_dtype.is_floating_point and in_dtype.itemsize > accum_dtype.itemsize else accum_dtype
 
 
 def _kind(dtype: torch.dtype) -> str:
@@ -129,18 +133,24 @@ def reduce_tensor(
             on_read(t.nbytes)
         return t.load()
     dtype = accumulator_dtype(spec.in_dtype, accum_dtype)
-    acc = torch.zeros(spec.shape, dtype=dtype)
+    acc = torch.zeros(math.prod(spec.shape), dtype=dtype)  # flat, as the streaming reducers' blocks
     divisor = uniform_divisor(weights)  # see readahead.plan_batches: sum, then divide once
+    scratch = torch.empty(0, dtype=dtype)
+    first = True
     for ckpt, w in zip(ckpts, weights, strict=True):
         if w == 0:
             continue
         lazy = ckpt.tensors[spec.name]
-        acc.add_(widen(lazy.load()), alpha=1.0 if divisor else w)
+        data = lazy.load().reshape(-1)
+        if not first and data.dtype != dtype and scratch.numel() == 0:
+            scratch = torch.empty_like(acc)
+        add_share(acc, data, first, 1.0 if divisor else w, scratch)  # the same operations as the streaming path
+        first = False
         if on_read:
             on_read(lazy.nbytes)
     if divisor:
         acc.div_(divisor)
-    return acc.to(spec.out_dtype)
+    return acc.to(spec.out_dtype).reshape(spec.shape)
 
 
 def uniform_divisor(weights: Sequence[float]) -> int:

@@ -68,11 +68,7 @@ def stream_reduce(
     if dev.type == "cuda":
         _reduce_cuda(specs, ckpts, weights_for, sink, accum_dtype, dev, on_read, block_elems or CUDA_BLOCK_ELEMS)
         return
-    threads = torch.get_num_threads()
-    try:
-        stream_cpu(specs, ckpts, weights_for, sink, accum_dtype, on_read, block_elems or CPU_BLOCK_ELEMS)
-    finally:
-        torch.set_num_threads(threads)  # the calling thread, a worker, ran with one
+    stream_cpu(specs, ckpts, weights_for, sink, accum_dtype, on_read, block_elems or CPU_BLOCK_ELEMS)
 
 
 def _reduce_cuda(
@@ -145,9 +141,9 @@ def _accumulate(block: torch.Tensor, item: Read, scratch: torch.Tensor) -> None:
 class _CopyTracker:
     """Return pool buffers to the reader once nothing reads them any more.
 
-    On the CPU that is at once. On a GPU the host-to-device copy is asynchronous, so each buffer
-    goes back when an event recorded after its copy has completed; the arithmetic on one block thus
-    overlaps the copy of the next and the pread of the one after.
+    The host-to-device copy is asynchronous, so each buffer goes back when an event recorded after its
+    copy has completed; the arithmetic on one block thus overlaps the copy of the next and the pread of
+    the one after.
     """
 
     def __init__(self, reader: Prefetcher) -> None:

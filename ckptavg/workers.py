@@ -172,16 +172,32 @@ def stream_cpu(specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], weights
 
     helpers = [threading.Thread(target=worker().run, args=(turns,), name=f"ckptavg-worker-{i}", daemon=True)
                for i in range(1, workers or WORKERS)]
-    for t in helpers:
-        t.start()
+    threads = torch.get_num_threads()  # each worker sets one; new threads would inherit that
+    started: list[threading.Thread] = []
     try:
+        for t in helpers:  # inside the try: Ctrl-C can land in start(), and a started helper must be stopped
+            started.append(t)  # before start(), which can be interrupted after the thread is running
+            t.start()
         worker().run(turns)  # records its own failure in `turns`
-        for t in helpers:
-            t.join()
     except BaseException as e:  # Ctrl-C lands on this thread, possibly outside run()'s handler
         turns.fail(e)
-        for t in helpers:  # each stops after its current batch
-            t.join()
         raise
+    finally:
+        _join_all(started)  # each stops after its current batch once a failure is recorded
+        torch.set_num_threads(threads)
     if turns.error is not None:
         raise turns.error
+
+
+def _join_all(threads: Sequence[threading.Thread]) -> None:
+    """Join every thread, even through a second Ctrl-C: a helper still running could write into a file
+    that the caller is about to remove. The first interrupt is raised once all are joined."""
+    pending: BaseException | None = None
+    for t in threads:
+        while t.is_alive():
+            try:
+                t.join()
+            except BaseException as e:
+                pending = pending or e
+    if pending is not None:
+        raise pending

@@ -166,3 +166,27 @@ def test_every_file_of_an_output_folder_gets_the_usual_mode(cli, tmp_path: Path)
     names = sorted(p.name for p in out.iterdir())
     assert "config.json" in names and "model.safetensors.index.json" in names and len(names) > 3
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == dict.fromkeys(names, oct(0o640))
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, OSError])
+def test_an_interrupted_sidecar_or_index_write_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: type[BaseException]
+) -> None:
+    from ckptavg import folder
+    from ckptavg.errors import OutputError
+
+    src = tmp_path / "config.json"
+    src.write_text("{}")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def fail(*a: object) -> None:
+        raise exc("stop")
+
+    monkeypatch.setattr(folder, "_seal", fail)
+    want = OutputError if exc is OSError else exc
+    with pytest.raises(want):
+        folder.copy_temp(src, out)
+    with pytest.raises(want):
+        folder.write_text_temp(out, "model.safetensors.index.json", "{}")
+    assert list(out.iterdir()) == []

@@ -187,3 +187,51 @@ def test_a_read_error_stops_every_worker(tmp_path: Path) -> None:
     with pytest.raises(CheckpointFormatError, match="c3.safetensors: file is truncated"):
         stream_cpu(specs, ckpts, lambda s: [0.25] * 4, lambda *a: None, torch.float64, None, 100, workers=3)
     assert threading.active_count() == before
+
+
+def test_ctrl_c_while_starting_the_helpers_stops_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thread.start() waits for the new thread; a Ctrl-C there must still stop it before the caller cleans up."""
+    specs, ckpts = _worker_set(tmp_path)
+    start = threading.Thread.start
+
+    def interrupted_start(self: threading.Thread) -> None:
+        start(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", interrupted_start)
+    before = threading.active_count()
+    calls = 0
+
+    def sink(spec: TensorSpec, start: int, block: torch.Tensor) -> None:
+        nonlocal calls
+        calls += 1
+
+    with pytest.raises(KeyboardInterrupt):
+        stream_cpu(specs, ckpts, lambda s: [0.25] * 4, sink, torch.float64, None, 100, workers=2)
+    after = calls
+    assert threading.active_count() == before
+    assert calls == after and calls < 10  # the helper stopped after at most its first batch
+
+
+def test_signed_zeros_and_float64_with_a_float32_accumulator_match_the_whole_tensor_path(tmp_path: Path) -> None:
+    """-0.0 in every checkpoint averages to -0.0 on both paths; float64 inputs are summed in float64 even
+    when float32 accumulation is asked for (never narrower than the input)."""
+    g = torch.Generator().manual_seed(2)
+    sets = []
+    for _ in range(3):
+        w = torch.randn(500, generator=g)
+        w[::7] = -0.0
+        sets.append({"w": w, "d": torch.randn(300, generator=g, dtype=torch.float64) * 1e3})
+    ckpts = _write_set(tmp_path, sets)
+    specs = check_layout(ckpts)
+    for accum in (torch.float64, torch.float32):
+        for weights in ([1 / 3] * 3, [0.5, 0.3, 0.2]):
+            got = _collect(specs, ckpts, weights, block_elems=64, accum_dtype=accum)
+            for s in specs:
+                want = reduce_tensor(s, ckpts, weights, accum)
+                assert torch.equal(got[s.name], want) and torch.equal(got[s.name].signbit(), want.signbit()), s.name
+            assert bool(got["w"][::7].signbit().all())
+    exact = sum(c.tensors["d"].load() * w for c, w in zip(ckpts, [0.5, 0.3, 0.2], strict=True))
+    got = _collect(specs, ckpts, [0.5, 0.3, 0.2], block_elems=64, accum_dtype=torch.float32)["d"]
+    # float64 precision (a float32 accumulator would be off by ~1e-4 here), up to the order of the roundings
+    assert float((got - exact).abs().max()) <= 4 * torch.finfo(torch.float64).eps * float(exact.abs().max())
