@@ -112,7 +112,9 @@ WRITE_OPTS = [
         help="like-input: shard the output folder exactly like the first input (a sharded Hugging Face folder).",
         rich_help_panel=OUT)], None),
     DTYPE_OPT,
-    _opt("accum_dtype", Annotated[AccumDtype, typer.Option(help="Accumulator dtype.", rich_help_panel=OUT)], AccumDtype("float64")),
+    _opt("accum_dtype", Annotated[AccumDtype, typer.Option(
+        help="Accumulator dtype (never narrower than the input: float64 inputs sum in float64).", rich_help_panel=OUT)],
+        AccumDtype("float64")),
     _opt("device", Annotated[str, typer.Option(
         help="Where the arithmetic (and the BatchNorm pass) runs: cpu, cuda or cuda:N. Files are read and written "
         "on the host either way.", rich_help_panel=OUT)], "cpu"),
