@@ -15,6 +15,7 @@ import ctypes
 import errno
 import hashlib
 import os
+import queue
 import sys
 import tempfile
 import threading
@@ -153,44 +154,53 @@ class OutputFile:
 class _HashBehind:
     """sha256 of a file being written, by a thread that preads what has been written so far.
 
-    hashlib and pread release the GIL, so on a second core the hash costs the writer nothing.
+    hashlib and pread release the GIL, so on a second core the hash costs the writer nothing. The writer
+    tells the thread how far it has written through a C SimpleQueue, not a Condition: a Ctrl-C on the
+    main thread can land just after a Condition's lock was taken in a `with` (its `__enter__` is Python
+    code) and leave it held, and then the thread would never wake and `stop` would wait for it forever.
     """
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._sha = hashlib.sha256()
-        self._cond = threading.Condition()
-        self._end = 0  # bytes written so far
-        self._last = False  # no more bytes will come
+        self._ends: queue.SimpleQueue[tuple[int, bool] | None] = queue.SimpleQueue()  # (written, last); None: stop
         self._stopped = False
         self._error: OSError | None = None
         self._thread = threading.Thread(target=self._run, name="ckptavg-sha256", daemon=True)
         self._thread.start()
 
     def advance(self, end: int, last: bool = False) -> None:
-        with self._cond:
-            self._end, self._last = end, last
-            self._cond.notify()
+        self._ends.put((end, last))
 
     def _run(self) -> None:
         buf = memoryview(bytearray(HASH_CHUNK))
         done = 0
         try:
-            while True:
-                with self._cond:
-                    while done == self._end and not (self._last or self._stopped):
-                        self._cond.wait()
-                    end, stop = self._end, self._stopped or (self._last and done == self._end)
-                if stop:
-                    return
+            while (news := self._newest()) is not None:
+                end, last = news
                 while done < end and not self._stopped:
                     n = os.preadv(self._fd, [buf[: min(HASH_CHUNK, end - done)]], done)
                     if n == 0:
                         raise OSError(errno.EIO, "the output file is shorter than what was written")
                     self._sha.update(buf[:n])
                     done += n
+                if last or self._stopped:
+                    return
         except OSError as e:
             self._error = e
+
+    def _newest(self) -> tuple[int, bool] | None:
+        """Wait for news, then take all that has queued up: only the furthest end matters."""
+        news = self._ends.get()
+        while news is not None:
+            try:
+                later = self._ends.get_nowait()
+            except queue.Empty:
+                break
+            if later is None:
+                return None
+            news = later
+        return news
 
     def hexdigest(self) -> str:
         self._thread.join()
@@ -199,7 +209,6 @@ class _HashBehind:
         return self._sha.hexdigest()
 
     def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
+        self._stopped = True
+        self._ends.put(None)
         self._thread.join()

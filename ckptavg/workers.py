@@ -23,7 +23,8 @@ from .readahead import Batch, FileHandles, Sink, WeightsFor, Whole, plan_batches
 from .reduce import TensorSpec, accumulator_dtype, add_share, reduce_tensor
 from .sources import Checkpoint
 
-# Two: measured on the 2-core CI-class machine, where the sha256 thread needs a share of the cores too.
+# Two: measured on the 2-core CI-class machine, where the sha256 thread needs a share of the cores too
+# (one: 2.65 s against 2.30 s for 8 x 475 MiB; three: slower than two).
 # Each worker holds 2.5 blocks of memory: its read buffer (which also takes the rounded result), its
 # accumulator and a scratch block for widening; 2.5 MiB at 128 Ki elements.
 WORKERS = 2
@@ -158,28 +159,29 @@ class _Worker:
 def stream_cpu(specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], weights_for: WeightsFor, sink: Sink,
                accum_dtype: torch.dtype, on_read: Callable[[int], None] | None, block_elems: int,
                workers: int | None = None) -> None:
-    """Reduce every spec on `workers` threads (the calling thread is one of them); see the module docstring.
+    """Reduce every spec on `workers` threads; see the module docstring.
 
     The sink and `on_read` are called by one worker at a time, in order. On any failure (a read error, a
-    failing sink, Ctrl-C on the calling thread) every worker stops after its current batch and the first
-    error is raised here.
+    failing sink, Ctrl-C) every worker stops after its current batch and the first error is raised here.
+
+    The calling thread only waits. Ctrl-C is delivered to it, and it can land anywhere, even just after a
+    lock was taken inside a `with` (a Condition's `__enter__` is Python code), which would leave the lock
+    held for good; so the calling thread must hold no lock that a worker needs.
     """
     widest = max((t.dtype.itemsize for c in ckpts for t in c.tensors.values()), default=1)
     turns = _Turns(plan_batches(specs, ckpts, weights_for, block_elems))
-
-    def worker() -> _Worker:
-        return _Worker(specs, ckpts, weights_for, sink, accum_dtype, on_read, block_elems, widest)
-
-    helpers = [threading.Thread(target=worker().run, args=(turns,), name=f"ckptavg-worker-{i}", daemon=True)
-               for i in range(1, workers or WORKERS)]
-    threads = torch.get_num_threads()  # each worker sets one; new threads would inherit that
+    pool = [threading.Thread(target=_Worker(specs, ckpts, weights_for, sink, accum_dtype, on_read, block_elems,
+                                            widest).run, args=(turns,), name=f"ckptavg-worker-{i}", daemon=True)
+            for i in range(workers or WORKERS)]
+    threads = torch.get_num_threads()  # each worker sets one; threads started later would inherit that
     started: list[threading.Thread] = []
     try:
-        for t in helpers:  # inside the try: Ctrl-C can land in start(), and a started helper must be stopped
-            started.append(t)  # before start(), which can be interrupted after the thread is running
+        for t in pool:
+            started.append(t)  # before start(), which Ctrl-C can interrupt once the thread is running
             t.start()
-        worker().run(turns)  # records its own failure in `turns`
-    except BaseException as e:  # Ctrl-C lands on this thread, possibly outside run()'s handler
+        for t in started:
+            t.join()
+    except BaseException as e:
         turns.fail(e)
         raise
     finally:
