@@ -156,7 +156,9 @@ class Prefetcher:
         for slot in range(POOL_BUFFERS):
             self._free.put(slot)
         self._out: queue.SimpleQueue[Read | Whole | BaseException | None] = queue.SimpleQueue()
-        self._stop = threading.Event()
+        # a plain flag, not an Event: Event.set takes a lock in Python code, which a Ctrl-C on the main thread
+        # can leave held (see workers.stream_cpu); assigning an attribute cannot be half done
+        self._stopping = False
         self._files = FileHandles()
         self._thread = threading.Thread(target=self._run, name="ckptavg-reader", daemon=True)
         self._thread.start()
@@ -164,7 +166,7 @@ class Prefetcher:
     def _run(self) -> None:
         try:
             for item in self._work:
-                if self._stop.is_set():
+                if self._stopping:
                     return
                 if isinstance(item, Whole):
                     self._put(item)
@@ -195,7 +197,7 @@ class Prefetcher:
             self._put(Read(batch, weight, data, slot, k == 0, k == len(batch.parts) - 1, at))
 
     def _take_slot(self) -> int | None:
-        while not self._stop.is_set():
+        while not self._stopping:
             try:
                 return self._free.get(timeout=0.1)
             except queue.Empty:
@@ -203,7 +205,7 @@ class Prefetcher:
         return None
 
     def _put(self, item: Read | Whole | BaseException | None) -> None:
-        if not self._stop.is_set():
+        if not self._stopping:
             self._out.put(item)
 
     def __iter__(self) -> Iterator[Read | Whole]:
@@ -222,5 +224,5 @@ class Prefetcher:
 
     def close(self) -> None:
         """Stop the reader (on success or failure) and wait for it."""
-        self._stop.set()
+        self._stopping = True
         self._thread.join()

@@ -237,3 +237,36 @@ def test_signed_zeros_and_float64_with_a_float32_accumulator_match_the_whole_ten
     got = _collect(specs, ckpts, [0.5, 0.3, 0.2], block_elems=64, accum_dtype=torch.float32)["d"]
     # float64 precision (a float32 accumulator would be off by ~1e-4 here), up to the order of the roundings
     assert float((got - exact).abs().max()) <= 4 * torch.finfo(torch.float64).eps * float(exact.abs().max())
+
+
+def test_the_gpu_paths_reader_reads_every_share_in_order_and_stops_early(tmp_path: Path) -> None:
+    """The reader thread of the GPU reducer, run on the CPU (unpinned): every batch's shares arrive in order
+    with the file's bytes, and closing it mid-way stops the thread even while it waits for a free buffer."""
+    from ckptavg.readahead import Prefetcher, Read, plan_batches
+
+    specs, ckpts = _worker_set(tmp_path)
+    streamed = [s for s in specs if s.averaged]
+    plan = lambda: plan_batches(streamed, ckpts, lambda s: [0.25] * 4, 100)  # noqa: E731
+    got: dict[str, list[list[torch.Tensor]]] = {s.name: [[] for _ in ckpts] for s in streamed}
+    before = threading.active_count()
+    reader = Prefetcher(plan(), 100, 8, pin=False)
+    k = 0
+    try:
+        for item in reader:
+            assert isinstance(item, Read) and item.data is not None
+            k = 0 if item.first else k + 1
+            assert item.last == (k == len(ckpts) - 1)
+            at = 0
+            for piece in item.batch.pieces:
+                got[streamed[piece.spec_index].name][k].append(item.data[at : at + piece.count].clone())
+                at += piece.count
+            reader.release(item.slot)
+    finally:
+        reader.close()
+    for s in streamed:
+        for c, parts in zip(ckpts, got[s.name], strict=True):
+            assert torch.equal(torch.cat(parts), c.tensors[s.name].load().reshape(-1)), s.name
+    reader = Prefetcher(plan(), 100, 8, pin=False)
+    next(iter(reader))  # hold every buffer: the thread blocks waiting for one
+    reader.close()
+    assert threading.active_count() == before
