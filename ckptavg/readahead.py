@@ -141,6 +141,31 @@ def plan_batches(
         yield current
 
 
+def widest_itemsize(ckpts: Sequence[Checkpoint]) -> int:
+    """Bytes per element of the widest tensor of any checkpoint: what a read buffer of a block must hold."""
+    return max((t.dtype.itemsize for c in ckpts for t in c.tensors.values()), default=1)
+
+
+def read_share(files: FileHandles, batch: Batch, lazies: Sequence[LazyTensor], view: memoryview) -> int:
+    """Read one checkpoint's share of `batch` (a lazy tensor per piece) into `view`, the pieces one after
+    another; return its size in bytes."""
+    itemsize = lazies[0].dtype.itemsize
+    at = 0
+    for piece, lazy in zip(batch.pieces, lazies, strict=True):
+        n = piece.count * itemsize
+        pread_exact(files.fd(lazy.path), lazy.path, lazy.file_offset + piece.start * itemsize, view[at : at + n])
+        at += n
+    return at
+
+
+def hand_over(batch: Batch, out: torch.Tensor, specs: Sequence[TensorSpec], sink: Sink) -> None:
+    """Give the sink each tensor's piece of a rounded batch, in order."""
+    at = 0
+    for piece in batch.pieces:
+        sink(specs[piece.spec_index], piece.start, out[at : at + piece.count])
+        at += piece.count
+
+
 class Prefetcher:
     """A reader thread that fills pool buffers with the batches of `plan_batches`, in order."""
 
@@ -186,14 +211,8 @@ class Prefetcher:
             slot = self._take_slot()
             if slot is None:
                 return
-            dtype, view = lazies[0].dtype, self._views[slot]
-            at = 0
-            for piece, lazy in zip(batch.pieces, lazies, strict=True):
-                n = piece.count * dtype.itemsize
-                pread_exact(self._files.fd(lazy.path), lazy.path, lazy.file_offset + piece.start * dtype.itemsize,
-                            view[at : at + n])
-                at += n
-            data = self._pool[slot][:at].view(dtype)
+            at = read_share(self._files, batch, lazies, self._views[slot])
+            data = self._pool[slot][:at].view(lazies[0].dtype)
             self._put(Read(batch, weight, data, slot, k == 0, k == len(batch.parts) - 1, at))
 
     def _take_slot(self) -> int | None:

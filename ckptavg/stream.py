@@ -19,7 +19,18 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .errors import PlanError
-from .readahead import POOL_BUFFERS, Batch, Prefetcher, Read, Sink, WeightsFor, Whole, plan_batches
+from .readahead import (
+    POOL_BUFFERS,
+    Batch,
+    Prefetcher,
+    Read,
+    Sink,
+    WeightsFor,
+    Whole,
+    hand_over,
+    plan_batches,
+    widest_itemsize,
+)
 from .reduce import TensorSpec, accumulator_dtype, add_share, reduce_tensor
 from .sources import Checkpoint
 from .workers import stream_cpu
@@ -77,7 +88,7 @@ def _reduce_cuda(
 ) -> None:
     """The GPU reducer: a reader thread fills pinned buffers, which cross to the device in their own
     (narrower) dtype and are widened and added there while the next ones are read."""
-    widest = max((t.dtype.itemsize for c in ckpts for t in c.tensors.values()), default=1)
+    widest = widest_itemsize(ckpts)
     reader = Prefetcher(plan_batches(specs, ckpts, weights_for, elems), elems, widest, pin=True)
     copies = _CopyTracker(reader)
     accs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # (accumulator, scratch) by dtype, reused
@@ -112,19 +123,15 @@ def _finish(batch: Batch, block: torch.Tensor, specs: Sequence[TensorSpec], sink
     """Divide a finished batch (uniform weights), round it once and hand each tensor's piece to the sink."""
     if batch.divisor:
         block.div_(batch.divisor)
-    out = _rounded(block, specs[batch.pieces[0].spec_index].out_dtype, outs, elems)
-    at = 0
-    for piece in batch.pieces:
-        sink(specs[piece.spec_index], piece.start, out[at : at + piece.count])
-        at += piece.count
+    hand_over(batch, _rounded(block, specs[batch.pieces[0].spec_index].out_dtype, outs, elems), specs, sink)
 
 
 def _rounded(block: torch.Tensor, dtype: torch.dtype, outs: dict[torch.dtype, torch.Tensor], capacity: int) -> torch.Tensor:
-    """Round the block once to `dtype` into a reused host buffer: no allocation per block, so the heap
+    """Round the block once to `dtype` into a reused pinned host buffer: no allocation per block, so the heap
     does not grow (the sink must be done with a block before the next one arrives)."""
     buf = outs.get(dtype)
     if buf is None:
-        buf = outs[dtype] = torch.empty(capacity, dtype=dtype, pin_memory=block.device.type == "cuda")
+        buf = outs[dtype] = torch.empty(capacity, dtype=dtype, pin_memory=True)
     out = buf[: block.numel()]
     out.copy_(block)
     return out

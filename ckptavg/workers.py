@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from .formats import LazyTensor, byte_view, pread_exact
-from .readahead import Batch, FileHandles, Sink, WeightsFor, Whole, plan_batches
+from .formats import byte_view
+from .readahead import Batch, FileHandles, Sink, WeightsFor, Whole, hand_over, plan_batches, read_share, widest_itemsize
 from .reduce import TensorSpec, accumulator_dtype, add_share, reduce_tensor
 from .sources import Checkpoint
 
@@ -97,7 +97,9 @@ class _Worker:
                 else:
                     out, nbytes = self._reduce(item)
                     turns.wait(seq)
-                    self._hand_over(item, out, nbytes)
+                    hand_over(item, out, self._specs, self._sink)
+                    if self._on_read and nbytes:
+                        self._on_read(nbytes)
                 turns.done()
         except _Failed:
             pass
@@ -112,17 +114,6 @@ class _Worker:
             block = self._blocks[role, dtype] = torch.empty(self._elems, dtype=dtype)
         return block
 
-    def _read(self, batch: Batch, lazies: Sequence[LazyTensor]) -> torch.Tensor:
-        """One checkpoint's share of the batch (a lazy tensor per piece) read into the read buffer, as stored."""
-        dtype = lazies[0].dtype
-        at = 0
-        for piece, lazy in zip(batch.pieces, lazies, strict=True):
-            n = piece.count * dtype.itemsize
-            pread_exact(self._files.fd(lazy.path), lazy.path, lazy.file_offset + piece.start * dtype.itemsize,
-                        self._view[at : at + n])
-            at += n
-        return self._raw[:at].view(dtype)
-
     def _reduce(self, batch: Batch) -> tuple[torch.Tensor, int]:
         """Sum (or weigh) every checkpoint's share of the batch, divide, and round once to the output dtype:
         the operations of `reduce.reduce_tensor`, in its order, so the result is the same bit for bit."""
@@ -133,8 +124,9 @@ class _Worker:
             acc.zero_()
         nbytes = 0
         for k, (lazies, weight) in enumerate(batch.parts):
-            data = self._read(batch, lazies)
-            nbytes += data.nbytes
+            n = read_share(self._files, batch, lazies, self._view)
+            data = self._raw[:n].view(lazies[0].dtype)
+            nbytes += n
             add_share(acc, data, k == 0, weight, self._block("scratch", dtype) if k else acc)
         if batch.divisor:
             acc.div_(batch.divisor)
@@ -147,13 +139,6 @@ class _Worker:
             return self._raw[: total * dtype.itemsize].view(dtype)
         return self._block("out", dtype)[:total]
 
-    def _hand_over(self, batch: Batch, out: torch.Tensor, nbytes: int) -> None:
-        at = 0
-        for piece in batch.pieces:
-            self._sink(self._specs[piece.spec_index], piece.start, out[at : at + piece.count])
-            at += piece.count
-        if self._on_read and nbytes:
-            self._on_read(nbytes)
 
 
 def stream_cpu(specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], weights_for: WeightsFor, sink: Sink,
@@ -168,7 +153,7 @@ def stream_cpu(specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], weights
     lock was taken inside a `with` (a Condition's `__enter__` is Python code), which would leave the lock
     held for good; so the calling thread must hold no lock that a worker needs.
     """
-    widest = max((t.dtype.itemsize for c in ckpts for t in c.tensors.values()), default=1)
+    widest = widest_itemsize(ckpts)
     turns = _Turns(plan_batches(specs, ckpts, weights_for, block_elems))
     pool = [threading.Thread(target=_Worker(specs, ckpts, weights_for, sink, accum_dtype, on_read, block_elems,
                                             widest).run, args=(turns,), name=f"ckptavg-worker-{i}", daemon=True)
