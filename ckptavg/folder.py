@@ -191,30 +191,31 @@ def _is_weights(name: str) -> bool:
 
 def copy_temp(src: Path, folder: Path) -> Path:
     """Copy a sidecar file to a temp name in `folder`, to be renamed into place with the shards."""
-    fd, tmp = temp_beside(folder, src.name)
-    try:
-        with os.fdopen(fd, "wb") as d, open(src, "rb") as s:
-            shutil.copyfileobj(s, d)
-            _seal(d)
-    except BaseException as e:  # Ctrl-C too: the temp file is not yet known to commit()'s clean-up
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise OutputError(f"{folder / src.name}: cannot copy from {src} ({e.strerror}).") from None
-        raise
-    return tmp
+
+    def fill(f: IO[bytes]) -> None:
+        with open(src, "rb") as s:
+            shutil.copyfileobj(s, f)
+
+    return _filled_temp(folder, src.name, fill, f"cannot copy from {src}")
 
 
 def write_text_temp(folder: Path, name: str, text: str) -> Path:
     """Write `text` to a temp name in `folder`, to be renamed into place with the shards."""
+    return _filled_temp(folder, name, lambda f: f.write(text.encode()), "cannot write")
+
+
+def _filled_temp(folder: Path, name: str, fill: Callable[[IO[bytes]], object], failure: str) -> Path:
+    """A temp file for `name` in `folder`, filled and sealed; on any failure (Ctrl-C too: commit()'s clean-up
+    does not know the file yet) it is removed, and an OSError becomes one OutputError naming `failure`."""
     fd, tmp = temp_beside(folder, name)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
             _seal(f)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise OutputError(f"{folder / name}: cannot write ({e.strerror}).") from None
+            raise OutputError(f"{folder / name}: {failure} ({e.strerror}).") from None
         raise
     return tmp
 
