@@ -22,6 +22,7 @@ Init = choices("Init", INITS)
 GraftMode = choices("GraftMode", MODES)
 GraftGroups = choices("GraftGroups", GROUPINGS)
 SoupMode = choices("SoupMode", ("max", "min"))
+Per = choices("Per", ("checkpoint", "step"))
 
 
 def _o(name: str, annotation: Any, default: Any, help: str, **kw: Any) -> Any:
@@ -35,8 +36,24 @@ add_method(
 )
 
 
+def _per(decay: float | None, step_decay: float | None, sigma_rel: float | None, per: str | None) -> tuple[
+        float | None, float | None]:
+    """Fold `--per` into (decay, step_decay): `--decay B --per step` is `--step-decay B`. The other two
+    modes already say what one update is, so there `--per` may only repeat it. Two modes at once are left
+    for `Ema` to refuse."""
+    alone = [v is not None for v in (decay, step_decay, sigma_rel)].count(True) == 1
+    if per == "step" and decay is not None and alone:
+        return None, decay
+    if per == "checkpoint" and decay is None and alone:
+        given = "--step-decay" if step_decay is not None else "--sigma-rel"
+        raise PlanError(f"--per checkpoint goes with --decay; {given} is per optimizer step "
+                        "(use --decay B --per checkpoint, or drop --per).")
+    return decay, step_decay
+
+
 def _ema(**kw: Any) -> Ema:
-    return Ema(decay=kw["decay"], step_decay=kw["step_decay"], sigma_rel=kw["sigma_rel"], warmup=kw["warmup"],
+    decay, step_decay = _per(kw["decay"], kw["step_decay"], kw["sigma_rel"], kw["per"] and kw["per"].value)
+    return Ema(decay=decay, step_decay=step_decay, sigma_rel=kw["sigma_rel"], warmup=kw["warmup"],
                warmup_gamma=kw["warmup_gamma"], warmup_power=kw["warmup_power"], min_decay=kw["min_decay"],
                update_after_step=kw["update_after_step"], hold=kw["hold"].value, init=kw["init"].value)
 
@@ -44,8 +61,10 @@ def _ema(**kw: Any) -> Ema:
 add_method(
     "ema", _ema,
     [
-        _o("decay", float | None, None, "One EMA update per checkpoint with this decay, in checkpoint order.",
-           min=0.0, max=1.0),
+        _o("decay", float | None, None, "EMA with this decay: one update per checkpoint, in checkpoint order "
+           "(or per optimizer step with --per step).", min=0.0, max=1.0),
+        _o("per", Per | None, None, "What one --decay update stands for: a checkpoint (the default) or an "
+           "optimizer step (the same as --step-decay B; needs step metadata)."),
         _o("step_decay", float | None, None, "EMA per optimizer step with this decay (needs step metadata).",
            min=0.0, max=1.0),
         _o("sigma_rel", float | None, None, "EDM2 power-function EMA of relative width S (0 < S < 0.289)."),
@@ -61,7 +80,7 @@ add_method(
     ],
     help="Exponential moving average weights over checkpoints, computed in closed form.\n\n"
     "Examples: ckptavg ema runs/ --decay 0.9 -o ema.safetensors | "
-    "ckptavg ema runs/ --step-decay 0.999 --warmup -o ema.safetensors | "
+    "ckptavg ema runs/ --decay 0.999 --per step --warmup -o ema.safetensors | "
     "ckptavg ema runs/ --sigma-rel 0.1 -o ema.safetensors",
 )
 

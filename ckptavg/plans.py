@@ -130,7 +130,8 @@ class Ema(Plan):
             schedules.sigma_rel_to_gamma(self.sigma_rel)  # validates the range
         timm_options = self.warmup or self.update_after_step != 0 or self.min_decay != 0.0
         if timm_options and self.step_decay is None:
-            raise PlanError("--warmup, --min-decay and --update-after-step apply to --step-decay only.")
+            raise PlanError("--warmup, --min-decay and --update-after-step apply to per-step EMA only "
+                            "(--step-decay B, or --decay B --per step).")
         if self.warmup_gamma <= 0 or self.warmup_power <= 0 or self.update_after_step < 0:
             raise PlanError("--warmup-gamma and --warmup-power must be > 0 and --update-after-step >= 0.")
         if self.hold not in HOLDS:
@@ -153,7 +154,7 @@ class Ema(Plan):
         if self.decay is not None:
             values, residual = schedules.ema_checkpoint_weights(len(ckpts), self.decay, self.init)
             return Weights(tuple(values), residual)
-        steps = _steps(ckpts, "--step-decay" if self.step_decay is not None else "--sigma-rel")
+        steps = _steps(ckpts, "per-step EMA (--step-decay)" if self.step_decay is not None else "--sigma-rel")
         if self.sigma_rel is not None:
             values, residual = schedules.power_weights(steps, self.sigma_rel, hold=self.hold, init=self.init)
         else:
@@ -170,8 +171,8 @@ def _steps(ckpts: Sequence[Checkpoint], why: str) -> list[int]:
     missing = [c.name for c in ckpts if c.meta.step is None]
     if missing:
         raise PlanError(f"{why} needs the optimizer step of every checkpoint, but it is unknown for "
-                        f"{listing(missing, 5)}; use --decay for one "
-                        "update per checkpoint instead.")
+                        f"{listing(missing, 5)}; use --decay B (--per checkpoint, the "
+                        "default) for one update per checkpoint instead.")
     steps = [c.meta.step for c in ckpts]
     for a, b, ca, cb in zip(steps, steps[1:], ckpts, ckpts[1:], strict=False):
         if b is not None and a is not None and b <= a:

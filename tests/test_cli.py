@@ -630,6 +630,35 @@ def test_console_script_matches_library(tmp_path: Path, monkeypatch: pytest.Monk
     assert cli_out.read_bytes() == lib_out.read_bytes()
 
 
+def test_the_briefs_commands_run_as_written(tmp_path: Path) -> None:
+    """The four commands the README and the project brief open with, run by a shell exactly as written
+    (the shell expands `runs/*.pt`), on copies of the DDP fixtures (steps in the file names)."""
+    runs = tmp_path / "runs"
+    shutil.copytree(REPO / "fixtures" / "runs" / "ddp", runs)
+    first, second = sorted(runs.glob("*.pt"))[:2]
+    shutil.copy(first, tmp_path / "a.pt")
+    shutil.copy(second, tmp_path / "b.pt")
+    script = "\n".join([
+        "set -e",
+        "ckptavg swa runs/*.pt -o avg.safetensors",
+        "ckptavg ema runs/ --decay 0.9 --per checkpoint -o ema.safetensors",
+        "ckptavg graft a.pt b.pt -o grafted.safetensors",
+        "ckptavg plan ema runs/ --decay 0.999 --per step --json > plan.json",
+    ])
+    env = {**os.environ, "PATH": f"{Path(_console_script()).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for name, plan in (("avg", ckptavg.Swa()), ("ema", ckptavg.Ema(decay=0.9))):  # the same tensors as the library's
+        ckptavg.average_checkpoints(str(runs), tmp_path / f"lib-{name}.safetensors", plan)
+        got, want = load_file(tmp_path / f"{name}.safetensors"), load_file(tmp_path / f"lib-{name}.safetensors")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert set(load_file(tmp_path / "grafted.safetensors")) == set(load_file(tmp_path / "avg.safetensors"))
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["params"]["per"] == "step" and plan["params"]["step_decay"] == 0.999
+    assert [c["step"] for c in plan["checkpoints"]] == [24, 48, 72, 96, 120, 144]
+
+
 @pytest.mark.parametrize("debug", ["", "1"])
 def test_console_script_error(tmp_path: Path, debug: str) -> None:
     out = tmp_path / "avg.safetensors"

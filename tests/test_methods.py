@@ -222,6 +222,45 @@ def test_method_errors_through_the_cli(args: list[str], message: str, tmp_path: 
     assert "Traceback" not in result.output and not out.exists()
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--step-decay", "0.9", "--per", "checkpoint"], "--per checkpoint goes with --decay; --step-decay"),
+        (["--sigma-rel", "0.1", "--per", "checkpoint"], "--per checkpoint goes with --decay; --sigma-rel"),
+        (["--decay", "0.9", "--step-decay", "0.9", "--per", "step"], "exactly one"),
+        (["--decay", "0.9", "--warmup"], "--decay B --per step"),
+    ],
+)
+def test_per_errors_through_the_cli(args: list[str], message: str, tmp_path: Path) -> None:
+    out = tmp_path / "out.safetensors"
+    result = CliRunner().invoke(app, ["ema", str(RUNS / "lightning"), *args, "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert not out.exists()
+
+
+def _plan_json(*args: str) -> dict[str, object]:
+    import json
+
+    result = CliRunner().invoke(app, ["plan", "ema", str(RUNS / "lightning"), *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)  # type: ignore[no-any-return]
+
+
+def test_per_step_is_step_decay_and_per_checkpoint_is_the_default() -> None:
+    """The brief's spelling `--decay B --per step|checkpoint` gives exactly the plans of `--step-decay B`
+    and `--decay B`, and the two differ on these checkpoints (saved every few steps), so `--per` is not
+    ignored."""
+    per_step, per_ckpt = _plan_json("--decay", "0.99", "--per", "step"), _plan_json("--decay", "0.99", "--per", "checkpoint")
+    assert per_step == _plan_json("--step-decay", "0.99")
+    assert per_ckpt == _plan_json("--decay", "0.99")
+    assert per_step["params"]["per"] == "step" and per_ckpt["params"]["per"] == "checkpoint"  # type: ignore[index]
+    assert [c["weight"] for c in per_step["checkpoints"]] != [c["weight"] for c in per_ckpt["checkpoints"]]  # type: ignore[attr-defined]
+    # timm's warmup options follow --per step as they follow --step-decay
+    assert _plan_json("--decay", "0.99", "--per", "step", "--warmup") == _plan_json("--step-decay", "0.99", "--warmup")
+
+
 def test_usage_error_for_decay_out_of_range(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["ema", str(RUNS / "plain"), "--decay", "1.5", "-o", str(tmp_path / "o")])
     assert result.exit_code == 2
