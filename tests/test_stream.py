@@ -11,6 +11,7 @@ import torch
 from refs import FORMATS, RUNS
 from safetensors.torch import save_file
 
+import ckptavg.workers
 from ckptavg.errors import CheckpointFormatError
 from ckptavg.reduce import TensorSpec, check_layout, reduce_tensor, work_bytes
 from ckptavg.sources import Checkpoint, find_checkpoints, open_checkpoint
@@ -136,17 +137,39 @@ def _worker_set(tmp_path: Path) -> tuple[list[TensorSpec], list[Checkpoint]]:
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
-def test_any_number_of_workers_gives_the_same_bits_in_order(tmp_path: Path, workers: int) -> None:
-    """Workers finish batches out of order; the sink still sees them in order, one call at a time."""
+def test_any_number_of_workers_gives_the_same_bits_in_order(
+    tmp_path: Path, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers finish batches out of order; the sink still sees them in order, one call at a time.
+
+    The sink holds the first batch until every worker has read a batch of its own, so each worker has a
+    result waiting for its turn however the threads are scheduled (a loaded machine could otherwise let
+    one worker run through all ~80 tiny batches before the others start)."""
     specs, ckpts = _worker_set(tmp_path)
     weights = [0.1, 0.2, 0.3, 0.4]
     got: dict[str, list[torch.Tensor]] = {}
     inside = threading.Lock()
     callers: set[str] = set()
+    readers: set[str] = set()
+    held: list[bool] = []
+    all_reading = threading.Condition()
+
+    def read_share(*args: object) -> int:
+        with all_reading:
+            readers.add(threading.current_thread().name)
+            all_reading.notify_all()
+        return ckptavg.workers.read_share.__wrapped__(*args)  # type: ignore[attr-defined, no-any-return]
+
+    read_share.__wrapped__ = ckptavg.workers.read_share  # type: ignore[attr-defined]
+    monkeypatch.setattr(ckptavg.workers, "read_share", read_share)
 
     def sink(spec: TensorSpec, start: int, block: torch.Tensor) -> None:
         assert inside.acquire(blocking=False), "the sink was entered by two workers at once"
         try:
+            if threading.current_thread().name in readers and not held:  # a batch (`n` is reduced whole)
+                held.append(True)
+                with all_reading:
+                    assert all_reading.wait_for(lambda: len(readers) == workers, timeout=60)
             parts = got.setdefault(spec.name, [])
             assert start == sum(p.numel() for p in parts), "blocks out of order"
             assert list(got) == [s.name for s in specs][: len(got)], "tensors out of order"
@@ -159,7 +182,7 @@ def test_any_number_of_workers_gives_the_same_bits_in_order(tmp_path: Path, work
     want = _whole(specs, ckpts, weights)
     for s in specs:
         assert torch.equal(torch.cat(got[s.name]).reshape(s.shape), want[s.name]), s.name
-    assert len(callers) == workers  # every worker handed over some of the ~80 batches
+    assert len(callers) == workers  # every worker handed over a batch of its own
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, OSError])
