@@ -25,6 +25,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
 MiB = 2**20
+# Installed packages run from cached bytecode. A shell that sets PYTHONDONTWRITEBYTECODE (this sandbox
+# does) would make every run compile ckptavg's ~30 modules from source, 0.09 s that no user pays.
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
 def measure(cmd: list[str], reps: int, fresh: Path | None = None) -> dict[str, float]:
@@ -38,7 +41,7 @@ def measure(cmd: list[str], reps: int, fresh: Path | None = None) -> dict[str, f
         if fresh is not None:
             fresh.unlink(missing_ok=True)
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         out = proc.stdout.read().decode() if proc.stdout else ""
@@ -86,13 +89,14 @@ def record(row: dict[str, object]) -> None:
 
 
 def speed(a: argparse.Namespace) -> None:
-    base = measure([PY, "-c", "import torch"], a.reps)
-    print(f"import torch: {base['wall']:.2f} s, {base['rss']:.0f} MiB\n")
     print("| mix | size | dtype | format | tool | wall s | peak RSS MiB | RSS - import torch | floor s | wall / floor |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size in a.sizes:
         for dtype in a.dtypes:
             for fmt in a.formats:
+                # the `import torch` floor is measured next to each configuration: on this VM it drifts by
+                # 0.3 s within an hour, more than the differences being measured
+                base = measure([PY, "-c", "import torch"], a.reps)
                 d = dataset(a.data, a.mix, size, dtype, fmt, 8)
                 d8 = first_n(d, 8, a.data / "views")
                 f32 = min(float(measure([PY, str(HERE / "floors.py"), str(d8), dtype], 1)["stdout"]) for _ in range(2))
@@ -107,7 +111,7 @@ def speed(a: argparse.Namespace) -> None:
                            "import_rss": base["rss"], "f32_pass": f32}
                     record(row)
                     print(f"| {a.mix} | {size} | {dtype} | {fmt} | {tool} | {m['wall']:.2f} | {m['rss']:.0f} | "
-                          f"{m['rss'] - base['rss']:.0f} | {floor:.2f} | {m['wall'] / floor:.2f} |", flush=True)
+                          f"{m['rss'] - base['rss']:.1f} | {floor:.2f} | {m['wall'] / floor:.2f} |", flush=True)
 
 
 def scaling(a: argparse.Namespace) -> None:

@@ -630,6 +630,17 @@ def test_console_script_matches_library(tmp_path: Path, monkeypatch: pytest.Monk
     assert cli_out.read_bytes() == lib_out.read_bytes()
 
 
+def test_a_run_imports_no_pydantic() -> None:
+    """typer is capped below 0.29, which validates every option through pydantic (README, design notes:
+    7.5 MiB and 0.06 s per run). Fails if the installed typer brings that back."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "ckptavg", "plan", "swa",
+                           "fixtures/runs/safetensors", "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "typer" in imported and "torch" in imported  # the list is real
+    assert not {m for m in imported if m.split(".")[0] in ("pydantic", "pydantic_core")}
+
+
 def test_the_briefs_commands_run_as_written(tmp_path: Path) -> None:
     """The four commands the README and the project brief open with, run by a shell exactly as written
     (the shell expands `runs/*.pt`), on copies of the DDP fixtures (steps in the file names)."""
