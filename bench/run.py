@@ -125,7 +125,7 @@ def scaling(a: argparse.Namespace) -> None:
             m = measure(tools(first_n(d, n, a.data / "views"), out, "float32")["ckptavg"], a.reps, fresh=out)
             record({"bench": "scaling", "mix": a.mix, "size": size, "n": n, "tool": "ckptavg", "wall": m["wall"],
                     "rss": m["rss"], "import_wall": base["wall"], "import_rss": base["rss"]})
-            print(f"| {size} | {n} | {m['wall']:.2f} | {m['rss']:.0f} | {m['rss'] - base['rss']:.0f} |", flush=True)
+            print(f"| {size} | {n} | {m['wall']:.2f} | {m['rss']:.0f} | {m['rss'] - base['rss']:.1f} |", flush=True)
 
 
 def distributed(a: argparse.Namespace) -> None:
