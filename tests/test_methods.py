@@ -185,7 +185,7 @@ def test_missing_metric_names_the_checkpoints() -> None:
         (lambda: Ema(decay=0.9, step_decay=0.9), "exactly one"),
         (lambda: Ema(), "exactly one"),
         (lambda: Ema(sigma_rel=0.3), "sigma"),
-        (lambda: Ema(decay=0.9, warmup=True), "--step-decay only"),
+        (lambda: Ema(decay=0.9, warmup=True), "apply to per-step EMA only"),
         (lambda: Ema(decay=0.9, hold="sideways"), "--hold"),
         (lambda: Graft(a=1.5), "--a"),
         (lambda: Graft(c=-1), "--c"),
