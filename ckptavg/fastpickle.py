@@ -153,8 +153,7 @@ class _Plain(pickle.Unpickler):
         if dtype in _QUANTIZED or storage.record < storage.nbytes:
             raise _NotPlain("tensor storage")
         lazy = lazy_view(self._path, dtype, size, stride, storage.start + offset * dtype.itemsize)
-        used = lazy.span if lazy.span is not None else lazy.nbytes
-        if lazy.numel and lazy.file_offset + used > storage.start + storage.nbytes:
+        if lazy.numel and lazy.file_offset + lazy.extent > storage.start + storage.nbytes:
             raise _NotPlain("tensor past its storage")
         return _Tensor(lazy)
 

@@ -62,6 +62,11 @@ class LazyTensor:
         return self.numel * self.dtype.itemsize
 
     @property
+    def extent(self) -> int:
+        """Bytes of the file from `file_offset` that the elements cover: `span` for a strided view."""
+        return self.span if self.span is not None else self.nbytes
+
+    @property
     def streamable(self) -> bool:
         """True when the bytes lie contiguously at `file_offset`, so any element range can be read with pread.
 
@@ -76,8 +81,7 @@ class LazyTensor:
             return self.eager
         if self.numel == 0:
             return torch.empty(self.shape, dtype=self.dtype)
-        nbytes = self.span if self.span is not None else self.nbytes
-        buf = bytearray(nbytes)
+        buf = bytearray(self.extent)
         read_exact(self.path, self.file_offset, buf)
         flat = torch.frombuffer(buf, dtype=self.dtype)
         if self.stride is None:

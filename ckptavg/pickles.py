@@ -301,8 +301,7 @@ def _check_extent(path: Path, lazy: LazyTensor, storage_at: int, storage_bytes: 
             f"{storage_at}): the archive is corrupt or was re-packed by another zip tool; load it with torch.load "
             "and save it again with torch.save."
         )
-    used = lazy.span if lazy.span is not None else lazy.nbytes
-    if lazy.file_offset + used > storage_at + storage_bytes:
+    if lazy.file_offset + lazy.extent > storage_at + storage_bytes:
         raise CheckpointFormatError(
             f"{path}: a tensor of shape {list(lazy.shape)} reaches past the end of its storage; the file is corrupt."
         )

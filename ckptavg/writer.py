@@ -25,6 +25,8 @@ _RANK = [
     "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
     "I32", "U32", "F32", "C64", "F64", "I64", "U64",
 ]
+
+
 def write_order(specs: Sequence[TensorSpec]) -> list[TensorSpec]:
     """The order in which tensors lie in the file."""
     return sorted(specs, key=lambda s: (-_RANK.index(DTYPE_NAMES[s.out_dtype]), s.name))
