@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -154,13 +155,14 @@ def test_any_number_of_workers_gives_the_same_bits_in_order(
     held: list[bool] = []
     all_reading = threading.Condition()
 
-    def read_share(*args: object) -> int:
+    original = ckptavg.workers.read_share
+
+    def read_share(*args: Any) -> int:
         with all_reading:
             readers.add(threading.current_thread().name)
             all_reading.notify_all()
-        return ckptavg.workers.read_share.__wrapped__(*args)  # type: ignore[attr-defined, no-any-return]
+        return original(*args)
 
-    read_share.__wrapped__ = ckptavg.workers.read_share  # type: ignore[attr-defined]
     monkeypatch.setattr(ckptavg.workers, "read_share", read_share)
 
     def sink(spec: TensorSpec, start: int, block: torch.Tensor) -> None:
