@@ -94,8 +94,8 @@ def speed(a: argparse.Namespace) -> None:
     for size in a.sizes:
         for dtype in a.dtypes:
             for fmt in a.formats:
-                # the `import torch` floor is measured next to each configuration: on this VM it drifts by
-                # 0.3 s within an hour, more than the differences being measured
+                # the `import torch` floor is measured next to each configuration: on this VM it drifted by
+                # 0.5 s (1.25-1.79 s) within one run, more than the differences being measured
                 base = measure([PY, "-c", "import torch"], a.reps)
                 d = dataset(a.data, a.mix, size, dtype, fmt, 8)
                 d8 = first_n(d, 8, a.data / "views")
