@@ -1,9 +1,9 @@
 """ckptavg: post-hoc checkpoint averaging for PyTorch (SWA, EMA, grafting), streamed tensor by tensor."""
 
-__version__ = "0.1.0"
-
-from .api import AverageResult, PlanReport, average_checkpoints, plan_checkpoints  # noqa: E402
-from .errors import (  # noqa: E402
+from ._version import __version__
+from .api import average_checkpoints, inspect_checkpoint, plan_checkpoints
+from .bn import BatchNormOptions
+from .errors import (
     BatchNormError,
     CheckpointFormatError,
     CkptavgError,
@@ -14,17 +14,28 @@ from .errors import (  # noqa: E402
     PlanError,
     SelectionError,
 )
-from .graft import Graft  # noqa: E402
-from .plans import PLANS, Ema, Group, Linear, Plan, Swa, Weights  # noqa: E402
-from .report import inspect_checkpoint  # noqa: E402
-from .select import Selection  # noqa: E402
-from .soup import Soup  # noqa: E402
-from .sources import Checkpoint, LoadOptions, find_checkpoints, open_checkpoint  # noqa: E402
+from .methods.base import PLANS, GraftGroup, Plan, Weights
+from .methods.ema import Ema
+from .methods.graft import Graft
+from .methods.linear import Linear
+from .methods.soup import Soup
+from .methods.uniform import Swa
+from .read.checkpoint import Checkpoint, LoadOptions
+from .read.discover import find_checkpoints
+from .read.layouts import open_checkpoint
+from .results import AverageResult, PlanReport
+from .select import Selection
+
+Group = GraftGroup  # its name before graft groups and torchrun groups had names of their own
 
 __all__ = [
-    "PLANS", "AverageResult", "BatchNormError", "CheckpointFormatError", "Checkpoint", "CkptavgError",
-    "CkptavgWarning", "Ema", "Graft", "Group", "IncompatibleCheckpointsError", "Linear", "LoadOptions",
-    "NonFiniteError", "OutputError", "Plan", "PlanError", "PlanReport", "Selection", "SelectionError", "Soup",
-    "Swa", "Weights", "__version__", "average_checkpoints", "find_checkpoints", "inspect_checkpoint",
-    "open_checkpoint", "plan_checkpoints",
+    "PLANS", "AverageResult", "BatchNormError", "BatchNormOptions", "CheckpointFormatError", "Checkpoint",
+    "CkptavgError", "CkptavgWarning", "Ema", "Graft", "GraftGroup", "Group", "IncompatibleCheckpointsError", "Linear",
+    "LoadOptions", "NonFiniteError", "OutputError", "Plan", "PlanError", "PlanReport", "Selection",
+    "SelectionError", "Soup", "Swa", "Weights", "__version__", "average_checkpoints", "find_checkpoints",
+    "inspect_checkpoint", "open_checkpoint", "plan_checkpoints",
 ]
+
+
+def __dir__() -> list[str]:
+    return list(__all__)

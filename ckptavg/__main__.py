@@ -1,5 +1,5 @@
 """Run ckptavg as ``python -m ckptavg``."""
 
-from .cli import main
+from .cli.app import main
 
 main()

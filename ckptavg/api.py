@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import __version__, dist
+from . import dist
 from .bn import BatchNormOptions, recalibrate
 from .errors import OutputError, PlanError
-from .folder import (
+from .layout import ACCUM_DTYPES, OUT_DTYPES, Sink, TensorSpec, check_layout
+from .methods.base import Plan
+from .methods.uniform import Swa
+from .read.checkpoint import Checkpoint, LoadOptions, PathLike
+from .read.discover import find_checkpoints
+from .read.layouts import open_checkpoint
+from .reduce.stream import resolve_device, stream_reduce
+from .reduce.tensor import check_finite, work_bytes
+from .results import AverageResult, PlanReport, WrittenFile, provenance
+from .select import Selection, order_checkpoints, select_checkpoints
+from .write.hf_folder import (
     INDEX,
     Shard,
+    balance,
     check_folder,
     commit,
     discard,
@@ -28,109 +40,10 @@ from .folder import (
     sidecars,
     write_shards,
 )
-from .plans import Plan, Swa, Weights
-from .readahead import Sink
-from .reduce import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_finite, check_layout, work_bytes
-from .select import Selection, order_checkpoints, select_checkpoints
-from .sources import Checkpoint, LoadOptions, PathLike, find_checkpoints, open_checkpoint
-from .stream import resolve_device, stream_reduce
-from .verify import verify_output
-from .writer import SafetensorsWriter, check_output
+from .write.safetensors import SafetensorsWriter, check_output
+from .write.verify import verify_output
 
 Progress = Callable[[int, int], None]  # (bytes read so far, total bytes to read)
-
-
-@dataclass
-class PlanReport:
-    """What an average would do: the checkpoints in order, their weights, and the output layout."""
-
-    plan: Plan
-    checkpoints: list[Checkpoint]
-    weights: Weights
-    order: str
-    specs: list[TensorSpec] = field(default_factory=list)
-    metric: str | None = None
-    considered: list[Checkpoint] = field(default_factory=list)  # every checkpoint found, before selection
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the output tensors."""
-        return sum(s.nbytes for s in self.specs)
-
-    def to_json(self) -> dict[str, Any]:
-        """The stable `plan --json` schema (documented in the README)."""
-        return {
-            "method": self.plan.method,
-            "params": self.plan.params(),
-            "order": self.order,
-            "checkpoints": [
-                {
-                    "path": str(c.path), "step": c.meta.step, "epoch": c.meta.epoch, "metric": self.metric_of(c),
-                    "weight": w, "step_source": c.meta.step_source, "epoch_source": c.meta.epoch_source,
-                    "format": c.format,
-                }
-                for c, w in zip(self.checkpoints, self.weights.values, strict=True)
-            ],
-            "residual": self.weights.residual,
-            "tensors": len(self.specs),
-            "bytes": self.nbytes,
-        } | self.details()
-
-    def metric_of(self, c: Checkpoint) -> float | None:
-        """The value of the selection metric for one checkpoint, when a metric was named."""
-        found = c.meta.metric(self.metric) if self.metric else None
-        return found[0] if found else None
-
-    def details(self) -> dict[str, Any]:
-        """Method-specific parts of the plan: graft groups, soup scores, the metric name."""
-        out: dict[str, Any] = {}
-        if self.metric:
-            out["metric_name"] = self.metric
-        if self.weights.groups:
-            out["groups"] = [
-                {"tensor": g.tensor, "members": list(g.members), "entropies": list(g.entropies),
-                 "weights": list(g.weights)}
-                for g in self.weights.groups
-            ]
-        if self.weights.scores:
-            out["scores"] = list(self.weights.scores)
-        return out
-
-
-@dataclass
-class AverageResult:
-    """What `average_checkpoints` wrote: one file, or the files of an output folder."""
-
-    output: Path
-    report: PlanReport
-    files: list[WrittenFile]
-    seconds: float
-
-    @property
-    def nbytes(self) -> int:
-        return sum(f.nbytes for f in self.files)
-
-    @property
-    def sha256(self) -> str | None:
-        """The digest of a single-file output (a folder lists one per file in `files`)."""
-        return self.files[0].sha256 if len(self.files) == 1 and self.files[0].path == self.output else None
-
-    def to_json(self) -> dict[str, Any]:
-        out = {
-            "output": str(self.output), "method": self.report.plan.method,
-            "checkpoints": len(self.report.checkpoints), "tensors": len(self.report.specs),
-            "bytes": self.nbytes, "sha256": self.sha256, "seconds": round(self.seconds, 3),
-        }
-        if self.sha256 is None:
-            out["files"] = [{"path": str(f.path), "bytes": f.nbytes, "sha256": f.sha256} for f in self.files]
-        return out
-
-
-@dataclass(frozen=True)
-class WrittenFile:
-    path: Path
-    nbytes: int
-    sha256: str
 
 
 def plan_checkpoints(
@@ -293,7 +206,7 @@ class _Job:
 
 def _prepare(inputs: Sequence[PathLike] | PathLike, out: Path, to_folder: bool, plan: Plan, select: Selection,
              load: LoadOptions, dtype: str | None, force: bool, bn: BatchNormOptions | None, max_bytes: int | None,
-             like_input: bool, group: dist.Group | None) -> tuple[PlanReport, _Job]:
+             like_input: bool, group: dist.Ranks | None) -> tuple[PlanReport, _Job]:
     """Plan the average and the output files, and check that they can be written."""
     paths = find_checkpoints(inputs)
     if not to_folder:
@@ -307,29 +220,12 @@ def _prepare(inputs: Sequence[PathLike] | PathLike, out: Path, to_folder: bool, 
         return report, _Job(out.parent, [Shard(out.name, tuple(report.specs))], [Shard(out.name, tuple(report.specs))], [])
     world, rank = (group.world, group.rank) if group else (1, 0)
     shards = plan_shards(report.specs, max_bytes, report.checkpoints[0] if like_input else None, parts=world)
-    owner = dist.balance([sh.nbytes for sh in shards], world)
+    owner = balance([sh.nbytes for sh in shards], world)
     copies = sidecars(report.checkpoints)
     check_folder(out, [sh.name for sh in shards] + [p.name for p in copies] + ([INDEX] if len(shards) > 1 else []),
                  read, force)
     out.mkdir(exist_ok=True)
     return report, _Job(out, shards, [sh for sh, o in zip(shards, owner, strict=True) if o == rank], copies)
-
-
-def provenance(report: PlanReport) -> dict[str, str]:
-    """The output's __metadata__: which files, in which order, with which weights, by which version."""
-    inputs = [
-        {"path": str(c.path), "weight": w, "step": c.meta.step, "epoch": c.meta.epoch}
-        for c, w in zip(report.checkpoints, report.weights.values, strict=True)
-    ]
-    return {
-        "format": "pt",
-        "ckptavg_version": __version__,
-        "ckptavg_method": report.plan.method,
-        "ckptavg_params": json.dumps(report.plan.params(), sort_keys=True),
-        "ckptavg_order": report.order,
-        "ckptavg_residual": repr(report.weights.residual),
-        "ckptavg_inputs": json.dumps(inputs),
-    } | ({"ckptavg_details": json.dumps(details)} if (details := report.details()) else {})
 
 
 def _out_dtype(dtype: str | None) -> torch.dtype | None:
@@ -346,3 +242,32 @@ def _files_read(ckpts: Sequence[Checkpoint]) -> list[Path]:
     files = {c.path for c in ckpts} | {t.path for c in ckpts for t in c.tensors.values()}
     files |= {p for c in ckpts if c.path.is_dir() for p in c.path.iterdir() if p.is_file()}
     return sorted(files, key=os.fspath)
+
+
+def inspect_checkpoint(path: PathLike, load: LoadOptions = LoadOptions()) -> dict[str, Any]:
+    """Describe one checkpoint without reading its tensor data: format, weights location, metadata, tensors.
+
+    For a file written by ckptavg, the ``ckptavg`` entry holds its provenance (version, method,
+    parameters, inputs with their weights).
+    """
+    c = open_checkpoint(path, load)
+    info: dict[str, Any] = {
+        "path": str(c.path), "format": c.format, "location": c.location, "stripped_prefix": c.stripped_prefix,
+        "step": c.meta.step, "step_source": c.meta.step_source,
+        "epoch": c.meta.epoch, "epoch_source": c.meta.epoch_source,
+        "other_entries": c.other_entries, "file_metadata": c.file_metadata,
+        "tensors": [
+            {"name": k, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "bytes": t.nbytes}
+            for k, t in c.tensors.items()
+        ],
+        "bytes": c.nbytes,
+    }
+    meta = c.file_metadata
+    if "ckptavg_version" in meta:
+        with contextlib.suppress(json.JSONDecodeError):  # damaged provenance: show the raw metadata instead
+            info["ckptavg"] = {
+                "version": meta["ckptavg_version"], "method": meta.get("ckptavg_method"),
+                "params": json.loads(meta.get("ckptavg_params", "{}")), "order": meta.get("ckptavg_order"),
+                "inputs": json.loads(meta.get("ckptavg_inputs", "[]")),
+            }
+    return info

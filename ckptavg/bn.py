@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import BatchNormError, CkptavgError, listing
-from .sources import open_checkpoint
+from .read.layouts import open_checkpoint
 from .userfn import load_callable
 
 

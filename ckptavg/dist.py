@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -23,7 +23,7 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class Group:
+class Ranks:
     """This process's place in a torchrun job."""
 
     rank: int
@@ -61,7 +61,7 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
-def join(device: torch.device) -> Group | None:
+def join(device: torch.device) -> Ranks | None:
     """Join the torchrun job (None when not launched by torchrun with several processes)."""
     if not launched():
         return None
@@ -74,10 +74,10 @@ def join(device: torch.device) -> Group | None:
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-    return Group(dist.get_rank(), dist.get_world_size())
+    return Ranks(dist.get_rank(), dist.get_world_size())
 
 
-def agreed(group: Group | None, step: Callable[[], T]) -> T:
+def agreed(group: Ranks | None, step: Callable[[], T]) -> T:
     """Run one phase on every rank; fail on every rank if it failed on any."""
     if group is None:
         return step()
@@ -88,17 +88,3 @@ def agreed(group: Group | None, step: Callable[[], T]) -> T:
         raise
     group.agree(None)
     return result
-
-
-def balance(sizes: Sequence[int], parts: int) -> list[int]:
-    """Assign items to `parts` bins, largest first to the least loaded bin (ties: the lowest bin).
-
-    Deterministic, so every rank computes the same assignment without talking to the others.
-    """
-    load = [0] * parts
-    owner = [0] * len(sizes)
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        b = min(range(parts), key=lambda b: (load[b], b))
-        owner[i] = b
-        load[b] += sizes[i]
-    return owner

@@ -3,6 +3,21 @@
 from __future__ import annotations
 
 
+def one_line(value: object, limit: int | None = None) -> str:
+    """`value` for a one-line message: control characters escaped (a newline in a file name or tensor key),
+    and cut to `limit` characters, since names and values in a hostile file can be megabytes long."""
+    text = value if isinstance(value, str) else repr(value)
+    cut = text if limit is None else text[: limit + 1]
+    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
+    return escaped if limit is None or len(escaped) <= limit else escaped[:limit] + "..."
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type's name when it has none."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
 def listing(items: list[str], limit: int, sep: str = ", ") -> str:
     """The first `limit` items for an error message, then how many were left out: ``a, b and 3 more``."""
     more = f" and {len(items) - limit} more" if len(items) > limit else ""

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import SelectionError, listing
-from .sources import Checkpoint
+from .read.checkpoint import Checkpoint
 
 ORDERS = ("auto", "step", "epoch", "name", "mtime")
 

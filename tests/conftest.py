@@ -24,7 +24,7 @@ def cli() -> Callable[..., Result]:
 
     CKPTAVG_DEBUG is removed from the environment unless the test sets it.
     """
-    from ckptavg.cli import app
+    from ckptavg.cli.app import app
 
     runner = CliRunner()
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import ckptavg
 from ckptavg.bn import BatchNormOptions
-from ckptavg.cli import app
+from ckptavg.cli.app import app
 
 MODEL = f"{FIXTURES / 'model.py'}:build"
 LOADER = f"{FIXTURES / 'model.py'}:bn_loader"

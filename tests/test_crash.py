@@ -26,9 +26,9 @@ from safetensors.torch import save_file
 
 from ckptavg import average_checkpoints, plan_checkpoints
 from ckptavg.errors import OutputError
-from ckptavg.outfile import TEMP_SUFFIX
-from ckptavg.reduce import TensorSpec
-from ckptavg.verify import verify_output
+from ckptavg.layout import TensorSpec
+from ckptavg.write.outfile import TEMP_SUFFIX
+from ckptavg.write.verify import verify_output
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="signals and RLIMIT_FSIZE as on Linux")
 
@@ -283,7 +283,7 @@ def test_verify_catches_specs_that_differ(tmp_path: Path) -> None:
 def test_verify_reads_in_blocks_and_finds_a_late_nan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A tensor of 12 MiB checked in 1 MiB blocks: Python-side memory stays at one block, and a NaN in the
     last block is reported at its true flat index."""
-    import ckptavg.verify as verify
+    import ckptavg.write.verify as verify
 
     monkeypatch.setattr(verify, "BLOCK_BYTES", 1024 * 1024)
     path = tmp_path / "big.safetensors"
@@ -306,7 +306,7 @@ def test_cli_verify_passes_and_changes_nothing(tmp_path: Path) -> None:
     """--verify on a sound run: the same bytes as without it."""
     from typer.testing import CliRunner
 
-    from ckptavg.cli import app
+    from ckptavg.cli.app import app
 
     output, _ = _written(tmp_path)
     again = tmp_path / "verified.safetensors"
@@ -321,7 +321,7 @@ def test_cli_verify_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.M
     from typer.testing import CliRunner
 
     import ckptavg.api as api
-    from ckptavg.cli import app
+    from ckptavg.cli.app import app
 
     real = api.verify_output
 

@@ -28,8 +28,10 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from typer.testing import Result
 
 from ckptavg import CheckpointFormatError
-from ckptavg.dcp import DcpTensor, assemble
-from ckptavg.sources import LoadOptions, find_checkpoints, open_checkpoint
+from ckptavg.read.checkpoint import LoadOptions
+from ckptavg.read.dcp import DcpTensor, assemble
+from ckptavg.read.discover import find_checkpoints
+from ckptavg.read.layouts import open_checkpoint
 
 Cli = Callable[..., Result]
 

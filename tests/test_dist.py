@@ -16,7 +16,7 @@ from refs import RUNS
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ckptavg.dist import balance
+from ckptavg.write.hf_folder import balance
 
 
 def _torchrun(*args: object, nproc: int = 2) -> subprocess.CompletedProcess[str]:

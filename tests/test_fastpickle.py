@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import torch
 
-from ckptavg import pickles
 from ckptavg.errors import CheckpointFormatError
-from ckptavg.fastpickle import load_plain
-from ckptavg.formats import LazyTensor
-from ckptavg.sources import open_checkpoint
+from ckptavg.read import torch_file as pickles
+from ckptavg.read.fastpickle import load_plain
+from ckptavg.read.layouts import open_checkpoint
+from ckptavg.read.lazy import LazyTensor
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "runs"
 

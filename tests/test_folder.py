@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ckptavg.errors import PlanError
-from ckptavg.folder import parse_size
+from ckptavg.write.hf_folder import parse_size
 
 SHARDED = RUNS / "hf-sharded"
 
@@ -136,7 +136,7 @@ def test_parse_size() -> None:
 def test_verify_catches_a_bad_write_before_it_appears(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, folder: bool) -> None:
     import ckptavg
     from ckptavg.errors import OutputError
-    from ckptavg.writer import SafetensorsWriter
+    from ckptavg.write.safetensors import SafetensorsWriter
 
     real = SafetensorsWriter.write_part
 
@@ -172,8 +172,8 @@ def test_every_file_of_an_output_folder_gets_the_usual_mode(cli, tmp_path: Path)
 def test_an_interrupted_sidecar_or_index_write_leaves_no_temp_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: type[BaseException]
 ) -> None:
-    from ckptavg import folder
     from ckptavg.errors import OutputError
+    from ckptavg.write import hf_folder as folder
 
     src = tmp_path / "config.json"
     src.write_text("{}")

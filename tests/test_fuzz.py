@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
 from ckptavg import CkptavgError, LoadOptions, find_checkpoints, open_checkpoint
-from ckptavg.formats import read_safetensors_header, sniff
+from ckptavg.read.safetensors_file import read_safetensors_header, sniff
 
 HANG_SECONDS = 10
 RAW = LoadOptions(keep_prefix=True)  # compare names with the references as they are in the file

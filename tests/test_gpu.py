@@ -13,9 +13,9 @@ from torch.optim.swa_utils import update_bn
 
 import ckptavg
 from ckptavg.bn import BatchNormOptions
-from ckptavg.reduce import check_layout
-from ckptavg.sources import open_checkpoint
-from ckptavg.stream import stream_reduce
+from ckptavg.layout import check_layout
+from ckptavg.read.layouts import open_checkpoint
+from ckptavg.reduce.stream import stream_reduce
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")

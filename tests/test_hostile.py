@@ -37,7 +37,7 @@ from test_cli import assert_one_error_line, partial_files, snapshot
 from typer.testing import Result
 
 from ckptavg import CheckpointFormatError, open_checkpoint
-from ckptavg.formats import read_safetensors_header, sniff
+from ckptavg.read.safetensors_file import read_safetensors_header, sniff
 
 Cli = Callable[..., Result]
 REPO = Path(__file__).resolve().parent.parent

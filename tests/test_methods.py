@@ -1,4 +1,4 @@
-"""The averaging methods end to end: real files in, compared with references and ALGORITHMS.md examples."""
+"""The averaging methods end to end: real files in, compared with references and docs/ALGORITHMS.md examples."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 import ckptavg
 from ckptavg import Ema, Graft, Linear, PlanError, Selection, SelectionError, Soup
-from ckptavg.cli import app
-from ckptavg.entropy import graft_entropy
+from ckptavg.cli.app import app
+from ckptavg.methods.entropy import graft_entropy
 
 
 def test_ema_per_checkpoint_matches_averaged_model(tmp_path: Path) -> None:
@@ -116,7 +116,7 @@ def _mock_eval(state: dict[str, torch.Tensor]) -> float:
 
 @pytest.mark.parametrize("strict, members", [(False, "ABC"), (True, "AC")])
 def test_greedy_soup_worked_example(strict: bool, members: str, tmp_path: Path) -> None:
-    """ALGORITHMS 5: order A, C, B, D; the paper's >= keeps {A, C, B}, the official > keeps {A, C}."""
+    """docs/ALGORITHMS.md §5: order A, C, B, D; the paper's >= keeps {A, C, B}, the official > keeps {A, C}."""
     paths = _onehot_checkpoints(tmp_path, 4)
     report = ckptavg.plan_checkpoints(paths, Soup(evaluate=_mock_eval, strict=strict))
     expected = [1 / len(members) if "ABCD"[i] in members else 0.0 for i in range(4)]

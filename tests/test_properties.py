@@ -34,12 +34,12 @@ from typer.testing import CliRunner
 
 import ckptavg
 from ckptavg import Ema, Graft, Linear, Plan, PlanError, Soup, Swa, average_checkpoints
-from ckptavg.cli import app
-from ckptavg.formats import DTYPE_NAMES, LazyTensor
-from ckptavg.metadata import Meta
-from ckptavg.reduce import TensorSpec
-from ckptavg.sources import Checkpoint
-from ckptavg.writer import SafetensorsWriter
+from ckptavg.cli.app import app
+from ckptavg.layout import DTYPE_NAMES, TensorSpec
+from ckptavg.read.checkpoint import Checkpoint
+from ckptavg.read.lazy import LazyTensor
+from ckptavg.read.metadata import Meta
+from ckptavg.write.safetensors import SafetensorsWriter
 
 FAST = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -61,8 +61,8 @@ def fake_checkpoints(steps: Sequence[int], tensors: Sequence[dict[str, torch.Ten
 
 steps_st = st.lists(st.integers(1, 10**7), min_size=1, max_size=24, unique=True).map(sorted)
 unit = st.floats(0.0, 1.0)
-holds = st.sampled_from(ckptavg.plans.HOLDS)
-inits = st.sampled_from(ckptavg.plans.INITS)
+holds = st.sampled_from(ckptavg.methods.schedules.HOLDS)
+inits = st.sampled_from(ckptavg.methods.schedules.INITS)
 ema_plans = st.one_of(
     st.builds(Ema, decay=unit, init=inits),
     st.builds(Ema, step_decay=unit, hold=holds, init=inits, warmup=st.booleans(), warmup_gamma=st.floats(0.01, 100),

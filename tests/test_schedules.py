@@ -1,4 +1,4 @@
-"""Tests of ckptavg.schedules: ALGORITHMS.md worked examples, invariants, torch/timm references, error handling."""
+"""Tests of ckptavg.schedules: docs/ALGORITHMS.md worked examples, invariants, torch/timm references, error handling."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
 
-from ckptavg import entropy as E
-from ckptavg import schedules as S
 from ckptavg.errors import PlanError
+from ckptavg.methods import entropy as E
+from ckptavg.methods import schedules as S
 
 STEPS = [100, 200, 300, 400]
 A = torch.arange(10.0)
@@ -28,7 +28,7 @@ D = torch.linspace(-1, 1, 10) ** 3
 PROPS = settings(max_examples=50, deadline=None)
 
 
-# ---------------------------------------------------------------- worked examples (ALGORITHMS.md, 6 decimals)
+# ---------------------------------------------------------------- worked examples (docs/ALGORITHMS.md, 6 decimals)
 
 def _w(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[], Any]:
     return partial(fn, *args, **kwargs)
@@ -424,7 +424,7 @@ def test_power_matches_per_step_recursion(hold: str, steps: list[int]) -> None:
 # ---------------------------------------------------------------- grafting entropy vs a plain loop
 
 def _entropy_loop(t: torch.Tensor, bins: int = 10) -> float:
-    """ALGORITHMS §3.1 written as plainly as possible: float32 scalars, one bin at a time, one value at a time."""
+    """docs/ALGORITHMS.md §3.1 written as plainly as possible: float32 scalars, one bin at a time, one value at a time."""
     x = t.detach().reshape(-1).float()
     if x.numel() == 0:
         return 0.0

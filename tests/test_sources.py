@@ -12,8 +12,8 @@ from refs import FORMATS, MANIFEST, RUNS, fixture_paths, reference_state_dict
 from safetensors.torch import save_file
 
 from ckptavg import CheckpointFormatError, LoadOptions, SelectionError, find_checkpoints, open_checkpoint
-from ckptavg.formats import sniff
-from ckptavg.metadata import meta_from_name
+from ckptavg.read.metadata import meta_from_name
+from ckptavg.read.safetensors_file import sniff
 
 SNIFFED = {
     "plain": "torch-zip", "lightning": "torch-zip", "ddp": "torch-zip", "timm": "torch-zip",

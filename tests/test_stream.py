@@ -12,12 +12,15 @@ import torch
 from refs import FORMATS, RUNS
 from safetensors.torch import save_file
 
-import ckptavg.workers
+import ckptavg.reduce.cpu
 from ckptavg.errors import CheckpointFormatError
-from ckptavg.reduce import TensorSpec, check_layout, reduce_tensor, work_bytes
-from ckptavg.sources import Checkpoint, find_checkpoints, open_checkpoint
-from ckptavg.stream import stream_reduce
-from ckptavg.workers import stream_cpu
+from ckptavg.layout import TensorSpec, check_layout
+from ckptavg.read.checkpoint import Checkpoint
+from ckptavg.read.discover import find_checkpoints
+from ckptavg.read.layouts import open_checkpoint
+from ckptavg.reduce.cpu import stream_cpu
+from ckptavg.reduce.stream import stream_reduce
+from ckptavg.reduce.tensor import reduce_tensor, work_bytes
 
 
 def _collect(specs: list[TensorSpec], ckpts: list[Checkpoint], weights: list[float], **kw: object) -> dict[str, torch.Tensor]:
@@ -155,7 +158,7 @@ def test_any_number_of_workers_gives_the_same_bits_in_order(
     held: list[bool] = []
     all_reading = threading.Condition()
 
-    original = ckptavg.workers.read_share
+    original = ckptavg.reduce.cpu.read_share
 
     def read_share(*args: Any) -> int:
         with all_reading:
@@ -163,7 +166,7 @@ def test_any_number_of_workers_gives_the_same_bits_in_order(
             all_reading.notify_all()
         return original(*args)
 
-    monkeypatch.setattr(ckptavg.workers, "read_share", read_share)
+    monkeypatch.setattr(ckptavg.reduce.cpu, "read_share", read_share)
 
     def sink(spec: TensorSpec, start: int, block: torch.Tensor) -> None:
         assert inside.acquire(blocking=False), "the sink was entered by two workers at once"
@@ -267,7 +270,7 @@ def test_signed_zeros_and_float64_with_a_float32_accumulator_match_the_whole_ten
 def test_the_gpu_paths_reader_reads_every_share_in_order_and_stops_early(tmp_path: Path) -> None:
     """The reader thread of the GPU reducer, run on the CPU (unpinned): every batch's shares arrive in order
     with the file's bytes, and closing it mid-way stops the thread even while it waits for a free buffer."""
-    from ckptavg.readahead import Prefetcher, Read, plan_batches
+    from ckptavg.reduce.batches import Prefetcher, Read, plan_batches
 
     specs, ckpts = _worker_set(tmp_path)
     streamed = [s for s in specs if s.averaged]

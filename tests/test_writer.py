@@ -13,12 +13,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from ckptavg import outfile
 from ckptavg.errors import OutputError
-from ckptavg.formats import DTYPE_NAMES
-from ckptavg.outfile import HASH_CHUNK, TEMP_SUFFIX, WRITEBACK_BYTES
-from ckptavg.reduce import TensorSpec
-from ckptavg.writer import SafetensorsWriter
+from ckptavg.layout import DTYPE_NAMES, TensorSpec
+from ckptavg.write import outfile
+from ckptavg.write.outfile import HASH_CHUNK, TEMP_SUFFIX, WRITEBACK_BYTES
+from ckptavg.write.safetensors import SafetensorsWriter
 
 DTYPES = list(DTYPE_NAMES)
 

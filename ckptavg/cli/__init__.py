@@ -1,0 +1,1 @@
+"""The `ckptavg` command line."""

@@ -1,0 +1,1 @@
+"""methods stage of ckptavg (see the README's module map)."""

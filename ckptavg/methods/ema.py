@@ -1,0 +1,97 @@
+"""Exponential moving averages in closed form: per checkpoint, per optimizer step (timm), or EDM2's power EMA."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..errors import PlanError, listing
+from ..read.checkpoint import Checkpoint
+from . import schedules
+from .base import Plan, Weights, register
+
+
+@register
+@dataclass(frozen=True)
+class Ema(Plan):
+    """EMA weights computed in closed form: per checkpoint (`decay`), per optimizer step (`step_decay`,
+    optionally with timm's warmup), or EDM2's power-function profile (`sigma_rel`). Exactly one of the three.
+
+    Options left as None take their documented defaults; the step and power modes read step metadata.
+    """
+
+    method: ClassVar[str] = "ema"
+    decay: float | None = None
+    step_decay: float | None = None
+    sigma_rel: float | None = None
+    warmup: bool = False
+    warmup_gamma: float = 1.0
+    warmup_power: float = 2 / 3
+    min_decay: float = 0.0
+    update_after_step: int = 0
+    hold: str = "backward"
+    init: str = "first"
+
+    def __post_init__(self) -> None:
+        given = [n for n in ("decay", "step_decay", "sigma_rel") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise PlanError("ema needs exactly one of --decay, --step-decay or --sigma-rel"
+                            + (f" (got {', '.join('--' + g.replace('_', '-') for g in given)})." if given else "."))
+        for name in ("decay", "step_decay", "min_decay"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise PlanError(f"--{name.replace('_', '-')} must be between 0 and 1, not {value}.")
+        if self.sigma_rel is not None:
+            schedules.sigma_rel_to_gamma(self.sigma_rel)  # validates the range
+        timm_options = self.warmup or self.update_after_step != 0 or self.min_decay != 0.0
+        if timm_options and self.step_decay is None:
+            raise PlanError("--warmup, --min-decay and --update-after-step apply to per-step EMA only "
+                            "(--step-decay B, or --decay B --per step).")
+        if self.warmup_gamma <= 0 or self.warmup_power <= 0 or self.update_after_step < 0:
+            raise PlanError("--warmup-gamma and --warmup-power must be > 0 and --update-after-step >= 0.")
+        if self.hold not in schedules.HOLDS:
+            raise PlanError(f"--hold must be one of {', '.join(schedules.HOLDS)}, not {self.hold!r}.")
+        if self.init not in schedules.INITS:
+            raise PlanError(f"--init must be one of {', '.join(schedules.INITS)}, not {self.init!r}.")
+
+    def params(self) -> dict[str, Any]:
+        if self.decay is not None:
+            return {"decay": self.decay, "per": "checkpoint", "init": self.init}
+        if self.sigma_rel is not None:
+            return {"sigma_rel": self.sigma_rel, "gamma": schedules.sigma_rel_to_gamma(self.sigma_rel),
+                    "hold": self.hold, "init": self.init}
+        return {"step_decay": self.step_decay, "per": "step", "warmup": self.warmup,
+                "warmup_gamma": self.warmup_gamma, "warmup_power": self.warmup_power, "min_decay": self.min_decay,
+                "update_after_step": self.update_after_step, "hold": self.hold, "init": self.init}
+
+    def weights(self, ckpts: Sequence[Checkpoint]) -> Weights:
+        self.check_count(len(ckpts))
+        if self.decay is not None:
+            values, residual = schedules.ema_checkpoint_weights(len(ckpts), self.decay, self.init)
+            return Weights(tuple(values), residual)
+        steps = _steps(ckpts, "per-step EMA (--step-decay)" if self.step_decay is not None else "--sigma-rel")
+        if self.sigma_rel is not None:
+            values, residual = schedules.power_weights(steps, self.sigma_rel, hold=self.hold, init=self.init)
+        else:
+            assert self.step_decay is not None
+            values, residual = schedules.ema_step_weights(
+                steps, self.step_decay, hold=self.hold, init=self.init, warmup=self.warmup,
+                warmup_gamma=self.warmup_gamma, warmup_power=self.warmup_power, min_decay=self.min_decay,
+                update_after_step=self.update_after_step,
+            )
+        return Weights(tuple(values), residual)
+
+
+def _steps(ckpts: Sequence[Checkpoint], why: str) -> list[int]:
+    missing = [c.name for c in ckpts if c.meta.step is None]
+    if missing:
+        raise PlanError(f"{why} needs the optimizer step of every checkpoint, but it is unknown for "
+                        f"{listing(missing, 5)}; use --decay B (--per checkpoint, the "
+                        "default) for one update per checkpoint instead.")
+    steps = [c.meta.step for c in ckpts]
+    for a, b, ca, cb in zip(steps, steps[1:], ckpts, ckpts[1:], strict=False):
+        if b is not None and a is not None and b <= a:
+            raise PlanError(f"{why} needs strictly increasing steps, but {ca.name} and {cb.name} are at "
+                            f"steps {a} and {b}.")
+    return [int(s) for s in steps if s is not None]

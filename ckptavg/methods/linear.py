@@ -1,0 +1,58 @@
+"""Averages with weights the user gives, one per checkpoint."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..errors import CkptavgWarning, PlanError
+from ..read.checkpoint import Checkpoint
+from .base import Plan, Weights, register
+
+
+@register
+@dataclass(frozen=True)
+class Linear(Plan):
+    """User-given weights, one per selected checkpoint in order; `normalize` divides them by their sum."""
+
+    method: ClassVar[str] = "linear"
+    values: tuple[float, ...] = ()
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.values:
+            raise PlanError("linear needs --weights, e.g. --weights 0.2,0.3,0.5.")
+        if any(w != w or w in (float("inf"), float("-inf")) for w in self.values):
+            raise PlanError(f"--weights must be finite numbers, not {list(self.values)}.")
+        if self.normalize and sum(self.values) == 0:
+            raise PlanError("--normalize needs weights whose sum is not 0.")
+
+    def params(self) -> dict[str, Any]:
+        return {"weights": list(self.values), "normalize": self.normalize}
+
+    def weights(self, ckpts: Sequence[Checkpoint]) -> Weights:
+        if len(self.values) != len(ckpts):
+            raise PlanError(f"--weights has {len(self.values)} values but {len(ckpts)} checkpoints were "
+                            "selected; give one weight per checkpoint (see `ckptavg plan linear`).")
+        values = self.values
+        if self.normalize:
+            total = sum(values)
+            values = tuple(w / total for w in values)
+        else:
+            if any(w < 0 for w in values):
+                warnings.warn(f"negative weights {list(values)}; pass --normalize to silence this if intended.",
+                              CkptavgWarning, stacklevel=2)
+            if abs(sum(values) - 1) > 1e-9:
+                warnings.warn(f"weights sum to {sum(values):.6g}, not 1, so the result is scaled; "
+                              "pass --normalize to divide by their sum.", CkptavgWarning, stacklevel=2)
+        return Weights(tuple(values))
+
+
+def parse_weights(text: str) -> tuple[float, ...]:
+    """Parse ``--weights 0.2,0.3,0.5``."""
+    try:
+        return tuple(float(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise PlanError(f"--weights must be comma-separated numbers, not {text!r}.") from None

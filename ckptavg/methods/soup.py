@@ -1,0 +1,102 @@
+"""Model soups (Wortsman et al. 2022, arXiv 2203.05482): uniform, or greedy with a user evaluation function.
+
+Greedy: rank the checkpoints by their own score, start the soup with the best, and add each next
+one only if the uniform average of the soup with it scores at least as well (`strict`: better).
+Every candidate is built in memory and passed to the function as a state dict.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import PlanError
+from ..layout import check_layout
+from ..read.checkpoint import Checkpoint
+from ..reduce.tensor import reduce_tensor
+from .base import Plan, Weights, register
+
+Evaluate = Callable[[dict[str, torch.Tensor]], float]
+
+
+@register
+@dataclass(frozen=True)
+class Soup(Plan):
+    """Greedy (default) or uniform soup.
+
+    Attributes:
+        evaluate: ``fn(state_dict) -> float``, higher is better with ``mode="max"``; required unless uniform.
+        mode: ``max`` or ``min`` (for losses).
+        uniform: average every selected checkpoint (the score is reported when `evaluate` is given).
+        strict: add a checkpoint only if it improves the score (the official code); default also on ties (the paper).
+        name: how `evaluate` is recorded in the output metadata (e.g. ``evals.py:accuracy``).
+    """
+
+    method: ClassVar[str] = "soup"
+    evaluate: Evaluate | None = field(default=None, compare=False, repr=False)
+    mode: str = "max"
+    uniform: bool = False
+    strict: bool = False
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("max", "min"):
+            raise PlanError(f"--mode must be max or min, not {self.mode!r}.")
+        if self.evaluate is None and not self.uniform:
+            raise PlanError("a greedy soup needs --eval MODULE:FUNCTION (or pass --uniform).")
+
+    def params(self) -> dict[str, Any]:
+        fn = self.name or getattr(self.evaluate, "__qualname__", None)
+        return {"eval": fn, "mode": self.mode, "uniform": self.uniform, "strict": self.strict}
+
+    def weights(self, ckpts: Sequence[Checkpoint]) -> Weights:
+        self.check_count(len(ckpts))
+        n = len(ckpts)
+        if self.uniform:
+            scores: list[dict[str, Any]] = []
+            if self.evaluate is not None:
+                scores.append(self._record(ckpts, range(n), "uniform", accepted=True))
+            return Weights(tuple(1.0 / n for _ in range(n)), scores=tuple(scores))
+        singles = [self._record(ckpts, [i], "single", accepted=False) for i in range(n)]
+        sign = 1.0 if self.mode == "max" else -1.0
+        ranked = sorted(range(n), key=lambda i: -sign * singles[i]["score"])  # stable: ties keep checkpoint order
+        soup = [ranked[0]]
+        singles[ranked[0]]["accepted"] = True
+        best = singles[ranked[0]]["score"]
+        trials: list[dict[str, Any]] = []
+        for i in ranked[1:]:
+            trial = self._record(ckpts, sorted(soup + [i]), "candidate", accepted=False)
+            gain = sign * (trial["score"] - best)
+            if gain > 0 or (gain == 0 and not self.strict):
+                soup.append(i)
+                best = trial["score"]
+                trial["accepted"] = True
+            trials.append(trial)
+        weights = tuple(1.0 / len(soup) if i in soup else 0.0 for i in range(n))
+        return Weights(weights, scores=tuple(singles + trials))
+
+    def _record(self, ckpts: Sequence[Checkpoint], members: Sequence[int], kind: str, accepted: bool) -> dict[str, Any]:
+        chosen = [ckpts[i] for i in members]
+        return {"kind": kind, "members": [str(c.path) for c in chosen],
+                "score": self._score(chosen), "accepted": accepted}
+
+    def _score(self, members: Sequence[Checkpoint]) -> float:
+        assert self.evaluate is not None
+        weights = [1.0 / len(members)] * len(members)
+        state = {s.name: reduce_tensor(s, members, weights) for s in check_layout(members)}
+        label = " + ".join(c.name for c in members)
+        try:
+            value = self.evaluate(state)
+        except Exception as e:  # noqa: BLE001 - the user's function failed: report it as one line
+            raise PlanError(f"--eval failed on {label}: {type(e).__name__}: {e}") from e
+        try:
+            score = float(value)
+        except (TypeError, ValueError):
+            raise PlanError(f"--eval must return a number, but returned {value!r} for {label}.") from None
+        if not math.isfinite(score):
+            raise PlanError(f"--eval returned {score} for {label}; scores must be finite.")
+        return score

@@ -1,0 +1,1 @@
+"""read stage of ckptavg (see the README's module map)."""

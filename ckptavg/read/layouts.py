@@ -1,0 +1,49 @@
+"""Which layout a path is (a file, a Hugging Face folder, a DCP folder), and opening it as a `Checkpoint`.
+
+A new layout is one module in `read/` plus a rule here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import CheckpointFormatError
+from .checkpoint import Checkpoint, LoadOptions, PathLike
+from .dcp import is_dcp_folder, open_dcp_folder
+from .files import open_file
+from .hf_folder import is_hf_folder, open_hf_folder
+from .locate import strip_prefixes
+from .safetensors_file import sniff
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    """A folder that is one checkpoint (Hugging Face or DCP), not a folder of checkpoints."""
+    return is_hf_folder(path) or is_dcp_folder(path)
+
+
+def open_checkpoint(path: PathLike, options: LoadOptions = LoadOptions()) -> Checkpoint:
+    """Open one checkpoint file or folder lazily: read its index and metadata, no tensor data."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointFormatError(f"{path}: no such file or directory.")
+    if path.is_dir():
+        if is_hf_folder(path):
+            ckpt = open_hf_folder(path, options)
+        elif is_dcp_folder(path):
+            ckpt = open_dcp_folder(path, options)
+        else:
+            raise CheckpointFormatError(
+                f"{path}: is a directory, not a checkpoint folder (no model.safetensors, pytorch_model.bin or .metadata)."
+            )
+    else:
+        fmt = sniff(path)
+        if fmt is None:
+            size = path.stat().st_size
+            why = "empty file" if size == 0 else "unknown format"
+            raise CheckpointFormatError(f"{path}: not a checkpoint ({why}).")
+        ckpt = open_file(path, fmt, options)
+    if not ckpt.tensors:
+        raise CheckpointFormatError(f"{path}: holds no tensors.")
+    if not options.keep_prefix:
+        ckpt.tensors, ckpt.stripped_prefix = strip_prefixes(ckpt.tensors)
+    return ckpt

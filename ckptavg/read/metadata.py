@@ -1,0 +1,145 @@
+"""Step and epoch of a checkpoint, each with the place it was read from."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .lazy import LazyTensor
+
+STEP_KEYS = ("global_step", "step", "num_updates", "iteration")
+EPOCH_KEYS = ("epoch",)
+
+_BOUND = r"(?:^|(?<=[^A-Za-z]))"  # the word must not continue a longer word ("step" in "timestep" is fine)
+_STEP_NAME = [
+    re.compile(_BOUND + r"(?:global_)?steps?[=_-]?(\d+)", re.I),
+    re.compile(_BOUND + r"iter(?:ation)?s?[=_-]?(\d+)", re.I),
+]
+_FOLDER_STEP = re.compile(r"^checkpoint-(\d+)$")
+_EPOCH_NAME = [
+    re.compile(_BOUND + r"epochs?[=_-]?(\d+)", re.I),
+    re.compile(_BOUND + r"ep[=_-]?(\d+)", re.I),
+]
+
+_NAME_METRIC = re.compile(r"([A-Za-z][A-Za-z0-9_]*)=(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
+
+Number = int | float
+
+
+@dataclass(frozen=True)
+class Meta:
+    """Step and epoch of one checkpoint, and where each came from (None when unknown)."""
+
+    step: int | None = None
+    step_source: str | None = None
+    epoch: Number | None = None
+    epoch_source: str | None = None
+    metrics: dict[str, tuple[float, str]] = field(default_factory=dict)  # name -> (value, source)
+
+    def metric(self, name: str) -> tuple[float, str] | None:
+        """The value of metric `name` and its source; ``loss`` also finds Hugging Face's ``eval_loss``."""
+        for candidate in (name, "eval_" + name, name.removeprefix("eval_")):
+            if candidate in self.metrics:
+                return self.metrics[candidate]
+        return None
+
+    def fill(self, other: Meta) -> Meta:
+        """Fill the unknown fields of this Meta from `other` (metrics: add the names it lacks)."""
+        out = replace(self, metrics={**other.metrics, **self.metrics})
+        if out.step is None and other.step is not None:
+            out = replace(out, step=other.step, step_source=other.step_source)
+        if out.epoch is None and other.epoch is not None:
+            out = replace(out, epoch=other.epoch, epoch_source=other.epoch_source)
+        return out
+
+
+def _number(value: Any) -> Number | None:
+    if isinstance(value, LazyTensor):
+        if value.numel != 1 or value.dtype.is_complex:
+            return None
+        value = value.load().item()
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value == value:  # not NaN
+        return int(value) if value.is_integer() else value
+    return None
+
+
+def meta_from_mapping(obj: Mapping[Any, Any], source: str) -> Meta:
+    """Read step and epoch from the top level of a checkpoint dict or trainer_state.json."""
+    step = epoch = None
+    step_src = epoch_src = None
+    for key in STEP_KEYS:
+        n = _number(obj.get(key))
+        if isinstance(n, int) and n >= 0:
+            step, step_src = n, f"{source} '{key}'"
+            break
+    for key in EPOCH_KEYS:
+        n = _number(obj.get(key))
+        if n is not None and n >= 0:
+            epoch, epoch_src = n, f"{source} '{key}'"
+            break
+    return Meta(step, step_src, epoch, epoch_src, _numeric_entries(obj, source))
+
+
+def _numeric_entries(obj: Mapping[Any, Any], source: str) -> dict[str, tuple[float, str]]:
+    skip = set(STEP_KEYS) | set(EPOCH_KEYS)
+    found = {}
+    for k, v in obj.items():
+        # tensors at the top level are weights of a bare state dict, never metrics
+        if isinstance(k, str) and k not in skip and not isinstance(v, dict | list | LazyTensor):
+            n = _number(v)
+            if n is not None:
+                found[k] = (float(n), f"{source} '{k}'")
+    return found
+
+
+def metrics_from_checkpoint(obj: Mapping[Any, Any], file_name: str) -> dict[str, tuple[float, str]]:
+    """Metrics stored in a training checkpoint: timm's `metric`/`metrics`, Lightning's ModelCheckpoint state."""
+    found = {}
+    nested = obj.get("metrics")
+    if isinstance(nested, dict):
+        found.update(_numeric_entries(nested, "checkpoint 'metrics'"))
+    callbacks = obj.get("callbacks")
+    for state in callbacks.values() if isinstance(callbacks, dict) else ():
+        if not isinstance(state, dict) or not isinstance(state.get("monitor"), str):
+            continue
+        score = _number(state.get("current_score"))
+        if score is None and isinstance(state.get("best_k_models"), dict):
+            score = next((_number(v) for k, v in state["best_k_models"].items()
+                          if str(k).replace("\\", "/").rsplit("/", 1)[-1] == file_name), None)
+        if score is not None:
+            found[state["monitor"]] = (float(score), "Lightning ModelCheckpoint")
+    return found
+
+
+def metrics_from_trainer_state(state: Mapping[str, Any]) -> dict[str, tuple[float, str]]:
+    """The log_history entries of trainer_state.json logged at this checkpoint's global step."""
+    found: dict[str, tuple[float, str]] = {}
+    step = state.get("global_step")
+    for entry in state.get("log_history") or ():
+        if isinstance(entry, dict) and entry.get("step") == step:
+            found.update(_numeric_entries(entry, "trainer_state.json log_history"))
+    return found
+
+
+def meta_from_name(name: str, folder: bool = False) -> Meta:
+    """Read step and epoch from a file or folder name (``step=1200``, ``epoch=3``, ``checkpoint-1200/``)."""
+    m = _FOLDER_STEP.match(name) if folder else None
+    if m is None:
+        m = next((found for p in _STEP_NAME if (found := p.search(name))), None)
+    e = next((found for p in _EPOCH_NAME if (found := p.search(name))), None)
+    step = int(m.group(1)) if m else None
+    epoch = int(e.group(1)) if e else None
+    metrics = {k: (float(v), "file name") for k, v in _NAME_METRIC.findall(name)
+               if k.lower() not in ("step", "global_step", "epoch", "iter", "iteration")}
+    return Meta(step, "file name" if m else None, epoch, "file name" if e else None, metrics)

@@ -1,0 +1,300 @@
+"""Torch pickles: unpickle safely (weights_only), onto the meta device for zip archives, so that
+only the structure is read and each tensor becomes a LazyTensor pointing at its bytes in the file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import struct
+import warnings
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointFormatError, CkptavgWarning, first_line
+from .fastpickle import load_plain
+from .lazy import LazyTensor, lazy_view
+from .safe_pickle import refusal
+
+
+class _AttributeDict(dict):  # type: ignore[type-arg]
+    """Stand-in for Lightning's AttributeDict (a plain dict subclass) so safe loading accepts it."""
+
+
+# Plain data containers seen in real training checkpoints; none can run code when rebuilt.
+_SAFE_EXTRAS: list[Any] = [
+    argparse.Namespace,
+    (_AttributeDict, "lightning.fabric.utilities.data.AttributeDict"),
+    (_AttributeDict, "pytorch_lightning.utilities.parsing.AttributeDict"),
+    (_AttributeDict, "lightning_fabric.utilities.data.AttributeDict"),
+]
+
+
+def load_torch(path: Path, fmt: str, trust_pickle: bool) -> Any:
+    """Unpickle a torch checkpoint; zip archives come back with lazy tensors (no data read)."""
+    lazy = fmt == "torch-zip"
+    archive = _check_torch_zip(path) if lazy else None
+    if archive is not None and not trust_pickle:
+        plain = load_plain(path, archive.pickled, archive.prefix, archive.records)
+        if plain is not None:  # the common case, read by the C unpickler; anything else goes to torch's
+            return _lazify(path, plain, _eager)[0]
+    records = {start: size for start, size in archive.records.values()} if archive else {}
+    try:
+        # An open file, not a path: torch.load hands paths ending in .safetensors to safetensors.
+        with open(path, "rb") as f, warnings.catch_warnings(), torch.serialization.safe_globals(_SAFE_EXTRAS):
+            warnings.simplefilter("ignore")
+            obj = torch.load(f, map_location="meta" if lazy else "cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        m = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if m and not trust_pickle:
+            raise refusal(path, m.group(1)) from None
+        raise CheckpointFormatError(f"{path}: cannot unpickle ({first_line(e)}).") from None
+    except (ImportError, AttributeError) as e:
+        raise CheckpointFormatError(
+            f"{path}: unpickling needs code that is not importable here ({first_line(e)})."
+        ) from None
+    except CheckpointFormatError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch's loaders raise many types on corrupt bytes
+        raise CheckpointFormatError(
+            f"{path}: unreadable torch checkpoint ({type(e).__name__}: {first_line(e)}); the file may be truncated."
+        ) from None
+    if not lazy:
+        _check_legacy_storages(path)
+        warnings.warn(
+            "legacy (non-zip) torch files are read whole into memory instead of streamed; "
+            "re-save them with a current torch.save to stream them.",
+            CkptavgWarning,
+            stacklevel=2,
+        )
+    return _lazify(path, obj, partial(_lazy_from_meta, records) if lazy else _eager)[0]
+
+
+class _Anything:
+    """Stands for every global and every object in a pickle walked by `_Skeleton`: it accepts any call,
+    state or item, so the walk needs no real class and runs no code from the file."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Anything:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Anything:
+        return _Anything()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+
+class _Skeleton(pickle.Unpickler):
+    """Walks a pickle without importing anything, collecting its persistent ids (torch's storage references)."""
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file)
+        self.persistent_ids: list[Any] = []
+
+    def find_class(self, module: str, name: str) -> Any:
+        return _Anything
+
+    def persistent_load(self, pid: Any) -> Any:
+        self.persistent_ids.append(pid)
+        return _Anything()
+
+
+def _check_legacy_storages(path: Path) -> None:
+    """Refuse a legacy file whose pickle references a storage that its data section does not hold.
+
+    torch.load gives such a storage uninitialised memory instead of failing (found by fuzzing: one flipped
+    digit in a storage key), so the average would silently include garbage. Layout: magic number, protocol,
+    system info, the object (storages as persistent ids), the list of storage keys, then their data.
+    """
+    try:
+        with open(path, "rb") as f:
+            for _ in range(3):
+                _Skeleton(f).load()
+            main = _Skeleton(f)
+            main.load()
+            keys = _Skeleton(f).load()
+    except Exception as e:  # noqa: BLE001 - the standard unpickler refuses what torch.save never writes
+        # torch's own unpickler is laxer (it accepts an unknown protocol number, found by fuzzing), so a file
+        # that only it reads cannot be checked, and may hold exactly the garbage this check is for.
+        raise CheckpointFormatError(
+            f"{path}: not a pickle torch.save writes ({type(e).__name__}: {first_line(e)}); the file is corrupt."
+        ) from None
+    held = set(keys) if isinstance(keys, list) and all(isinstance(k, str) for k in keys) else None
+    for pid in main.persistent_ids:
+        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] in ("storage", b"storage")):
+            continue
+        if held is None or pid[2] not in held:
+            raise CheckpointFormatError(
+                f"{path}: the pickle references tensor data (storage {str(pid[2])[:40]!r}) that the file does not "
+                "hold; the file is corrupt."
+            )
+
+
+# A compressed record that inflates to more than this is refused (torch never compresses; a "zip bomb" would).
+MAX_INFLATED_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _Archive:
+    records: dict[str, tuple[int, int]]  # tensor data record name: (byte offset in the file, size)
+    pickled: bytes  # data.pkl
+    prefix: str  # the archive's top folder, "archive/" for torch.save
+
+
+def _check_torch_zip(path: Path) -> _Archive:
+    """Check the archive's directory; return where each tensor data record lies, and the pickle."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            _check_compression(path, z.infolist())
+            if any(n.endswith("/constants.pkl") for n in names):
+                raise CheckpointFormatError(
+                    f"{path}: this is a TorchScript archive; save the model's state_dict() instead."
+                )
+            pickles = [n for n in names if n.endswith("/data.pkl")]
+            if not pickles:
+                raise CheckpointFormatError(f"{path}: zip file without data.pkl, not a torch checkpoint.")
+            order = [n for n in names if n.endswith("/byteorder")]
+            if order and z.read(order[0]).strip() != b"little":
+                raise CheckpointFormatError(
+                    f"{path}: big-endian torch checkpoints are not supported; re-save on a little-endian machine."
+                )
+            return _Archive(_data_records(path, z.infolist()), z.read(pickles[0]), pickles[0][: -len("data.pkl")])
+    except CheckpointFormatError:  # a ValueError too: keep the message as it is
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as e:
+        # ValueError/EOFError/NotImplementedError: zipfile's answers to corrupt fields and unknown compressions;
+        # RuntimeError: a record flagged as encrypted (found by fuzzing)
+        raise CheckpointFormatError(f"{path}: broken zip archive ({e}); the file may be truncated.") from None
+
+
+def _check_compression(path: Path, infos: list[zipfile.ZipInfo]) -> None:
+    for info in infos:
+        if info.compress_type == zipfile.ZIP_STORED:
+            continue
+        if "/data/" in info.filename:  # tensors are read in place with pread: compressed bytes would be garbage
+            raise CheckpointFormatError(
+                f"{path}: tensor data is compressed in the archive ('{info.filename}'); re-save it with torch.save."
+            )
+        if info.file_size > MAX_INFLATED_BYTES:
+            raise CheckpointFormatError(
+                f"{path}: '{info.filename}' would inflate to {info.file_size} bytes; refusing a likely zip bomb."
+            )
+
+
+def _data_records(path: Path, infos: list[zipfile.ZipInfo]) -> dict[str, tuple[int, int]]:
+    """Where each tensor record's bytes start (after its local header), and how many there are.
+
+    torch (on the meta device) computes each storage's offset from the sizes declared in the pickle; a
+    corrupt or hand-made archive can make those point anywhere, so they are checked against these.
+    """
+    size = path.stat().st_size
+    records: dict[str, tuple[int, int]] = {}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for info in infos:
+            if not re.fullmatch(r"[^/]+/data/\d+", info.filename):
+                continue
+            if info.external_attr & 0x10:  # the MS-DOS directory bit: torch's reader then returns no bytes
+                raise CheckpointFormatError(f"{path}: broken zip archive ('{info.filename}' is marked as a directory).")
+            local = os.pread(fd, 30, info.header_offset)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise CheckpointFormatError(f"{path}: broken zip archive (bad local header of '{info.filename}').")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            start = info.header_offset + 30 + name_len + extra_len
+            if start + info.file_size > size:
+                raise CheckpointFormatError(
+                    f"{path}: record '{info.filename}' ends past the end of the file; the file is truncated."
+                )
+            records[info.filename] = (start, info.file_size)
+    finally:
+        os.close(fd)
+    return records
+
+
+def _lazify(path: Path, obj: Any, wrap: Callable[[Path, torch.Tensor], LazyTensor]) -> tuple[Any, bool]:
+    """Replace every tensor in an unpickled checkpoint by a LazyTensor made by `wrap`; also say whether
+    `obj` held any tensor."""
+    if isinstance(obj, torch.Tensor):
+        return wrap(path, obj), True
+    if isinstance(obj, LazyTensor):  # from the fast path
+        return obj, True
+    if isinstance(obj, dict):  # dict, OrderedDict and dict subclasses rebuild from pairs
+        pairs = [(k, *_lazify(path, v, wrap)) for k, v in obj.items()]
+        for k, _, held in pairs:
+            if held and isinstance(k, str):
+                _check_name(path, k)
+        return type(obj)((k, v) for k, v, _ in pairs), any(held for *_, held in pairs)
+    if isinstance(obj, list | tuple) and not hasattr(obj, "_fields"):
+        items = [_lazify(path, v, wrap) for v in obj]
+        return type(obj)(v for v, _ in items), any(held for _, held in items)
+    return obj, False
+
+
+def _check_name(path: Path, key: str) -> None:
+    """A key that becomes part of a tensor name must be valid Unicode: pickles can carry lone surrogates,
+    which no safetensors header (UTF-8 JSON) can hold."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointFormatError(f"{path}: a tensor name is not valid Unicode ({key!r:.80}).") from None
+
+
+def _eager(path: Path, t: torch.Tensor) -> LazyTensor:
+    if t.layout != torch.strided or t.is_quantized:
+        raise CheckpointFormatError(f"{path}: sparse or quantized tensors are not supported.")
+    return LazyTensor(path, t.dtype, tuple(t.shape), eager=t.detach())
+
+
+def _lazy_from_meta(records: dict[int, int], path: Path, t: torch.Tensor) -> LazyTensor:
+    if t.layout != torch.strided or t.is_quantized:
+        raise CheckpointFormatError(f"{path}: sparse or quantized tensors are not supported.")
+    storage = t.untyped_storage()
+    storage_at = getattr(storage, "_checkpoint_offset", None)
+    if storage_at is None:
+        raise CheckpointFormatError(f"{path}: cannot locate tensor data in the archive.")
+    lazy = lazy_view(path, t.dtype, tuple(t.shape), tuple(t.stride()), storage_at + t.storage_offset() * t.dtype.itemsize)
+    _check_extent(path, lazy, storage_at, storage.nbytes(), records)
+    return lazy
+
+
+def _check_extent(path: Path, lazy: LazyTensor, storage_at: int, storage_bytes: int, records: dict[int, int]) -> None:
+    """The tensor's bytes must lie inside its storage, and the storage inside its record of the archive:
+    otherwise a corrupt pickle could make `load()` read another tensor's bytes, or allocate terabytes."""
+    if lazy.numel == 0:
+        return
+    record = records.get(storage_at)
+    if record is not None and record < storage_bytes:
+        raise CheckpointFormatError(
+            f"{path}: the pickle gives a tensor storage {storage_bytes} bytes, but its record in the archive holds "
+            f"{record}; the file is corrupt."
+        )
+    if record is None:
+        raise CheckpointFormatError(
+            f"{path}: tensor data is not where torch.save puts it (a storage of {storage_bytes} bytes at offset "
+            f"{storage_at}): the archive is corrupt or was re-packed by another zip tool; load it with torch.load "
+            "and save it again with torch.save."
+        )
+    if lazy.file_offset + lazy.extent > storage_at + storage_bytes:
+        raise CheckpointFormatError(
+            f"{path}: a tensor of shape {list(lazy.shape)} reaches past the end of its storage; the file is corrupt."
+        )

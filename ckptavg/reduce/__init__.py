@@ -1,0 +1,1 @@
+"""reduce stage of ckptavg (see the README's module map)."""

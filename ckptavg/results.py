@@ -1,0 +1,123 @@
+"""What the library verbs return: the plan of an average, what an average wrote, and its provenance."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._version import __version__
+from .layout import TensorSpec
+from .methods.base import Plan, Weights
+from .read.checkpoint import Checkpoint
+
+
+@dataclass
+class PlanReport:
+    """What an average would do: the checkpoints in order, their weights, and the output layout."""
+
+    plan: Plan
+    checkpoints: list[Checkpoint]
+    weights: Weights
+    order: str
+    specs: list[TensorSpec] = field(default_factory=list)
+    metric: str | None = None
+    considered: list[Checkpoint] = field(default_factory=list)  # every checkpoint found, before selection
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the output tensors."""
+        return sum(s.nbytes for s in self.specs)
+
+    def to_json(self) -> dict[str, Any]:
+        """The stable `plan --json` schema (documented in the README)."""
+        return {
+            "method": self.plan.method,
+            "params": self.plan.params(),
+            "order": self.order,
+            "checkpoints": [
+                {
+                    "path": str(c.path), "step": c.meta.step, "epoch": c.meta.epoch, "metric": self.metric_of(c),
+                    "weight": w, "step_source": c.meta.step_source, "epoch_source": c.meta.epoch_source,
+                    "format": c.format,
+                }
+                for c, w in zip(self.checkpoints, self.weights.values, strict=True)
+            ],
+            "residual": self.weights.residual,
+            "tensors": len(self.specs),
+            "bytes": self.nbytes,
+        } | self.details()
+
+    def metric_of(self, c: Checkpoint) -> float | None:
+        """The value of the selection metric for one checkpoint, when a metric was named."""
+        found = c.meta.metric(self.metric) if self.metric else None
+        return found[0] if found else None
+
+    def details(self) -> dict[str, Any]:
+        """Method-specific parts of the plan: graft groups, soup scores, the metric name."""
+        out: dict[str, Any] = {}
+        if self.metric:
+            out["metric_name"] = self.metric
+        if self.weights.groups:
+            out["groups"] = [
+                {"tensor": g.tensor, "members": list(g.members), "entropies": list(g.entropies),
+                 "weights": list(g.weights)}
+                for g in self.weights.groups
+            ]
+        if self.weights.scores:
+            out["scores"] = list(self.weights.scores)
+        return out
+
+
+@dataclass
+class AverageResult:
+    """What `average_checkpoints` wrote: one file, or the files of an output folder."""
+
+    output: Path
+    report: PlanReport
+    files: list[WrittenFile]
+    seconds: float
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+    @property
+    def sha256(self) -> str | None:
+        """The digest of a single-file output (a folder lists one per file in `files`)."""
+        return self.files[0].sha256 if len(self.files) == 1 and self.files[0].path == self.output else None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {
+            "output": str(self.output), "method": self.report.plan.method,
+            "checkpoints": len(self.report.checkpoints), "tensors": len(self.report.specs),
+            "bytes": self.nbytes, "sha256": self.sha256, "seconds": round(self.seconds, 3),
+        }
+        if self.sha256 is None:
+            out["files"] = [{"path": str(f.path), "bytes": f.nbytes, "sha256": f.sha256} for f in self.files]
+        return out
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    path: Path
+    nbytes: int
+    sha256: str
+
+
+def provenance(report: PlanReport) -> dict[str, str]:
+    """The output's __metadata__: which files, in which order, with which weights, by which version."""
+    inputs = [
+        {"path": str(c.path), "weight": w, "step": c.meta.step, "epoch": c.meta.epoch}
+        for c, w in zip(report.checkpoints, report.weights.values, strict=True)
+    ]
+    return {
+        "format": "pt",
+        "ckptavg_version": __version__,
+        "ckptavg_method": report.plan.method,
+        "ckptavg_params": json.dumps(report.plan.params(), sort_keys=True),
+        "ckptavg_order": report.order,
+        "ckptavg_residual": repr(report.weights.residual),
+        "ckptavg_inputs": json.dumps(inputs),
+    } | ({"ckptavg_details": json.dumps(details)} if (details := report.details()) else {})

@@ -1,0 +1,1 @@
+"""write stage of ckptavg (see the README's module map)."""

@@ -1,0 +1,240 @@
+"""Hugging Face style output folders: `model.safetensors`, or shards plus `model.safetensors.index.json`,
+and the newest input folder's sidecar files (config, tokenizer), so the result loads like the inputs.
+
+Every file is written to a temp name first; only when all of them are complete are they renamed into
+place (shards, then sidecars, then the index last), so a failure leaves the folder as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from ..errors import OutputError, PlanError
+from ..layout import Sink, TensorSpec
+from ..read.checkpoint import Checkpoint
+from ..read.hf_folder import HF_WEIGHT_FILES
+from .outfile import temp_beside, usual_mode
+from .safetensors import SafetensorsWriter
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# Files of a training folder that are not part of the model: never copied into the output.
+TRAINING_FILES = re.compile(
+    r"(trainer_state\.json|training_args\.bin|optimizer\.(pt|bin)|scheduler\.(pt|bin)|scaler\.pt|rng_state.*\.pth"
+    r"|.*\.(safetensors|bin|pt|pth|ckpt|distcp)|.*\.index\.json|\.metadata)"
+)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' (decimal, as Hugging Face counts), '500MiB' (binary) or a byte count -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise PlanError(f"--max-shard-size {text!r}: give a size such as 5GB, 500MB or 2GiB.")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+def is_folder_output(output: str | os.PathLike[str]) -> bool:
+    """`-o DIR/` (trailing slash, so pass the text, not a Path) or an existing directory asks for a folder."""
+    return Path(output).is_dir() or os.fspath(output).endswith(os.sep)
+
+
+def balance(sizes: Sequence[int], parts: int) -> list[int]:
+    """Assign items to `parts` bins, largest first to the least loaded bin (ties: the lowest bin).
+
+    Deterministic, so every rank computes the same assignment without talking to the others.
+    """
+    load = [0] * parts
+    owner = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        b = min(range(parts), key=lambda b: (load[b], b))
+        owner[i] = b
+        load[b] += sizes[i]
+    return owner
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One output file and the tensors it holds."""
+
+    name: str
+    specs: tuple[TensorSpec, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+
+def plan_shards(
+    specs: Sequence[TensorSpec], max_bytes: int | None, like: Checkpoint | None = None, parts: int = 1
+) -> list[Shard]:
+    """Assign tensors to files: the first input's layout (`like`), or greedily in order up to `max_bytes`
+    per file (a tensor larger than that gets a file of its own), or `parts` files of balanced size (one per
+    rank of a distributed job), or one file."""
+    if like is not None:
+        return _like_input(specs, like)
+    if max_bytes is None and parts > 1:
+        owner = balance([s.nbytes for s in specs], parts)
+        return _numbered([[s for s, o in zip(specs, owner, strict=True) if o == p] for p in range(parts)])
+    groups: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if max_bytes is not None and groups[-1] and size + spec.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += spec.nbytes
+    return _numbered(groups)
+
+
+def _numbered(groups: list[list[TensorSpec]]) -> list[Shard]:
+    groups = [g for g in groups if g]
+    if len(groups) <= 1:
+        return [Shard(SINGLE, tuple(groups[0] if groups else ()))]
+    n = len(groups)
+    return [Shard(f"model-{i:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups, 1)]
+
+
+def write_shards(folder: Path, shards: Sequence[Shard], metadata: dict[str, str],
+                 fill: Callable[[Sequence[TensorSpec], Sink], None]) -> list[SafetensorsWriter]:
+    """Stream into every shard at once (in file order) through temp files; return the finished writers,
+    whose temp files (`done`) the caller renames with `commit`. On failure no temp file is left."""
+    writers: list[SafetensorsWriter] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            for sh in shards:
+                writers.append(stack.enter_context(SafetensorsWriter(folder / sh.name, sh.specs, metadata, rename=False)))
+            owner = {spec.name: w for w in writers for spec in w.order}
+            fill([spec for w in writers for spec in w.order], lambda spec, _, block: owner[spec.name].write_part(block))
+    except BaseException:
+        discard(writers)
+        raise
+    return writers
+
+
+def discard(writers: Sequence[SafetensorsWriter]) -> None:
+    """Remove the finished temp files of writers that will not be committed."""
+    for w in writers:
+        if w.done is not None:
+            w.done.unlink(missing_ok=True)
+
+
+def commit(folder: Path, writers: Sequence[SafetensorsWriter], copies: Sequence[Path], index: str | None) -> None:
+    """Rename the shards into place, then the sidecar copies, then the index; on failure remove every
+    temp file not yet renamed."""
+    temps = [(w.done, w.path) for w in writers if w.done is not None]
+    try:
+        temps += [(copy_temp(src, folder), folder / src.name) for src in copies]
+        if index is not None:
+            temps.append((write_text_temp(folder, INDEX, index), folder / INDEX))
+        for i, (tmp, final) in enumerate(temps):
+            os.replace(tmp, final)
+            temps[i] = (final, final)
+    except BaseException:
+        for tmp, final in temps:
+            if tmp != final:
+                tmp.unlink(missing_ok=True)
+        raise
+
+
+def _like_input(specs: Sequence[TensorSpec], like: Checkpoint) -> list[Shard]:
+    files = {like.tensors[s.name].path.name for s in specs}
+    if not like.path.is_dir() or len(files) < 2:
+        raise PlanError(f"--shards like-input: {like.path} is not a sharded Hugging Face folder; "
+                        "use --max-shard-size instead.")
+    by_file: dict[str, list[TensorSpec]] = {}
+    for s in specs:
+        name = like.tensors[s.name].path.name
+        if not name.endswith(".safetensors"):  # .bin shards become safetensors shards of the same number
+            name = re.sub(r"^pytorch_model", "model", name.rsplit(".", 1)[0]) + ".safetensors"
+        by_file.setdefault(name, []).append(s)
+    return [Shard(name, tuple(group)) for name, group in sorted(by_file.items())]
+
+
+def index_json(shards: Sequence[Shard]) -> str:
+    """The model.safetensors.index.json that transformers reads: total size and tensor -> file.
+    (The provenance is in every shard's own metadata.)"""
+    weight_map = {s.name: shard.name for shard in shards for s in shard.specs}
+    body = {"metadata": {"total_size": sum(sh.nbytes for sh in shards)},
+            "weight_map": dict(sorted(weight_map.items()))}
+    return json.dumps(body, indent=2) + "\n"
+
+
+def sidecars(ckpts: Sequence[Checkpoint]) -> list[Path]:
+    """Files to copy: those of the newest input folder that are neither weights nor training state."""
+    folders = [c.path for c in ckpts if c.path.is_dir()]
+    if not folders:
+        return []
+    newest = folders[-1]
+    return sorted(p for p in newest.iterdir()
+                  if p.is_file() and p.name not in HF_WEIGHT_FILES and not TRAINING_FILES.fullmatch(p.name))
+
+
+def check_folder(out: Path, names: Sequence[str], inputs: Sequence[Path], force: bool) -> None:
+    """Refuse an output folder that holds an input, or files we would overwrite (without force)."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a directory; give a new or existing folder.")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out}: parent directory {out.parent} does not exist; create it first.")
+    resolved = out.resolve()
+    for src in inputs:
+        if src.resolve().parent == resolved or src.resolve() == resolved:
+            raise OutputError(f"{out}: holds the input {src}; choose another output folder.")
+    stale = sorted(p.name for p in out.iterdir() if p.name not in names and _is_weights(p.name)) if out.is_dir() else []
+    if stale:
+        raise OutputError(f"{out}: holds other weight files ({', '.join(stale[:3])}) that would mix with the new ones; "
+                          "remove them or choose an empty folder.")
+    clash = [n for n in names if (out / n).exists()]
+    if clash and not force:
+        raise OutputError(f"{out}: already holds {', '.join(clash[:3])}; pass --force to overwrite.")
+
+
+def _is_weights(name: str) -> bool:
+    return name in HF_WEIGHT_FILES or name.endswith((".safetensors", ".index.json")) or name.startswith("pytorch_model")
+
+
+def copy_temp(src: Path, folder: Path) -> Path:
+    """Copy a sidecar file to a temp name in `folder`, to be renamed into place with the shards."""
+
+    def fill(f: IO[bytes]) -> None:
+        with open(src, "rb") as s:
+            shutil.copyfileobj(s, f)
+
+    return _filled_temp(folder, src.name, fill, f"cannot copy from {src}")
+
+
+def write_text_temp(folder: Path, name: str, text: str) -> Path:
+    """Write `text` to a temp name in `folder`, to be renamed into place with the shards."""
+    return _filled_temp(folder, name, lambda f: f.write(text.encode()), "cannot write")
+
+
+def _filled_temp(folder: Path, name: str, fill: Callable[[IO[bytes]], object], failure: str) -> Path:
+    """A temp file for `name` in `folder`, filled and sealed; on any failure (Ctrl-C too: commit()'s clean-up
+    does not know the file yet) it is removed, and an OSError becomes one OutputError naming `failure`."""
+    fd, tmp = temp_beside(folder, name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+            _seal(f)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OutputError(f"{folder / name}: {failure} ({e.strerror}).") from None
+        raise
+    return tmp
+
+
+def _seal(f: IO[Any]) -> None:
+    """Make a written temp file durable, with the mode of the shards beside it, before its rename."""
+    f.flush()
+    os.fsync(f.fileno())
+    usual_mode(f.fileno())

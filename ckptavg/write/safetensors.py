@@ -1,0 +1,152 @@
+"""Streaming safetensors writer: header first, then each tensor as it is produced; atomic rename.
+
+The layout follows safetensors' own `save_file` (tensors ordered by dtype rank, then name; the JSON
+header padded with spaces to a multiple of 8), so the bytes are deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from ..errors import OutputError
+from ..layout import DTYPE_NAMES, TensorSpec, byte_view
+from .outfile import OutputFile
+
+# safetensors' write order: larger-rank dtypes first (its Dtype enum, descending).
+_RANK = [
+    "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
+    "I32", "U32", "F32", "C64", "F64", "I64", "U64",
+]
+
+
+def write_order(specs: Sequence[TensorSpec]) -> list[TensorSpec]:
+    """The order in which tensors lie in the file."""
+    return sorted(specs, key=lambda s: (-_RANK.index(DTYPE_NAMES[s.out_dtype]), s.name))
+
+
+def check_output(output: Path, inputs: Sequence[Path], force: bool) -> None:
+    """Refuse an output that is an input, that exists (without force), or whose directory is missing."""
+    if output.is_dir():
+        raise OutputError(f"{output}: is a directory; give a file path such as {output / 'avg.safetensors'}.")
+    parent = output.parent
+    if not parent.is_dir():
+        raise OutputError(f"{output}: directory {parent} does not exist; create it first.")
+    for src in inputs:
+        if _same(output, src):
+            raise OutputError(f"{output}: is one of the inputs; choose another output path.")
+    if output.exists() and not force:
+        raise OutputError(f"{output}: already exists; pass --force to overwrite it.")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{output}: directory {parent} is not writable.")
+
+
+def _same(output: Path, src: Path) -> bool:
+    if output.resolve() == src.resolve():
+        return True
+    try:
+        return output.exists() and os.path.samefile(output, src)
+    except OSError:
+        return False
+
+
+class SafetensorsWriter:
+    """Write tensors to `path` in `write_order`, through a temp file renamed into place on success.
+
+    Use as a context manager; on any exception (Ctrl-C included) the temp file is removed and
+    nothing appears at `path`.
+    """
+
+    def __init__(self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str], rename: bool = True) -> None:
+        self.path = path
+        self._rename = rename  # False: leave the finished temp file at `self.done` for the caller to rename
+        self.done: Path | None = None
+        self.order = write_order(specs)
+        self._next = 0
+        self._filled = 0  # bytes of order[_next] written so far
+        self._header = self._build_header(metadata)
+        self._file: OutputFile | None = None
+        self._sha256: str | None = None
+        self._placed = False  # the finished file is renamed into place, or handed over as `done`
+
+    def _build_header(self, metadata: dict[str, str]) -> bytes:
+        header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+        offset = 0
+        for s in self.order:
+            header[s.name] = {
+                "dtype": DTYPE_NAMES[s.out_dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]
+            }
+            offset += s.nbytes
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        raw += b" " * (-len(raw) % 8)
+        return struct.pack("<Q", len(raw)) + raw
+
+    def __enter__(self) -> SafetensorsWriter:
+        self._file = OutputFile(self.path, len(self._header) + sum(s.nbytes for s in self.order))
+        try:
+            self._file.write(memoryview(self._header))
+        except BaseException:
+            self._file.discard()
+            raise
+        return self
+
+    def write(self, tensor: torch.Tensor) -> None:
+        """Write the next tensor of `order` whole; its shape and dtype must match the spec."""
+        spec = self.order[self._next]
+        if tuple(tensor.shape) != spec.shape or self._filled:
+            raise AssertionError(f"writer got {tensor.dtype}{list(tensor.shape)} for {spec}")  # a bug, not input
+        self.write_part(tensor.reshape(-1))
+
+    def write_part(self, block: torch.Tensor) -> None:
+        """Write the next elements of the current tensor of `order`; move on when it is complete."""
+        assert self._file is not None
+        spec = self.order[self._next]
+        t = block.contiguous()
+        if t.dtype != spec.out_dtype or self._filled + t.nbytes > spec.nbytes:
+            raise AssertionError(f"writer got {t.dtype}[{t.numel()}] for {spec}")  # a bug, not input
+        if t.numel():
+            self._file.write(byte_view(t))
+        self._filled += t.nbytes
+        if self._filled == spec.nbytes:
+            self._next, self._filled = self._next + 1, 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._file.nbytes if self._file else 0
+
+    @property
+    def sha256(self) -> str:
+        """The sha256 of the written file (known once the writer has finished)."""
+        if self._sha256 is None:
+            raise AssertionError("sha256 asked for before the writer finished")
+        return self._sha256
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._file is not None
+        try:
+            if exc_type is None:
+                if self._next != len(self.order):
+                    raise AssertionError("writer closed before every tensor was written")
+                self._finish(self._file)
+        finally:
+            if not self._placed:  # failed, or interrupted: leave nothing behind
+                self._file.discard()
+
+    def _finish(self, file: OutputFile) -> None:
+        self._sha256 = file.finish()
+        if self._rename:
+            try:
+                os.replace(file.temp, self.path)
+            except OSError as e:
+                raise OutputError(f"{self.path}: cannot finish writing ({e.strerror}); nothing was written.") from None
+        else:
+            self.done = file.temp
+        self._placed = True
