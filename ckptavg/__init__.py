@@ -14,9 +14,9 @@ from .errors import (
     PlanError,
     SelectionError,
 )
-from .methods.base import PLANS, GraftGroup, Plan, Weights
+from .methods.base import PLANS, Plan, WeightMatrix, Weights
 from .methods.ema import Ema
-from .methods.graft import Graft
+from .methods.graft import Graft, GraftGroup
 from .methods.linear import Linear
 from .methods.soup import Soup
 from .methods.uniform import Swa
@@ -32,7 +32,7 @@ __all__ = [
     "PLANS", "AverageResult", "BatchNormError", "BatchNormOptions", "CheckpointFormatError", "Checkpoint",
     "CkptavgError", "CkptavgWarning", "Ema", "Graft", "GraftGroup", "Group", "IncompatibleCheckpointsError", "Linear",
     "LoadOptions", "NonFiniteError", "OutputError", "Plan", "PlanError", "PlanReport", "Selection",
-    "SelectionError", "Soup", "Swa", "Weights", "__version__", "average_checkpoints", "find_checkpoints",
+    "SelectionError", "Soup", "Swa", "WeightMatrix", "Weights", "__version__", "average_checkpoints", "find_checkpoints",
     "inspect_checkpoint", "open_checkpoint", "plan_checkpoints",
 ]
 

@@ -23,7 +23,7 @@ from .read.checkpoint import Checkpoint, LoadOptions, PathLike
 from .read.discover import find_checkpoints
 from .read.layouts import open_checkpoint
 from .reduce.stream import resolve_device, stream_reduce
-from .reduce.tensor import check_finite, work_bytes
+from .reduce.tensor import CheckpointData, check_finite, work_bytes
 from .results import AverageResult, PlanReport, WrittenFile, provenance
 from .select import Selection, order_checkpoints, select_checkpoints
 from .write.hf_folder import (
@@ -76,8 +76,8 @@ def _plan(paths: list[Path], plan: Plan, select: Selection, load: LoadOptions, d
     ordered, used = order_checkpoints(opened, select.order)
     chosen = select_checkpoints(ordered, select)
     specs = check_layout(chosen, out_dtype)  # before the weights: grafts and soups read tensor data
-    weights = plan.weights(chosen)
-    return PlanReport(plan, chosen, weights, used, specs, select.metric, ordered)
+    matrix = plan.weights(chosen, CheckpointData(chosen, specs))
+    return PlanReport(plan, chosen, matrix, used, specs, select.metric, ordered)
 
 
 def average_checkpoints(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+
 
 def one_line(value: object, limit: int | None = None) -> str:
     """`value` for a one-line message: control characters escaped (a newline in a file name or tensor key),
@@ -25,7 +28,24 @@ def listing(items: list[str], limit: int, sep: str = ", ") -> str:
 
 
 class CkptavgError(Exception):
-    """Base class of every error ckptavg raises for bad input (not for bugs)."""
+    """Base class of every error ckptavg raises for bad input (not for bugs).
+
+    `params` names the library parameters that the message mentions, written in it as plain words
+    (``decay must be between 0 and 1``); the command line shows each as its flag (``--decay``), through
+    one table, so that library messages never name flags.
+    """
+
+    def __init__(self, message: str = "", *, params: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.params = params
+
+    def with_names(self, names: Mapping[str, str]) -> str:
+        """The message with each of `params` replaced by its name in `names` (a flag), whole words only."""
+        text = str(self)
+        for param in self.params:
+            if param in names:
+                text = re.sub(rf"(?<![\w.-]){re.escape(param)}(?![\w-])", names[param], text)
+        return text
 
 
 class CheckpointFormatError(CkptavgError, ValueError):

@@ -9,7 +9,7 @@ from typing import Any
 
 from ._version import __version__
 from .layout import TensorSpec
-from .methods.base import Plan, Weights
+from .methods.base import Plan, WeightMatrix, Weights
 from .read.checkpoint import Checkpoint
 
 
@@ -19,11 +19,16 @@ class PlanReport:
 
     plan: Plan
     checkpoints: list[Checkpoint]
-    weights: Weights
+    matrix: WeightMatrix
     order: str
     specs: list[TensorSpec] = field(default_factory=list)
     metric: str | None = None
     considered: list[Checkpoint] = field(default_factory=list)  # every checkpoint found, before selection
+
+    @property
+    def weights(self) -> Weights:
+        """The weights of the first (usually the only) output row."""
+        return self.matrix.rows[0]
 
     @property
     def nbytes(self) -> int:
@@ -59,15 +64,7 @@ class PlanReport:
         out: dict[str, Any] = {}
         if self.metric:
             out["metric_name"] = self.metric
-        if self.weights.groups:
-            out["groups"] = [
-                {"tensor": g.tensor, "members": list(g.members), "entropies": list(g.entropies),
-                 "weights": list(g.weights)}
-                for g in self.weights.groups
-            ]
-        if self.weights.scores:
-            out["scores"] = list(self.weights.scores)
-        return out
+        return out | dict(self.matrix.details)
 
 
 @dataclass

@@ -78,21 +78,22 @@ def test_graft_two_checkpoints_reproduces_the_paper_coefficient(tmp_path: Path) 
         assert leader is not None
         expected = (alpha * ta.double() + (1 - alpha) * b[key].double()).float()
         torch.testing.assert_close(got[key], expected, rtol=0, atol=1e-7)
-    groups = {g.tensor: g for g in report.weights.groups}
+    groups = {g["tensor"]: g for g in report.matrix.details["groups"]}
     assert set(groups) == {"conv1.weight", "conv2.weight", "fc.weight"}
-    assert groups["conv1.weight"].members[:2] == ("conv1.weight", "conv1.bias")
-    assert "bn1.running_var" in groups["conv1.weight"].members
+    assert groups["conv1.weight"]["members"][:2] == ["conv1.weight", "conv1.bias"]
+    assert "bn1.running_var" in groups["conv1.weight"]["members"]
     assert sum(report.weights.values) == pytest.approx(1.0)
 
 
 def test_graft_conv_groups_follow_the_reference_rule() -> None:
     report = ckptavg.plan_checkpoints(str(RUNS / "plain"), Graft(groups="conv"), select=Selection(last=3))
-    leaders = [g.tensor for g in report.weights.groups]
+    groups = report.matrix.details["groups"]
+    leaders = [g["tensor"] for g in groups]
     assert leaders == ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"]
-    last = report.weights.groups[-1]
-    assert "fc.weight" in last.members and "bn2.weight" in last.members
-    for g in report.weights.groups:
-        assert sum(g.weights) == pytest.approx(1.0) and len(g.entropies) == 3
+    last = groups[-1]
+    assert "fc.weight" in last["members"] and "bn2.weight" in last["members"]
+    for g in groups:
+        assert sum(g["weights"]) == pytest.approx(1.0) and len(g["entropies"]) == 3
 
 
 def _onehot_checkpoints(tmp_path: Path, n: int) -> list[str]:
@@ -121,7 +122,7 @@ def test_greedy_soup_worked_example(strict: bool, members: str, tmp_path: Path) 
     report = ckptavg.plan_checkpoints(paths, Soup(evaluate=_mock_eval, strict=strict))
     expected = [1 / len(members) if "ABCD"[i] in members else 0.0 for i in range(4)]
     assert list(report.weights.values) == pytest.approx(expected)
-    candidates = [s for s in report.weights.scores if s["kind"] == "candidate"]
+    candidates = [s for s in report.matrix.details["scores"] if s["kind"] == "candidate"]
     assert [s["score"] for s in candidates] == [0.81, 0.81, 0.79]  # AC, then ABC, then A C (B) D
 
 
@@ -142,8 +143,8 @@ def test_soup_cli_with_eval_file(tmp_path: Path) -> None:
 def test_soup_on_fixtures_is_no_worse_than_the_best_single() -> None:
     mod = load_model_module()
     report = ckptavg.plan_checkpoints(str(RUNS / "plain"), Soup(evaluate=mod.accuracy))
-    singles = [s["score"] for s in report.weights.scores if s["kind"] == "single"]
-    accepted = [s["score"] for s in report.weights.scores if s["accepted"]]
+    singles = [s["score"] for s in report.matrix.details["scores"] if s["kind"] == "single"]
+    accepted = [s["score"] for s in report.matrix.details["scores"] if s["accepted"]]
     assert accepted[-1] >= max(singles)
 
 

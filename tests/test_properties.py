@@ -35,10 +35,11 @@ from typer.testing import CliRunner
 import ckptavg
 from ckptavg import Ema, Graft, Linear, Plan, PlanError, Soup, Swa, average_checkpoints
 from ckptavg.cli.app import app
-from ckptavg.layout import DTYPE_NAMES, TensorSpec
+from ckptavg.layout import DTYPE_NAMES, TensorSpec, check_layout
 from ckptavg.read.checkpoint import Checkpoint
 from ckptavg.read.lazy import LazyTensor
 from ckptavg.read.metadata import Meta
+from ckptavg.reduce.tensor import CheckpointData
 from ckptavg.write.safetensors import SafetensorsWriter
 
 FAST = settings(max_examples=25, deadline=None, derandomize=True, database=None,
@@ -71,26 +72,35 @@ ema_plans = st.one_of(
 )
 
 
-def check_distribution(plan: Plan, weights: Any) -> None:
+def weights_of(plan: Plan, ckpts: list[Checkpoint]) -> Any:
+    """The one row of a plan's matrix, with the method's details beside it (as `plan_checkpoints` builds them)."""
+    specs = check_layout(ckpts) if ckpts[0].tensors else []
+    matrix = plan.weights(ckpts, CheckpointData(ckpts, specs))
+    assert len(matrix.rows) == 1
+    return matrix
+
+
+def check_distribution(plan: Plan, matrix: Any) -> None:
+    weights = matrix.rows[0]
     values, residual = list(weights.values), weights.residual
     assert all(math.isfinite(w) for w in values) and math.isfinite(residual), (plan, values, residual)
     assert all(w >= 0 for w in values) and 0 <= residual <= 1, (plan, values, residual)
     assert math.isclose(math.fsum(values) + residual, 1.0, abs_tol=1e-9), (plan, values, residual)
-    for group in weights.groups:
-        assert math.isclose(math.fsum(group.weights), 1.0, abs_tol=1e-9), (plan, group)
+    for group in matrix.details.get("groups", []):
+        assert math.isclose(math.fsum(group["weights"]), 1.0, abs_tol=1e-9), (plan, group)
 
 
 @FAST
 @given(plan=st.one_of(st.just(Swa()), ema_plans), steps=steps_st)
 def test_ema_and_swa_weights_sum_to_one_minus_residual(plan: Plan, steps: list[int]) -> None:
     try:
-        weights = plan.weights(fake_checkpoints(steps))
+        weights = weights_of(plan, fake_checkpoints(steps))
     except PlanError as e:  # documented refusals only: bias-correct with all the mass on the start value
         assert "bias-correct" in str(e), e
         return
     check_distribution(plan, weights)
     if isinstance(plan, Ema) and plan.init != "zero":
-        assert weights.residual == 0.0
+        assert weights.rows[0].residual == 0.0
 
 
 @FAST
@@ -98,9 +108,9 @@ def test_ema_and_swa_weights_sum_to_one_minus_residual(plan: Plan, steps: list[i
 def test_normalized_linear_weights_sum_to_one(raw: list[float]) -> None:
     assume(math.fsum(raw) > 1e-6)
     plan = Linear(tuple(raw), normalize=True)
-    weights = plan.weights(fake_checkpoints(range(1, len(raw) + 1)))
+    weights = weights_of(plan, fake_checkpoints(range(1, len(raw) + 1)))
     check_distribution(plan, weights)
-    for got, w in zip(weights.values, raw, strict=True):  # proportional to what was given
+    for got, w in zip(weights.rows[0].values, raw, strict=True):  # proportional to what was given
         assert math.isclose(got, w / math.fsum(raw), rel_tol=1e-12, abs_tol=1e-15)
 
 
@@ -112,7 +122,7 @@ def test_graft_weights_sum_to_one_in_every_group(n: int, seed: int, mode: str, d
     tensors = [{"conv.weight": torch.randn(4, 3, generator=g) * scale * (i + 1), "conv.bias": torch.randn(4, generator=g),
                 "fc.weight": torch.randn(2, 4, generator=g) ** (i + 1), "count": torch.tensor(i)} for i in range(n)]
     plan = Graft(mode=mode, round_digits=digits)
-    check_distribution(plan, plan.weights(fake_checkpoints(range(1, n + 1), tensors)))
+    check_distribution(plan, weights_of(plan, fake_checkpoints(range(1, n + 1), tensors)))
 
 
 @FAST
@@ -121,9 +131,9 @@ def test_soup_weights_sum_to_one(scores: list[int], strict: bool, mode: str) -> 
     """Greedy soups: the evaluation reads back a score planted in each checkpoint (averaged for candidates)."""
     tensors = [{"score": torch.tensor([float(s)])} for s in scores]
     plan = Soup(evaluate=lambda sd: float(sd["score"][0]), mode=mode, strict=strict)
-    weights = plan.weights(fake_checkpoints(range(1, len(scores) + 1), tensors))
+    weights = weights_of(plan, fake_checkpoints(range(1, len(scores) + 1), tensors))
     check_distribution(plan, weights)
-    chosen = [w > 0 for w in weights.values]
+    chosen = [w > 0 for w in weights.rows[0].values]
     best = max(scores) if mode == "max" else min(scores)
     assert chosen[scores.index(best)], "the best single checkpoint starts the soup"
 

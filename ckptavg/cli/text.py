@@ -49,20 +49,22 @@ def format_plan(report: PlanReport) -> str:
 
 
 def _groups(report: PlanReport) -> list[str]:
-    if not report.weights.groups:
+    groups = report.matrix.details.get("groups")
+    if not groups:
         return []
     rows = [["group", "tensors", "entropies", "weights"]]
-    for g in report.weights.groups:
-        rows.append([g.tensor or "(before the first group: uniform)", str(len(g.members)),
-                     " ".join(f"{h:.4f}" for h in g.entropies) or "-", " ".join(f"{w:.4f}" for w in g.weights)])
+    for g in groups:
+        rows.append([g["tensor"] or "(before the first group: uniform)", str(len(g["members"])),
+                     " ".join(f"{h:.4f}" for h in g["entropies"]) or "-", " ".join(f"{w:.4f}" for w in g["weights"])])
     return ["", "per-tensor weights (weight column above: mean weighted by parameter count):", _table(rows)]
 
 
 def _scores(report: PlanReport) -> list[str]:
-    if not report.weights.scores:
+    scores = report.matrix.details.get("scores")
+    if not scores:
         return []
     rows = [["evaluated", "score", "kept"]]
-    for s in report.weights.scores:
+    for s in scores:
         names = " + ".join(p.rsplit("/", 1)[-1] for p in s["members"])
         rows.append([f"{s['kind']}: {names}", f"{s['score']:.6g}", "yes" if s["accepted"] else "no"])
     return ["", _table(rows)]

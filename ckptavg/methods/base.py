@@ -1,65 +1,106 @@
 """Weighting plans: each averaging method is a small frozen value, validated when it is built.
 
-A plan turns the ordered, selected checkpoints into one weight per checkpoint (plus any residual
-mass the method leaves on an initial value) before a single tensor is read.
+A plan turns the metadata of the ordered, selected checkpoints into a weight matrix (outputs x
+checkpoints, plus any residual mass a row leaves on an initial value) before a tensor is read; the
+few plans that need tensor data (graft, soup) get a narrow `TensorAccess`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cached_property
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
 
 from ..errors import PlanError
-from ..read.checkpoint import Checkpoint
+from ..layout import TensorSpec
+from ..read.metadata import Meta
 
 
-@dataclass(frozen=True)
-class GraftGroup:
-    """Tensors that share one weight vector (grafting): the tensor whose entropies set it, and its followers."""
+class Entry(Protocol):
+    """What a plan sees of one checkpoint: a name for messages and its metadata (step, epoch, metrics)."""
 
-    tensor: str | None
-    members: tuple[str, ...]
-    entropies: tuple[float, ...]
-    weights: tuple[float, ...]
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def meta(self) -> Meta: ...
+
+
+class TensorAccess(Protocol):
+    """The narrow view of tensor data that plans needing it (graft, soup) get: nothing else reads files."""
+
+    @property
+    def specs(self) -> Sequence[TensorSpec]:
+        """The output layout, in state-dict order."""
+        ...
+
+    def load(self, index: int, key: str) -> torch.Tensor:
+        """Tensor `key` of checkpoint `index` (in plan order), as stored."""
+        ...
+
+    def average(self, members: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The uniform average of the checkpoints at `members`, in the output dtypes, as a state dict."""
+        ...
 
 
 @dataclass(frozen=True)
 class Weights:
-    """One weight per checkpoint, in checkpoint order, and the mass left on an initial value.
+    """One output row: a weight per checkpoint, in checkpoint order, and the mass left on an initial value.
 
-    Per-tensor methods (grafting) add `groups`; `values` is then the parameter-count-weighted mean
-    weight of each checkpoint. Methods that evaluate candidates (soups) add `scores`.
+    `by_tensor` holds per-tensor weights where a method has them (grafting); `values` is then the
+    parameter-count-weighted mean weight of each checkpoint. `name` and `params` tell the rows of a
+    sweep apart (``sigma_rel=0.1``; empty for a single row).
     """
 
     values: tuple[float, ...]
     residual: float = 0.0
-    groups: tuple[GraftGroup, ...] = ()
-    scores: tuple[dict[str, Any], ...] = ()
-
-    @cached_property
-    def _by_tensor(self) -> dict[str, tuple[float, ...]]:
-        return {m: g.weights for g in self.groups for m in g.members}
+    by_tensor: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    name: str = ""
+    params: Mapping[str, Any] = field(default_factory=dict)
 
     def for_tensor(self, name: str) -> tuple[float, ...]:
         """The weights that apply to one tensor."""
-        return self._by_tensor.get(name, self.values)
+        return self.by_tensor.get(name, self.values)
+
+
+@dataclass(frozen=True)
+class WeightMatrix:
+    """The weights of a plan: one row per output (outputs x checkpoints), and the method's extras.
+
+    `details` is JSON-able (graft groups, soup scores); it goes into `plan --json` and the output metadata.
+    """
+
+    rows: tuple[Weights, ...]
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def single(cls, values: Sequence[float], residual: float = 0.0, details: Mapping[str, Any] | None = None
+               ) -> WeightMatrix:
+        """A one-row matrix: what every method but a sweep returns."""
+        return cls((Weights(tuple(values), residual),), details or {})
 
 
 class Plan:
     """Base class of the weighting plans; subclasses are frozen dataclasses."""
 
     method: ClassVar[str]
+    summary: ClassVar[str] = ""  # one line for `--help` and the README
+    paper: ClassVar[str] = ""  # where the method comes from (arXiv id or URL)
     min_checkpoints: ClassVar[int] = 1
 
     def params(self) -> dict[str, Any]:
         """The plan's parameters as plain values (recorded in the output and in `plan --json`)."""
         return dataclasses.asdict(self)  # type: ignore[call-overload, no-any-return]
 
-    def weights(self, ckpts: Sequence[Checkpoint]) -> Weights:
-        """Weights for checkpoints already ordered oldest first."""
+    def weights(self, ckpts: Sequence[Entry], data: TensorAccess | None = None) -> WeightMatrix:
+        """Weights for checkpoints already ordered oldest first; `data` only for plans that read tensors."""
         raise NotImplementedError  # pragma: no cover - every registered plan overrides it
 
     def check_count(self, n: int) -> None:

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import PlanError, listing
-from ..read.checkpoint import Checkpoint
 from . import schedules
-from .base import Plan, Weights, register
+from .base import Entry, Plan, TensorAccess, WeightMatrix, register
 
 
 @register
@@ -22,6 +21,8 @@ class Ema(Plan):
     """
 
     method: ClassVar[str] = "ema"
+    summary: ClassVar[str] = "Exponential moving average weights over checkpoints, computed in closed form."
+    paper: ClassVar[str] = "arXiv:2312.02696 (power-function EMA); timm ModelEmaV3 (per-step EMA)"
     decay: float | None = None
     step_decay: float | None = None
     sigma_rel: float | None = None
@@ -65,11 +66,11 @@ class Ema(Plan):
                 "warmup_gamma": self.warmup_gamma, "warmup_power": self.warmup_power, "min_decay": self.min_decay,
                 "update_after_step": self.update_after_step, "hold": self.hold, "init": self.init}
 
-    def weights(self, ckpts: Sequence[Checkpoint]) -> Weights:
+    def weights(self, ckpts: Sequence[Entry], data: TensorAccess | None = None) -> WeightMatrix:
         self.check_count(len(ckpts))
         if self.decay is not None:
             values, residual = schedules.ema_checkpoint_weights(len(ckpts), self.decay, self.init)
-            return Weights(tuple(values), residual)
+            return WeightMatrix.single(values, residual)
         steps = _steps(ckpts, "per-step EMA (--step-decay)" if self.step_decay is not None else "--sigma-rel")
         if self.sigma_rel is not None:
             values, residual = schedules.power_weights(steps, self.sigma_rel, hold=self.hold, init=self.init)
@@ -80,10 +81,10 @@ class Ema(Plan):
                 warmup_gamma=self.warmup_gamma, warmup_power=self.warmup_power, min_decay=self.min_decay,
                 update_after_step=self.update_after_step,
             )
-        return Weights(tuple(values), residual)
+        return WeightMatrix.single(values, residual)
 
 
-def _steps(ckpts: Sequence[Checkpoint], why: str) -> list[int]:
+def _steps(ckpts: Sequence[Entry], why: str) -> list[int]:
     missing = [c.name for c in ckpts if c.meta.step is None]
     if missing:
         raise PlanError(f"{why} needs the optimizer step of every checkpoint, but it is unknown for "

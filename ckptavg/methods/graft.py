@@ -7,6 +7,8 @@ more weight it gets. The weights need tensor data, so this plan reads the leadin
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -14,9 +16,9 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import PlanError
-from ..read.checkpoint import Checkpoint
+from ..layout import TensorSpec
 from . import entropy
-from .base import GraftGroup, Plan, Weights, register
+from .base import Entry, Plan, TensorAccess, WeightMatrix, Weights, register
 
 MODES = ("pairwise", "cyclic", "sequential")
 GROUPINGS = ("auto", "conv")
@@ -38,6 +40,8 @@ class Graft(Plan):
     """
 
     method: ClassVar[str] = "graft"
+    summary: ClassVar[str] = "Entropy-weighted filter grafting: each layer weighted by the information its weights carry."
+    paper: ClassVar[str] = "arXiv:2001.05868"
     min_checkpoints: ClassVar[int] = 1
     a: float = 0.4
     c: float = 500.0
@@ -64,47 +68,60 @@ class Graft(Plan):
         return {"a": self.a, "c": self.c, "bins": self.bins, "mode": self.mode, "groups": self.groups,
                 "round_digits": self.round_digits}
 
-    def weights(self, ckpts: Sequence[Checkpoint]) -> Weights:
+    def weights(self, ckpts: Sequence[Entry], data: TensorAccess | None = None) -> WeightMatrix:
         self.check_count(len(ckpts))
+        assert data is not None, "graft reads tensors: pass a TensorAccess"
         n = len(ckpts)
-        uniform = tuple(1.0 / n for _ in range(n))
-        groups = [self._group(ckpts, lead, members) for lead, members in self._partition(ckpts[0])]
-        sizes = [sum(ckpts[0].tensors[m].numel for m in g.members) for g in groups]
-        total = sum(sizes)
-        if total == 0:
-            return Weights(uniform, groups=tuple(groups))
-        mean = [sum(g.weights[i] * size for g, size in zip(groups, sizes, strict=True)) / total for i in range(n)]
-        return Weights(tuple(mean), groups=tuple(groups))
+        groups = [self._group(ckpts, data, lead, members) for lead, members in self._partition(data.specs)]
+        sizes = {s.name: math.prod(s.shape) for s in data.specs}
+        group_sizes = [sum(sizes[m] for m in g.members) for g in groups]
+        total = sum(group_sizes)
+        mean = [1.0 / n] * n if total == 0 else [
+            sum(g.weights[i] * size for g, size in zip(groups, group_sizes, strict=True)) / total for i in range(n)]
+        by_tensor = {m: g.weights for g in groups for m in g.members}
+        details = {"groups": [dataclasses.asdict(g) | {"members": list(g.members), "entropies": list(g.entropies),
+                                                       "weights": list(g.weights)} for g in groups]}
+        return WeightMatrix((Weights(tuple(mean), by_tensor=by_tensor),), details)
 
-    def _partition(self, ref: Checkpoint) -> list[tuple[str | None, list[str]]]:
+    def _partition(self, specs: Sequence[TensorSpec]) -> list[tuple[str | None, list[str]]]:
         """Split the floating tensors, in state-dict order, into (leader, members) groups."""
         parts: list[tuple[str | None, list[str]]] = [(None, [])]
-        for name, t in ref.tensors.items():
-            if not (t.dtype.is_floating_point or t.dtype.is_complex):
+        for spec in specs:
+            if not spec.averaged:
                 continue  # integer and bool tensors are copied, never grafted
-            leads = len(t.shape) >= 2 if self.groups == "auto" else "conv" in name
+            leads = len(spec.shape) >= 2 if self.groups == "auto" else "conv" in spec.name
             if leads:
-                parts.append((name, [name]))
+                parts.append((spec.name, [spec.name]))
             else:
-                parts[-1][1].append(name)
+                parts[-1][1].append(spec.name)
         return [p for p in parts if p[1]]
 
-    def _group(self, ckpts: Sequence[Checkpoint], lead: str | None, members: list[str]) -> GraftGroup:
+    def _group(self, ckpts: Sequence[Entry], data: TensorAccess, lead: str | None, members: list[str]) -> GraftGroup:
         if lead is None or len(ckpts) == 1:
             return GraftGroup(lead, tuple(members), (), tuple(1.0 / len(ckpts) for _ in ckpts))
         if self.mode == "sequential":
-            tensors = [c.tensors[lead].load() for c in ckpts]
+            tensors = [data.load(i, lead) for i in range(len(ckpts))]
             entropies = [self._entropy(c, lead, t) for c, t in zip(ckpts, tensors, strict=True)]
             w = entropy.graft_sequential_weights(
                 tensors, a=self.a, c=self.c, bins=self.bins, round_digits=self.round_digits
             )
         else:  # one tensor in memory at a time
-            entropies = [self._entropy(c, lead, c.tensors[lead].load()) for c in ckpts]
+            entropies = [self._entropy(c, lead, data.load(i, lead)) for i, c in enumerate(ckpts)]
             w = entropy.graft_weights(entropies, mode=self.mode, a=self.a, c=self.c, round_digits=self.round_digits)
         return GraftGroup(lead, tuple(members), tuple(entropies), tuple(w))
 
-    def _entropy(self, ckpt: Checkpoint, name: str, tensor: torch.Tensor) -> float:
+    def _entropy(self, ckpt: Entry, name: str, tensor: torch.Tensor) -> float:
         try:
             return entropy.graft_entropy(tensor, self.bins)
         except PlanError as e:
-            raise PlanError(f"{ckpt.path}: '{name}': {e}") from None
+            raise PlanError(f"{ckpt.name}: '{name}': {e}") from None
+
+
+@dataclass(frozen=True)
+class GraftGroup:
+    """Tensors that share one weight vector: the tensor whose entropies set it, and its followers."""
+
+    tensor: str | None
+    members: tuple[str, ...]
+    entropies: tuple[float, ...]
+    weights: tuple[float, ...]

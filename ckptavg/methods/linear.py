@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import CkptavgWarning, PlanError
-from ..read.checkpoint import Checkpoint
-from .base import Plan, Weights, register
+from .base import Entry, Plan, TensorAccess, WeightMatrix, register
 
 
 @register
@@ -18,6 +17,7 @@ class Linear(Plan):
     """User-given weights, one per selected checkpoint in order; `normalize` divides them by their sum."""
 
     method: ClassVar[str] = "linear"
+    summary: ClassVar[str] = "Average with your own weights, one per selected checkpoint."
     values: tuple[float, ...] = ()
     normalize: bool = False
 
@@ -32,7 +32,7 @@ class Linear(Plan):
     def params(self) -> dict[str, Any]:
         return {"weights": list(self.values), "normalize": self.normalize}
 
-    def weights(self, ckpts: Sequence[Checkpoint]) -> Weights:
+    def weights(self, ckpts: Sequence[Entry], data: TensorAccess | None = None) -> WeightMatrix:
         if len(self.values) != len(ckpts):
             raise PlanError(f"--weights has {len(self.values)} values but {len(ckpts)} checkpoints were "
                             "selected; give one weight per checkpoint (see `ckptavg plan linear`).")
@@ -47,7 +47,7 @@ class Linear(Plan):
             if abs(sum(values) - 1) > 1e-9:
                 warnings.warn(f"weights sum to {sum(values):.6g}, not 1, so the result is scaled; "
                               "pass --normalize to divide by their sum.", CkptavgWarning, stacklevel=2)
-        return Weights(tuple(values))
+        return WeightMatrix.single(values)
 
 
 def parse_weights(text: str) -> tuple[float, ...]:

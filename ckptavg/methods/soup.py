@@ -15,10 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import PlanError
-from ..layout import check_layout
-from ..read.checkpoint import Checkpoint
-from ..reduce.tensor import reduce_tensor
-from .base import Plan, Weights, register
+from .base import Entry, Plan, TensorAccess, WeightMatrix, register
 
 Evaluate = Callable[[dict[str, torch.Tensor]], float]
 
@@ -37,6 +34,8 @@ class Soup(Plan):
     """
 
     method: ClassVar[str] = "soup"
+    summary: ClassVar[str] = "Model soup: greedy (keep a checkpoint only if the average scores no worse) or uniform."
+    paper: ClassVar[str] = "arXiv:2203.05482"
     evaluate: Evaluate | None = field(default=None, compare=False, repr=False)
     mode: str = "max"
     uniform: bool = False
@@ -53,15 +52,17 @@ class Soup(Plan):
         fn = self.name or getattr(self.evaluate, "__qualname__", None)
         return {"eval": fn, "mode": self.mode, "uniform": self.uniform, "strict": self.strict}
 
-    def weights(self, ckpts: Sequence[Checkpoint]) -> Weights:
+    def weights(self, ckpts: Sequence[Entry], data: TensorAccess | None = None) -> WeightMatrix:
         self.check_count(len(ckpts))
+        if self.evaluate is not None:
+            assert data is not None, "an evaluated soup reads tensors: pass a TensorAccess"
         n = len(ckpts)
         if self.uniform:
             scores: list[dict[str, Any]] = []
             if self.evaluate is not None:
-                scores.append(self._record(ckpts, range(n), "uniform", accepted=True))
-            return Weights(tuple(1.0 / n for _ in range(n)), scores=tuple(scores))
-        singles = [self._record(ckpts, [i], "single", accepted=False) for i in range(n)]
+                scores.append(self._record(ckpts, data, range(n), "uniform", accepted=True))
+            return WeightMatrix.single([1.0 / n] * n, details={"scores": scores} if scores else None)
+        singles = [self._record(ckpts, data, [i], "single", accepted=False) for i in range(n)]
         sign = 1.0 if self.mode == "max" else -1.0
         ranked = sorted(range(n), key=lambda i: -sign * singles[i]["score"])  # stable: ties keep checkpoint order
         soup = [ranked[0]]
@@ -69,7 +70,7 @@ class Soup(Plan):
         best = singles[ranked[0]]["score"]
         trials: list[dict[str, Any]] = []
         for i in ranked[1:]:
-            trial = self._record(ckpts, sorted(soup + [i]), "candidate", accepted=False)
+            trial = self._record(ckpts, data, sorted(soup + [i]), "candidate", accepted=False)
             gain = sign * (trial["score"] - best)
             if gain > 0 or (gain == 0 and not self.strict):
                 soup.append(i)
@@ -77,18 +78,17 @@ class Soup(Plan):
                 trial["accepted"] = True
             trials.append(trial)
         weights = tuple(1.0 / len(soup) if i in soup else 0.0 for i in range(n))
-        return Weights(weights, scores=tuple(singles + trials))
+        return WeightMatrix.single(weights, details={"scores": singles + trials})
 
-    def _record(self, ckpts: Sequence[Checkpoint], members: Sequence[int], kind: str, accepted: bool) -> dict[str, Any]:
-        chosen = [ckpts[i] for i in members]
-        return {"kind": kind, "members": [str(c.path) for c in chosen],
-                "score": self._score(chosen), "accepted": accepted}
+    def _record(self, ckpts: Sequence[Entry], data: TensorAccess | None, members: Sequence[int], kind: str,
+                accepted: bool) -> dict[str, Any]:
+        assert data is not None
+        return {"kind": kind, "members": [str(ckpts[i].path) for i in members],
+                "score": self._score(data.average(members), " + ".join(ckpts[i].name for i in members)),
+                "accepted": accepted}
 
-    def _score(self, members: Sequence[Checkpoint]) -> float:
+    def _score(self, state: dict[str, torch.Tensor], label: str) -> float:
         assert self.evaluate is not None
-        weights = [1.0 / len(members)] * len(members)
-        state = {s.name: reduce_tensor(s, members, weights) for s in check_layout(members)}
-        label = " + ".join(c.name for c in members)
         try:
             value = self.evaluate(state)
         except Exception as e:  # noqa: BLE001 - the user's function failed: report it as one line

@@ -6,8 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..read.checkpoint import Checkpoint
-from .base import Plan, Weights, register
+from .base import Entry, Plan, TensorAccess, WeightMatrix, register
 
 
 @register
@@ -16,8 +15,10 @@ class Swa(Plan):
     """Uniform average (stochastic weight averaging, Izmailov et al. 2018, arXiv 1803.05407)."""
 
     method: ClassVar[str] = "swa"
+    summary: ClassVar[str] = "Uniform average of the selected checkpoints (stochastic weight averaging)."
+    paper: ClassVar[str] = "arXiv:1803.05407"
 
-    def weights(self, ckpts: Sequence[Checkpoint]) -> Weights:
+    def weights(self, ckpts: Sequence[Entry], data: TensorAccess | None = None) -> WeightMatrix:
         self.check_count(len(ckpts))
         n = len(ckpts)
-        return Weights(tuple(1.0 / n for _ in range(n)))
+        return WeightMatrix.single([1.0 / n] * n)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..errors import NonFiniteError
-from ..layout import TensorSpec, accumulator_dtype
+from ..layout import TensorSpec, accumulator_dtype, check_layout
 from ..read.checkpoint import Checkpoint
 
 
@@ -121,3 +121,23 @@ def check_finite(spec: TensorSpec, result: torch.Tensor, ckpts: Sequence[Checkpo
     raise NonFiniteError(
         f"'{spec.name}': the average overflows {spec.out_dtype}; choose a wider --dtype."
     )
+
+
+class CheckpointData:
+    """Tensor data of the selected checkpoints for the plans that need it (`methods.base.TensorAccess`)."""
+
+    def __init__(self, ckpts: Sequence[Checkpoint], specs: Sequence[TensorSpec]) -> None:
+        self._ckpts, self._specs = ckpts, specs
+
+    @property
+    def specs(self) -> Sequence[TensorSpec]:
+        return self._specs
+
+    def load(self, index: int, key: str) -> torch.Tensor:
+        return self._ckpts[index].tensors[key].load()
+
+    def average(self, members: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The uniform mean of some checkpoints, each tensor in its input dtype (what a soup evaluates)."""
+        chosen = [self._ckpts[i] for i in members]
+        weights = [1.0 / len(chosen)] * len(chosen)
+        return {s.name: reduce_tensor(s, chosen, weights) for s in check_layout(chosen)}
