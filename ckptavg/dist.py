@@ -13,7 +13,7 @@ import datetime
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -88,3 +88,13 @@ def agreed(group: Ranks | None, step: Callable[[], T]) -> T:
         raise
     group.agree(None)
     return result
+
+
+def average_checkpoints(*args: Any, **kwargs: Any) -> Any:
+    """`api.average_checkpoints`, run by every rank of a torchrun job (or alone when not launched by torchrun).
+
+    The command line calls this, never the API directly, so that `torchrun ... -m ckptavg` works.
+    """
+    from .api import average_checkpoints as average
+
+    return average(*args, **kwargs)

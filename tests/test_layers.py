@@ -107,3 +107,13 @@ def test_rule_catches_a_wrong_way_import(tmp_path: Path) -> None:
     finally:
         bad.unlink()
         del MODULES["read._layer_probe"]
+
+
+def test_public_face_is_lazy_and_complete() -> None:
+    """`import ckptavg` imports no torch (so `--help` stays fast), and every public name resolves."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ckptavg; assert 'torch' not in sys.modules, 'import ckptavg imported torch'; "
+            "missing = [n for n in ckptavg.__all__ if getattr(ckptavg, n, None) is None]; assert not missing, missing")
+    subprocess.run([sys.executable, "-c", code], check=True)
