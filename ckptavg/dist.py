@@ -1,5 +1,8 @@
 """Distributed averaging under torchrun: every rank reads and writes only its share of the tensors.
 
+This module drives the API's phases (`api.prepare`, `api.produce`, the output's `finish` and `commit`) and
+agrees with the other ranks between them; the API knows nothing of it.
+
 `torchrun --nproc-per-node K -m ckptavg swa runs/ -o out/` starts K processes; each joins a
 torch.distributed group (gloo on the CPU, nccl with --device cuda), computes the same plan, takes the
 shards that a size-balanced assignment gives it, and writes them. The ranks agree after each phase:
@@ -11,13 +14,25 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import TypeVar
 
 import torch
 
-from .errors import CkptavgError
+from . import api
+from .api import Progress, WriteOptions
+from .bn import BatchNormOptions
+from .errors import CkptavgError, PlanError
+from .methods.base import Plan
+from .methods.uniform import Swa
+from .read.checkpoint import LoadOptions, PathLike
+from .reduce.stream import resolve_device
+from .results import AverageResult
+from .select import Selection
+from .write.hf_folder import balance
 
 T = TypeVar("T")
 
@@ -90,11 +105,56 @@ def agreed(group: Ranks | None, step: Callable[[], T]) -> T:
     return result
 
 
-def average_checkpoints(*args: Any, **kwargs: Any) -> Any:
-    """`api.average_checkpoints`, run by every rank of a torchrun job (or alone when not launched by torchrun).
+def average(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan | None = None, *,
+            select: Selection = Selection(), load: LoadOptions = LoadOptions(), write: WriteOptions = WriteOptions(),
+            bn: BatchNormOptions | None = None, progress: Progress | None = None) -> AverageResult:
+    """`api.average` on every rank of a torchrun job, or `api.average` itself when not launched by torchrun.
 
-    The command line calls this, never the API directly, so that `torchrun ... -m ckptavg` works.
+    Every rank plans the same folder of `world` balanced shards and writes the ones `balance` gives it; the
+    ranks agree after each phase, so all fail together with the first failing rank's message and remove what
+    they wrote. Rank 0 writes the sidecars and the index last.
     """
-    from .api import average_checkpoints as average
+    ranks = join(resolve_device(write.device))
+    if ranks is None:
+        return api.average(inputs, output, plan, select=select, load=load, write=write, bn=bn, progress=progress)
+    started = time.perf_counter()
+    if bn is not None:
+        raise PlanError("BatchNorm recalibration needs the whole model in one process; run it without torchrun.")
+    job = agreed(ranks, lambda: api.prepare(inputs, output, plan or Swa(), select=select, load=load, write=write,
+                                            bn=None, parts=ranks.world))
+    owner = balance([sh.nbytes for sh in job.output.shards], ranks.world)
+    into = agreed(ranks, lambda: job.output.open(job.metadata, [sh for sh, o in zip(job.output.shards, owner,
+                                                                                     strict=True) if o == ranks.rank]))
+    try:  # finished temp files wait until every rank has finished its own, then are renamed
+        agreed(ranks, lambda: api.produce(job, into, progress))
+        agreed(ranks, lambda: into.finish(write.verify, not write.allow_nonfinite))
+        agreed(ranks, lambda: into.commit(lead=ranks.rank == 0))
+    except BaseException:
+        into.discard()
+        raise
+    files = sorted((f for part in ranks.gather(into.files) for f in part), key=lambda f: f.path)
+    ranks.close()
+    return AverageResult(Path(output), job.report, files, time.perf_counter() - started)
 
-    return average(*args, **kwargs)
+
+def average_checkpoints(
+    inputs: Sequence[PathLike] | PathLike,
+    output: PathLike,
+    plan: Plan | None = None,
+    *,
+    select: Selection = Selection(),
+    load: LoadOptions = LoadOptions(),
+    dtype: str | None = None,
+    accum_dtype: str = "float64",
+    allow_nonfinite: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+    bn: BatchNormOptions | None = None,
+    device: str = "cpu",
+    max_shard_size: str | None = None,
+    shards_like_input: bool = False,
+    verify: bool = False,
+) -> AverageResult:
+    """`average` with the `WriteOptions` given one by one, as `api.average_checkpoints` takes them."""
+    write = WriteOptions(dtype, accum_dtype, allow_nonfinite, force, device, max_shard_size, shards_like_input, verify)
+    return average(inputs, output, plan, select=select, load=load, write=write, bn=bn, progress=progress)

@@ -11,6 +11,7 @@ from ._version import __version__
 from .layout import TensorSpec
 from .methods.base import Plan, WeightMatrix, Weights
 from .read.checkpoint import Checkpoint
+from .write.output import WrittenFile
 
 
 @dataclass
@@ -94,13 +95,6 @@ class AverageResult:
         if self.sha256 is None:
             out["files"] = [{"path": str(f.path), "bytes": f.nbytes, "sha256": f.sha256} for f in self.files]
         return out
-
-
-@dataclass(frozen=True)
-class WrittenFile:
-    path: Path
-    nbytes: int
-    sha256: str
 
 
 def provenance(report: PlanReport) -> dict[str, str]:

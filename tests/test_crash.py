@@ -320,7 +320,7 @@ def test_cli_verify_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.M
     naming the tensor, and neither the output nor the temp file is left."""
     from typer.testing import CliRunner
 
-    import ckptavg.api as api
+    import ckptavg.write.output as api
     from ckptavg.cli.app import app
 
     real = api.verify_output

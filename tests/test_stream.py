@@ -127,7 +127,7 @@ def test_progress_counts_the_bytes_read(tmp_path: Path, dtype: torch.dtype) -> N
     weights = [0.5, 0.25, 0.25]
     _collect(specs, ckpts, weights, block_elems=1000, on_read=reported.append)
     # every input byte of the averaged tensors, one copy of the integer one: the total a progress bar is given
-    assert sum(reported) == sum(work_bytes(s, ckpts, weights) for s in specs) == 3 * 3005 * dtype.itemsize + 8
+    assert sum(reported) == sum(work_bytes(s, ckpts, [weights]) for s in specs) == 3 * 3005 * dtype.itemsize + 8
     assert all(n > 0 for n in reported)
 
 
@@ -274,7 +274,7 @@ def test_the_gpu_paths_reader_reads_every_share_in_order_and_stops_early(tmp_pat
 
     specs, ckpts = _worker_set(tmp_path)
     streamed = [s for s in specs if s.averaged]
-    plan = lambda: plan_batches(streamed, ckpts, lambda s: [0.25] * 4, 100)  # noqa: E731
+    plan = lambda: plan_batches(streamed, ckpts, lambda s: [[0.25] * 4], 100)  # noqa: E731
     got: dict[str, list[list[torch.Tensor]]] = {s.name: [[] for _ in ckpts] for s in streamed}
     before = threading.active_count()
     reader = Prefetcher(plan(), 100, 8, pin=False)

@@ -20,8 +20,9 @@ from typing import Annotated, Any
 import typer
 
 from .._version import __version__
-from ..api import average_checkpoints, inspect_checkpoint, plan_checkpoints
+from ..api import inspect_checkpoint, plan_checkpoints
 from ..bn import BatchNormOptions
+from ..dist import average_checkpoints
 from ..errors import BatchNormError, CkptavgError, one_line
 from ..layout import ACCUM_DTYPES, OUT_DTYPES
 from ..methods.base import Plan

@@ -1,9 +1,9 @@
 """Read-ahead for the reducer: which bytes to read, in what groups, and a reader thread that reads them.
 
 `plan_batches` turns the output tensors into batches of at most one block of elements (small tensors
-gathered together, large ones cut): the work list of both reducers. For the GPU reducer (`stream.py`),
+gathered together, large ones cut): the work list of both reducers. For the GPU reducer (`cuda.py`),
 `Prefetcher` reads each checkpoint's share of a batch with pread into a small pool of reusable (pinned)
-buffers, ahead of the copies to the device; the CPU workers (`workers.py`) read for themselves.
+buffers, ahead of the copies to the device; the CPU workers (`cpu.py`) read for themselves.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ POOL_BUFFERS = 3  # read-ahead depth, in buffers of one checkpoint's block each 
 MAX_OPEN_FILES = 256
 
 WeightsFor = Callable[[TensorSpec], Sequence[float]]
+RowsFor = Callable[[TensorSpec], Sequence[Sequence[float]]]  # one weight per checkpoint, for each output row
 
 
 class FileHandles:
@@ -60,6 +61,14 @@ class Piece:
     count: int
 
 
+@dataclass(frozen=True)
+class RowShare:
+    """What one output row takes from a batch's inputs: (input index, weight) pairs, and its uniform divisor."""
+
+    terms: tuple[tuple[int, float], ...]
+    divisor: int  # uniform weights: sum, then divide once by this (see tensor.uniform_divisor)
+
+
 @dataclass
 class Batch:
     """Pieces of one or more tensors reduced together as one run of elements.
@@ -67,27 +76,29 @@ class Batch:
     Small tensors are gathered into one batch (their bytes read one after another into the same buffer),
     so the per-read and per-add overhead is paid once per ~block, not once per tensor: a ResNet has 320
     tensors, most of them a few hundred elements long. Every piece of a batch has, in each checkpoint, the
-    same dtype and weight, so one add covers them all.
+    same dtype and weights, so one add covers them all. `inputs` are the checkpoints that some row weighs,
+    each read once; `rows` say how each output row adds them up.
     """
 
     pieces: list[Piece]
-    parts: list[tuple[list[LazyTensor], float]]  # per contributing checkpoint: a lazy tensor per piece, its weight
-    divisor: int  # uniform weights: sum, then divide once by this (see reduce.uniform_divisor)
+    inputs: list[list[LazyTensor]]  # per contributing checkpoint, in checkpoint order: a lazy tensor per piece
+    rows: list[RowShare]
     total: int = 0  # elements of all pieces
 
     def add(self, piece: Piece, lazies: Sequence[LazyTensor]) -> None:
         self.pieces.append(piece)
-        for (mine, _), t in zip(self.parts, lazies, strict=True):
+        for mine, t in zip(self.inputs, lazies, strict=True):
             mine.append(t)
         self.total += piece.count
 
 
 @dataclass
 class Read:
-    """One checkpoint's share of a batch: its bytes sit in a pool buffer (`slot`) until released."""
+    """One checkpoint's share of a batch (`index` into its inputs): its bytes sit in a pool buffer (`slot`)
+    until released."""
 
     batch: Batch
-    weight: float
+    index: int
     data: torch.Tensor | None  # the batch's elements, as stored; None for a batch nobody contributes to
     slot: int
     first: bool
@@ -103,7 +114,7 @@ class Whole:
 
 
 def plan_batches(
-    specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], weights_for: WeightsFor, block_elems: int
+    specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], rows_for: RowsFor, block_elems: int
 ) -> Iterator[Batch | Whole]:
     """The work in output order: batches of at most `block_elems` elements, and whole tensors.
 
@@ -120,10 +131,10 @@ def plan_batches(
                 current = None
             yield Whole(i)
             continue
-        weights = tuple(weights_for(spec))
-        divisor = uniform_divisor(weights)
-        used = [(t, 1.0 if divisor else w) for t, w in zip(lazies, weights, strict=True) if w != 0]
-        spec_key = (weights, spec.out_dtype, tuple(t.dtype for t, _ in used))
+        rows = tuple(tuple(w) for w in rows_for(spec))
+        used = [k for k in range(len(ckpts)) if any(w[k] != 0 for w in rows)]
+        shares = [_share(w, used) for w in rows]
+        spec_key = (rows, spec.out_dtype, tuple(lazies[k].dtype for k in used))
         numel = lazies[0].numel
         start = 0
         while True:
@@ -131,14 +142,19 @@ def plan_batches(
                 yield current
                 current = None
             if current is None:
-                current, key = Batch([], [([], w) for _, w in used], divisor), spec_key
+                current, key = Batch([], [[] for _ in used], shares), spec_key
             count = min(block_elems - current.total, numel - start)
-            current.add(Piece(i, start, count), [t for t, _ in used])
+            current.add(Piece(i, start, count), [lazies[k] for k in used])
             start += count
             if start >= numel:
                 break
     if current is not None:
         yield current
+
+
+def _share(weights: Sequence[float], used: Sequence[int]) -> RowShare:
+    divisor = uniform_divisor(weights)
+    return RowShare(tuple((n, 1.0 if divisor else weights[k]) for n, k in enumerate(used) if weights[k] != 0), divisor)
 
 
 def widest_itemsize(ckpts: Sequence[Checkpoint]) -> int:
@@ -204,16 +220,16 @@ class Prefetcher:
             self._files.close()
 
     def _read_batch(self, batch: Batch) -> None:
-        if not batch.parts:
-            self._put(Read(batch, 0.0, None, -1, True, True))
+        if not batch.inputs:
+            self._put(Read(batch, -1, None, -1, True, True))
             return
-        for k, (lazies, weight) in enumerate(batch.parts):
+        for k, lazies in enumerate(batch.inputs):
             slot = self._take_slot()
             if slot is None:
                 return
             at = read_share(self._files, batch, lazies, self._views[slot])
             data = self._pool[slot][:at].view(lazies[0].dtype)
-            self._put(Read(batch, weight, data, slot, k == 0, k == len(batch.parts) - 1, at))
+            self._put(Read(batch, k, data, slot, k == 0, k == len(batch.inputs) - 1, at))
 
     def _take_slot(self) -> int | None:
         while not self._stopping:

@@ -1,6 +1,6 @@
 """The CPU reducer: worker threads that each reduce whole batches and hand them to the sink in order.
 
-Each worker takes the next batch of `readahead.plan_batches`, reads every checkpoint's share of it with
+Each worker takes the next batch of `batches.plan_batches`, reads every checkpoint's share of it with
 pread into its own buffer, widens it to the accumulator dtype, adds it into its own accumulator (which
 stays in the CPU cache), divides, rounds once to the output dtype, and then waits for its turn to hand
 the result to the sink. The turn keeps the sink's contract (blocks in order, one at a time); the reads
@@ -20,8 +20,8 @@ import torch
 
 from ..layout import Sink, TensorSpec, accumulator_dtype, byte_view
 from ..read.checkpoint import Checkpoint
-from .batches import Batch, FileHandles, WeightsFor, Whole, hand_over, plan_batches, read_share, widest_itemsize
-from .tensor import add_share, reduce_tensor
+from .batches import Batch, FileHandles, RowsFor, WeightsFor, Whole, hand_over, plan_batches, read_share, widest_itemsize
+from .tensor import add_share, reduce_rows
 
 # Two: measured on the 2-core CI-class machine, where the sha256 thread needs a share of the cores too
 # (one: 2.65 s against 2.30 s for 8 x 475 MiB; three: slower than two).
@@ -72,10 +72,10 @@ class _Turns:
 class _Worker:
     """One worker's buffers (reused for every batch) and its loop."""
 
-    def __init__(self, specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], weights_for: WeightsFor,
-                 sink: Sink, accum_dtype: torch.dtype, on_read: Callable[[int], None] | None,
+    def __init__(self, specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], rows_for: RowsFor,
+                 sinks: Sequence[Sink], accum_dtype: torch.dtype, on_read: Callable[[int], None] | None,
                  elems: int, itemsize: int) -> None:
-        self._specs, self._ckpts, self._weights_for, self._sink = specs, ckpts, weights_for, sink
+        self._specs, self._ckpts, self._rows_for, self._sinks = specs, ckpts, rows_for, sinks
         self._accum_dtype, self._on_read, self._elems = accum_dtype, on_read, elems
         # torch.empty: pages become resident only when first used
         self._raw = torch.empty(elems * itemsize, dtype=torch.uint8)
@@ -92,12 +92,14 @@ class _Worker:
                 if isinstance(item, Whole):
                     turns.wait(seq)  # whole tensors are read in turn: one at a time, however many workers
                     spec = self._specs[item.spec_index]
-                    whole = reduce_tensor(spec, self._ckpts, self._weights_for(spec), self._accum_dtype, self._on_read)
-                    self._sink(spec, 0, whole.reshape(-1))
+                    wholes = reduce_rows(spec, self._ckpts, self._rows_for(spec), self._accum_dtype, self._on_read)
+                    for sink, whole in zip(self._sinks, wholes, strict=True):
+                        sink(spec, 0, whole.reshape(-1))
                 else:
-                    out, nbytes = self._reduce(item)
+                    outs, nbytes = self._reduce(item)
                     turns.wait(seq)
-                    hand_over(item, out, self._specs, self._sink)
+                    for sink, out in zip(self._sinks, outs, strict=True):
+                        hand_over(item, out, self._specs, sink)
                     if self._on_read and nbytes:
                         self._on_read(nbytes)
                 turns.done()
@@ -114,36 +116,53 @@ class _Worker:
             block = self._blocks[role, dtype] = torch.empty(self._elems, dtype=dtype)
         return block
 
-    def _reduce(self, batch: Batch) -> tuple[torch.Tensor, int]:
-        """Sum (or weigh) every checkpoint's share of the batch, divide, and round once to the output dtype:
-        the operations of `reduce.reduce_tensor`, in its order, so the result is the same bit for bit."""
+    def _reduce(self, batch: Batch) -> tuple[list[torch.Tensor], int]:
+        """Sum (or weigh) every checkpoint's share of the batch into each row, divide, and round once to the
+        output dtype: the operations of `tensor.reduce_tensor`, in its order, so each row is the same bit for
+        bit as when it is reduced alone. Each share is read once, however many rows weigh it."""
         first = self._specs[batch.pieces[0].spec_index]
         dtype = accumulator_dtype(first.in_dtype, self._accum_dtype)
-        acc = self._block("acc", dtype)[: batch.total]
-        if not batch.parts:
-            acc.zero_()
+        accs = [self._block(f"acc{r}", dtype)[: batch.total] for r in range(len(batch.rows))]
+        weights = [dict(row.terms) for row in batch.rows]
+        started = [False] * len(batch.rows)
         nbytes = 0
-        for k, (lazies, weight) in enumerate(batch.parts):
+        for k, lazies in enumerate(batch.inputs):
             n = read_share(self._files, batch, lazies, self._view)
             data = self._raw[:n].view(lazies[0].dtype)
             nbytes += n
-            add_share(acc, data, k == 0, weight, self._block("scratch", dtype) if k else acc)
-        if batch.divisor:
-            acc.div_(batch.divisor)
-        return self._out_block(first.out_dtype, batch.total).copy_(acc), nbytes
+            if len(accs) > 1 and data.dtype != dtype:  # widen once for all rows (exact, as add_share would)
+                data = self._block("wide", dtype)[: batch.total].copy_(data)
+            for r, acc in enumerate(accs):
+                if k in weights[r]:
+                    add_share(acc, data, not started[r], weights[r][k], self._block("scratch", dtype) if started[r] else acc)
+                    started[r] = True
+        outs = []
+        for r, (acc, row) in enumerate(zip(accs, batch.rows, strict=True)):
+            if not started[r]:
+                acc.zero_()
+            if row.divisor:
+                acc.div_(row.divisor)
+            outs.append(self._out_block(r, first.out_dtype, batch.total).copy_(acc))
+        return outs, nbytes
 
-    def _out_block(self, dtype: torch.dtype, total: int) -> torch.Tensor:
-        """Where the rounded batch goes: the read buffer, free by now, when the output dtype fits in it
-        (it does unless the output is wider than every input), which saves a block per worker."""
-        if total * dtype.itemsize <= self._raw.numel():
+    def _out_block(self, row: int, dtype: torch.dtype, total: int) -> torch.Tensor:
+        """Where a rounded row goes: for the first row, the read buffer, free by now, when the output dtype
+        fits in it (it does unless the output is wider than every input), which saves a block per worker."""
+        if row == 0 and total * dtype.itemsize <= self._raw.numel():
             return self._raw[: total * dtype.itemsize].view(dtype)
-        return self._block("out", dtype)[:total]
-
+        return self._block(f"out{row}", dtype)[:total]
 
 
 def stream_cpu(specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], weights_for: WeightsFor, sink: Sink,
                accum_dtype: torch.dtype, on_read: Callable[[int], None] | None, block_elems: int,
                workers: int | None = None) -> None:
+    """One output row: `stream_cpu_rows` with the weights of `weights_for` and one sink."""
+    stream_cpu_rows(specs, ckpts, lambda s: [weights_for(s)], [sink], accum_dtype, on_read, block_elems, workers)
+
+
+def stream_cpu_rows(specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], rows_for: RowsFor,
+                    sinks: Sequence[Sink], accum_dtype: torch.dtype, on_read: Callable[[int], None] | None,
+                    block_elems: int, workers: int | None = None) -> None:
     """Reduce every spec on `workers` threads; see the module docstring.
 
     The sink and `on_read` are called by one worker at a time, in order. On any failure (a read error, a
@@ -154,8 +173,8 @@ def stream_cpu(specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], weights
     held for good; so the calling thread must hold no lock that a worker needs.
     """
     widest = widest_itemsize(ckpts)
-    turns = _Turns(plan_batches(specs, ckpts, weights_for, block_elems))
-    pool = [threading.Thread(target=_Worker(specs, ckpts, weights_for, sink, accum_dtype, on_read, block_elems,
+    turns = _Turns(plan_batches(specs, ckpts, rows_for, block_elems))
+    pool = [threading.Thread(target=_Worker(specs, ckpts, rows_for, sinks, accum_dtype, on_read, block_elems,
                                             widest).run, args=(turns,), name=f"ckptavg-worker-{i}", daemon=True)
             for i in range(workers or WORKERS)]
     threads = torch.get_num_threads()  # each worker sets one; threads started later would inherit that

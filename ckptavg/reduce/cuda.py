@@ -8,52 +8,60 @@ import torch
 
 from ..layout import Sink, TensorSpec, accumulator_dtype
 from ..read.checkpoint import Checkpoint
-from .batches import POOL_BUFFERS, Batch, Prefetcher, Read, WeightsFor, Whole, hand_over, plan_batches, widest_itemsize
-from .tensor import add_share, reduce_tensor
+from .batches import POOL_BUFFERS, Prefetcher, RowsFor, Whole, hand_over, plan_batches, widest_itemsize
+from .tensor import add_share, reduce_rows
 
 
 def reduce_cuda(
-    specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], weights_for: WeightsFor, sink: Sink,
+    specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], rows_for: RowsFor, sinks: Sequence[Sink],
     accum_dtype: torch.dtype, dev: torch.device, on_read: Callable[[int], None] | None, elems: int,
 ) -> None:
     """The GPU reducer: a reader thread fills pinned buffers, which cross to the device in their own
-    (narrower) dtype and are widened and added there while the next ones are read."""
+    (narrower) dtype once and are widened and added there, into every row that weighs them, while the
+    next ones are read."""
     widest = widest_itemsize(ckpts)
-    reader = Prefetcher(plan_batches(specs, ckpts, weights_for, elems), elems, widest, pin=True)
+    reader = Prefetcher(plan_batches(specs, ckpts, rows_for, elems), elems, widest, pin=True)
     copies = _CopyTracker(reader)
-    accs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}  # (accumulator, scratch) by dtype, reused
+    blocks: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # reused device blocks by (role, dtype)
     outs: dict[torch.dtype, torch.Tensor] = {}  # reused pinned host buffers for the rounded blocks, by dtype
-    block = torch.empty(0)
+    started: list[bool] = []
     try:
         for item in reader:
             if isinstance(item, Whole):
                 spec = specs[item.spec_index]
-                whole = reduce_tensor(spec, ckpts, weights_for(spec), accum_dtype, on_read)
-                sink(spec, 0, whole.reshape(-1))
+                for sink, whole in zip(sinks, reduce_rows(spec, ckpts, rows_for(spec), accum_dtype, on_read), strict=True):
+                    sink(spec, 0, whole.reshape(-1))
                 continue
             batch = item.batch
             dtype = accumulator_dtype(specs[batch.pieces[0].spec_index].in_dtype, accum_dtype)
-            if dtype not in accs:
-                accs[dtype] = (torch.empty(elems, dtype=dtype, device=dev), torch.empty(elems, dtype=dtype, device=dev))
+
+            def block(role: str, dtype: torch.dtype = dtype, total: int = batch.total) -> torch.Tensor:
+                if (role, dtype) not in blocks:
+                    blocks[role, dtype] = torch.empty(elems, dtype=dtype, device=dev)
+                return blocks[role, dtype][:total]
+
             if item.first:
-                block = accs[dtype][0][: batch.total]
-            _accumulate(block, item, accs[dtype][1])
+                started = [False] * len(batch.rows)
             if item.data is not None:
+                data = item.data.to(dev, non_blocking=True)
                 copies.done_with(item.slot)
+                for r, row in enumerate(batch.rows):
+                    weight = dict(row.terms).get(item.index)
+                    if weight is not None:
+                        add_share(block(f"acc{r}"), data, not started[r], weight, block("scratch"))
+                        started[r] = True
             if on_read and item.nbytes:
                 on_read(item.nbytes)
             if item.last:
-                _finish(batch, block, specs, sink, outs, elems)
+                for r, (row, sink) in enumerate(zip(batch.rows, sinks, strict=True)):
+                    acc = block(f"acc{r}")
+                    if not started[r]:
+                        acc.zero_()
+                    if row.divisor:
+                        acc.div_(row.divisor)
+                    hand_over(batch, _rounded(acc, specs[batch.pieces[0].spec_index].out_dtype, outs, elems), specs, sink)
     finally:
         reader.close()
-
-
-def _finish(batch: Batch, block: torch.Tensor, specs: Sequence[TensorSpec], sink: Sink,
-            outs: dict[torch.dtype, torch.Tensor], elems: int) -> None:
-    """Divide a finished batch (uniform weights), round it once and hand each tensor's piece to the sink."""
-    if batch.divisor:
-        block.div_(batch.divisor)
-    hand_over(batch, _rounded(block, specs[batch.pieces[0].spec_index].out_dtype, outs, elems), specs, sink)
 
 
 def _rounded(block: torch.Tensor, dtype: torch.dtype, outs: dict[torch.dtype, torch.Tensor], capacity: int) -> torch.Tensor:
@@ -65,14 +73,6 @@ def _rounded(block: torch.Tensor, dtype: torch.dtype, outs: dict[torch.dtype, to
     out = buf[: block.numel()]
     out.copy_(block)
     return out
-
-
-def _accumulate(block: torch.Tensor, item: Read, scratch: torch.Tensor) -> None:
-    """Add one checkpoint's share of a batch into the block on the device (see `reduce.add_share`)."""
-    if item.data is None:
-        block.zero_()
-        return
-    add_share(block, item.data.to(block.device, non_blocking=True), item.first, item.weight, scratch)
 
 
 class _CopyTracker:

@@ -21,8 +21,8 @@ import torch
 from ..errors import PlanError
 from ..layout import Sink, TensorSpec
 from ..read.checkpoint import Checkpoint
-from .batches import WeightsFor
-from .cpu import stream_cpu
+from .batches import RowsFor, WeightsFor
+from .cpu import stream_cpu_rows
 from .cuda import reduce_cuda
 
 # 128 Ki elements: a 1 MiB float64 accumulator and the 1 MiB block added into it fit the L2 cache, yet the per-block
@@ -65,8 +65,28 @@ def stream_reduce(
     Blocks of one tensor arrive in order, and tensors arrive in the order of `specs`. A block lives in a
     reused buffer: it is valid until the sink returns, so a sink that keeps it must copy it.
     """
+    stream_rows(specs, ckpts, lambda s: [weights_for(s)], [sink], accum_dtype=accum_dtype, device=device,
+                on_read=on_read, block_elems=block_elems)
+
+
+def stream_rows(
+    specs: Sequence[TensorSpec],
+    ckpts: Sequence[Checkpoint],
+    rows_for: RowsFor,
+    sinks: Sequence[Sink],
+    *,
+    accum_dtype: torch.dtype = torch.float64,
+    device: str = "cpu",
+    on_read: Callable[[int], None] | None = None,
+    block_elems: int | None = None,
+) -> None:
+    """Reduce every spec into several outputs at once (the rows of a weight matrix), reading each block once.
+
+    `rows_for(spec)` gives one weight vector per output; output r's blocks go to `sinks[r]`, and each row's
+    blocks are bit for bit those that `stream_reduce` gives for that row alone.
+    """
     dev = resolve_device(device)
     if dev.type == "cuda":
-        reduce_cuda(specs, ckpts, weights_for, sink, accum_dtype, dev, on_read, block_elems or CUDA_BLOCK_ELEMS)
+        reduce_cuda(specs, ckpts, rows_for, sinks, accum_dtype, dev, on_read, block_elems or CUDA_BLOCK_ELEMS)
         return
-    stream_cpu(specs, ckpts, weights_for, sink, accum_dtype, on_read, block_elems or CPU_BLOCK_ELEMS)
+    stream_cpu_rows(specs, ckpts, rows_for, sinks, accum_dtype, on_read, block_elems or CPU_BLOCK_ELEMS)

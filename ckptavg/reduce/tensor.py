@@ -17,11 +17,12 @@ from ..layout import TensorSpec, accumulator_dtype, check_layout
 from ..read.checkpoint import Checkpoint
 
 
-def work_bytes(spec: TensorSpec, ckpts: Sequence[Checkpoint], weights: Sequence[float]) -> int:
-    """Bytes read to reduce `spec`: every checkpoint with a non-zero weight, or the one copied."""
+def work_bytes(spec: TensorSpec, ckpts: Sequence[Checkpoint], rows: Sequence[Sequence[float]]) -> int:
+    """Bytes read to reduce `spec` into every row: each checkpoint some row weighs once, or the ones copied."""
     if not spec.averaged:
-        return ckpts[_copied_from(weights)].tensors[spec.name].nbytes
-    return sum(c.tensors[spec.name].nbytes for c, w in zip(ckpts, weights, strict=True) if w != 0)
+        return sum(ckpts[i].tensors[spec.name].nbytes for i in sorted({_copied_from(w) for w in rows}))
+    used = {k for w in rows for k, x in enumerate(w) if x != 0}
+    return sum(ckpts[k].tensors[spec.name].nbytes for k in used)
 
 
 def _copied_from(weights: Sequence[float]) -> int:
@@ -41,30 +42,51 @@ def reduce_tensor(
     Non-floating tensors (e.g. ``num_batches_tracked``) are copied from the newest checkpoint
     with a non-zero weight.
     """
+    return reduce_rows(spec, ckpts, [weights], accum_dtype, on_read)[0]
+
+
+def reduce_rows(
+    spec: TensorSpec,
+    ckpts: Sequence[Checkpoint],
+    rows: Sequence[Sequence[float]],
+    accum_dtype: torch.dtype = torch.float64,
+    on_read: Callable[[int], None] | None = None,
+) -> list[torch.Tensor]:
+    """`reduce_tensor` for several rows of weights at once: each checkpoint's tensor is loaded once and added
+    into every row that weighs it. Each row's result is the one `reduce_tensor` gives for it alone, bit for bit."""
     if not spec.averaged:
-        t = ckpts[_copied_from(weights)].tensors[spec.name]
-        if on_read:
-            on_read(t.nbytes)
-        return t.load()
+        sources = sorted({_copied_from(w) for w in rows})
+        loaded = {}
+        for i in sources:
+            t = ckpts[i].tensors[spec.name]
+            if on_read:
+                on_read(t.nbytes)
+            loaded[i] = t.load()
+        return [loaded[_copied_from(w)] for w in rows]
     dtype = accumulator_dtype(spec.in_dtype, accum_dtype)
-    acc = torch.zeros(math.prod(spec.shape), dtype=dtype)  # flat, as the streaming reducers' blocks
-    divisor = uniform_divisor(weights)  # see readahead.plan_batches: sum, then divide once
+    numel = math.prod(spec.shape)
+    accs = [torch.zeros(numel, dtype=dtype) for _ in rows]  # flat, as the streaming reducers' blocks
+    divisors = [uniform_divisor(w) for w in rows]  # see batches.plan_batches: sum, then divide once
+    firsts = [True] * len(rows)
     scratch = torch.empty(0, dtype=dtype)
-    first = True
-    for ckpt, w in zip(ckpts, weights, strict=True):
-        if w == 0:
+    for k, ckpt in enumerate(ckpts):
+        if all(w[k] == 0 for w in rows):
             continue
         lazy = ckpt.tensors[spec.name]
         data = lazy.load().reshape(-1)
-        if not first and data.dtype != dtype and scratch.numel() == 0:
-            scratch = torch.empty_like(acc)
-        add_share(acc, data, first, 1.0 if divisor else w, scratch)  # the same operations as the streaming path
-        first = False
+        for r, (acc, w) in enumerate(zip(accs, rows, strict=True)):
+            if w[k] == 0:
+                continue
+            if not firsts[r] and data.dtype != dtype and scratch.numel() == 0:
+                scratch = torch.empty_like(acc)
+            add_share(acc, data, firsts[r], 1.0 if divisors[r] else w[k], scratch)  # as the streaming path does
+            firsts[r] = False
         if on_read:
             on_read(lazy.nbytes)
-    if divisor:
-        acc.div_(divisor)
-    return acc.to(spec.out_dtype).reshape(spec.shape)
+    for acc, divisor in zip(accs, divisors, strict=True):
+        if divisor:
+            acc.div_(divisor)
+    return [acc.to(spec.out_dtype).reshape(spec.shape) for acc in accs]
 
 
 def uniform_divisor(weights: Sequence[float]) -> int:

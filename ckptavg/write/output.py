@@ -1,0 +1,160 @@
+"""An output as an object: `-o` becomes a plan of the files to write (`Output`), which is checked against the
+inputs, opened into temp files that receive the tensors (`OpenOutput`), and then committed or discarded.
+
+Every file goes to a temp name first; only when all of them are complete are they renamed into place
+(weights, then sidecar copies, then the index last), so a failure leaves the target as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import OutputError
+from ..layout import TensorSpec
+from ..read.checkpoint import Checkpoint
+from .hf_folder import INDEX, Shard, check_folder, copy_temp, index_json, plan_shards, sidecars, write_text_temp
+from .safetensors import SafetensorsWriter, check_output
+from .verify import verify_output
+
+
+class _Discarded(Exception):
+    """Closes the writers of an output that will not be committed."""
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """One file an average wrote."""
+
+    path: Path
+    nbytes: int
+    sha256: str
+
+
+def is_folder_output(output: str | os.PathLike[str]) -> bool:
+    """`-o DIR/` (trailing slash, so pass the text, not a Path) or an existing directory asks for a folder."""
+    return Path(output).is_dir() or os.fspath(output).endswith(os.sep)
+
+
+@dataclass(frozen=True)
+class Output:
+    """The files of one output: a single safetensors file, or a folder of shards with sidecars and an index.
+
+    Build it with `plan_output`; `check` it against the inputs before any work, then `open` it.
+    """
+
+    path: Path  # what the user named
+    folder: Path  # where the files go
+    to_folder: bool
+    shards: tuple[Shard, ...]  # every weights file
+    copies: tuple[Path, ...] = ()  # sidecar files copied from the newest input folder
+
+    def check(self, inputs: Sequence[Path], force: bool) -> None:
+        """Refuse an output that is an input, would overwrite something (without `force`), or cannot be made."""
+        if not self.to_folder:
+            check_output(self.path, inputs, force)
+            return
+        names = [sh.name for sh in self.shards] + [p.name for p in self.copies] + ([INDEX] if self.indexed else [])
+        check_folder(self.path, names, inputs, force)
+
+    @property
+    def indexed(self) -> bool:
+        return self.to_folder and len(self.shards) > 1
+
+    def open(self, metadata: dict[str, str], only: Sequence[Shard] | None = None) -> OpenOutput:
+        """Create the temp files (of `only` these shards: a torchrun rank's share) with their headers."""
+        if self.to_folder:
+            self.folder.mkdir(exist_ok=True)
+        return OpenOutput(self, list(self.shards if only is None else only), metadata)
+
+
+def plan_output(output: str | os.PathLike[str], specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], *,
+                to_folder: bool, max_bytes: int | None = None, like_input: bool = False, parts: int = 1) -> Output:
+    """The files that `-o output` means for tensors `specs` from `ckpts` (the newest last).
+
+    A folder is sharded by `max_bytes`, like the first input (`like_input`), or into `parts` files of
+    balanced size (one per torchrun rank); it gets the sidecars of the newest input folder.
+    """
+    out = Path(output)
+    if not to_folder:
+        return Output(out, out.parent, False, (Shard(out.name, tuple(specs)),))
+    shards = plan_shards(specs, max_bytes, ckpts[0] if like_input else None, parts=parts)
+    return Output(out, out, True, tuple(shards), tuple(sidecars(ckpts)))
+
+
+@dataclass
+class OpenOutput:
+    """Temp files receiving one output's tensors, in `order`, through `sink`; then `finish`, `commit` or `discard`."""
+
+    output: Output
+    shards: list[Shard]
+    metadata: dict[str, str]
+    writers: list[SafetensorsWriter] = field(default_factory=list)
+    _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    _owner: dict[str, SafetensorsWriter] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            for sh in self.shards:
+                w = self._stack.enter_context(SafetensorsWriter(self.output.folder / sh.name, sh.specs, self.metadata,
+                                                                rename=False))
+                self.writers.append(w)
+        except BaseException:
+            self._stack.close()  # no temp file is left
+            raise
+        self._owner = {spec.name: w for w in self.writers for spec in w.order}
+
+    @property
+    def order(self) -> list[TensorSpec]:
+        """The order in which the tensors must arrive: the files', one after another."""
+        return [spec for w in self.writers for spec in w.order]
+
+    def sink(self, spec: TensorSpec, start: int, block: torch.Tensor) -> None:
+        """Receive the next block of a tensor, in `order`."""
+        self._owner[spec.name].write_part(block)
+
+    def finish(self, verify: bool = False, check_finite: bool = True) -> None:
+        """Complete every temp file (written, fsynced); with `verify`, re-read each against its specs."""
+        self._stack.close()  # each writer finishes its file, leaving it at a temp name (`done`)
+        if verify:
+            for w in self.writers:
+                if w.done is not None:
+                    try:
+                        verify_output(w.done, w.order, check_finite)
+                    except OutputError as e:  # name the file the user asked for, not its temp name
+                        raise OutputError(str(e).replace(str(w.done), str(w.path)) + " Nothing was written.") from None
+
+    def commit(self, lead: bool = True) -> None:
+        """Rename the files into place: weights, then (`lead` only) sidecar copies, then the index."""
+        folder = self.output.folder
+        temps = [(w.done, w.path) for w in self.writers if w.done is not None]
+        try:
+            if lead:
+                temps += [(copy_temp(src, folder), folder / src.name) for src in self.output.copies]
+                if self.output.indexed:
+                    temps.append((write_text_temp(folder, INDEX, index_json(self.output.shards)), folder / INDEX))
+            for i, (tmp, final) in enumerate(temps):
+                os.replace(tmp, final)
+                temps[i] = (final, final)
+        except BaseException:
+            for tmp, final in temps:
+                if tmp != final:
+                    tmp.unlink(missing_ok=True)
+            raise
+
+    def discard(self) -> None:
+        """Remove every temp file (open or finished): nothing of this output appears."""
+        with contextlib.suppress(Exception):  # writers still open see an exception and remove their temp files
+            self._stack.__exit__(_Discarded, _Discarded(), None)
+        for w in self.writers:
+            if w.done is not None:
+                w.done.unlink(missing_ok=True)
+
+    @property
+    def files(self) -> list[WrittenFile]:
+        return [WrittenFile(w.path, w.nbytes, w.sha256) for w in self.writers]
