@@ -45,17 +45,17 @@ class BatchNormOptions:
 
     def __post_init__(self) -> None:
         if self.batches is not None and self.batches < 1:
-            raise BatchNormError(f"--bn-batches must be >= 1, not {self.batches}.")
+            raise BatchNormError(f"bn.batches must be >= 1, not {self.batches}.", params=("bn.batches",))
         if self.batch_size < 1:
-            raise BatchNormError(f"--bn-batch-size must be >= 1, not {self.batch_size}.")
+            raise BatchNormError(f"bn.batch_size must be >= 1, not {self.batch_size}.", params=("bn.batch_size",))
 
     def check(self) -> None:
         """Resolve the imports now, so a typo fails before any averaging work."""
-        load_callable(self.model, "--bn-model", BatchNormError)
+        load_callable(self.model, "bn.model", BatchNormError)
         if not Path(self.data).is_file():
-            load_callable(self.data, "--bn-data", BatchNormError)
+            load_callable(self.data, "bn.data", BatchNormError)
         if self.forward:
-            load_callable(self.forward, "--bn-forward", BatchNormError)
+            load_callable(self.forward, "bn.forward", BatchNormError)
 
     def params(self) -> dict[str, Any]:
         return {"model": self.model, "data": self.data, "batches": self.batches,
@@ -73,9 +73,9 @@ def recalibrate(
     model.to(dev)
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
     if not bns:
-        raise BatchNormError(f"--bn-model {options.model}: the model has no BatchNorm layer, so there is nothing "
-                             "to recalibrate; drop the --bn-* options.")
-    forward = load_callable(options.forward, "--bn-forward", BatchNormError) if options.forward else _default_forward
+        raise BatchNormError(f"bn.model {options.model}: the model has no BatchNorm layer, so there is nothing "
+                             "to recalibrate; leave out bn.", params=("bn.model", "bn"))
+    forward = load_callable(options.forward, "bn.forward", BatchNormError) if options.forward else _default_forward
     batches = _batches(options)
     if options.batches is not None:
         batches = itertools.islice(batches, options.batches)
@@ -84,10 +84,10 @@ def recalibrate(
     except CkptavgError:
         raise
     except Exception as e:  # noqa: BLE001 - the user's model, data or forward failed: one line
-        raise BatchNormError(f"BatchNorm pass failed: {type(e).__name__}: {e} (see --bn-forward for models "
-                             "that do not take the first element of each batch).") from e
+        raise BatchNormError(f"BatchNorm pass failed: {type(e).__name__}: {e} (see bn.forward for models "
+                             "that do not take the first element of each batch).", params=("bn.forward",)) from e
     if seen == 0:
-        raise BatchNormError(f"--bn-data {options.data}: yielded no batch.")
+        raise BatchNormError(f"bn.data {options.data}: yielded no batch.", params=("bn.data",))
     prefixes = {name + "." for name, m in model.named_modules() if isinstance(m, _BatchNorm)}
     state = model.state_dict()
     return {
@@ -138,13 +138,13 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
 
 
 def _build_model(spec: str) -> nn.Module:
-    factory = load_callable(spec, "--bn-model", BatchNormError)
+    factory = load_callable(spec, "bn.model", BatchNormError)
     try:
         model = factory()
     except Exception as e:  # noqa: BLE001 - the user's factory failed: one line, not a traceback
-        raise BatchNormError(f"--bn-model {spec}: the factory raised {type(e).__name__}: {e}") from e
+        raise BatchNormError(f"bn.model {spec}: the factory raised {type(e).__name__}: {e}", params=("bn.model",)) from e
     if not isinstance(model, nn.Module):
-        raise BatchNormError(f"--bn-model {spec}: returned {type(model).__name__}, not an nn.Module.")
+        raise BatchNormError(f"bn.model {spec}: returned {type(model).__name__}, not an nn.Module.", params=("bn.model",))
     return model
 
 
@@ -155,7 +155,7 @@ def _load_strict(model: nn.Module, weights: dict[str, torch.Tensor], spec: str) 
     problems += [f"'{k}' has shape {tuple(weights[k].shape)} but the model has {tuple(v.shape)}"
                  for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
     if problems:
-        raise BatchNormError(f"--bn-model {spec}: the weights do not fit the model: {listing(problems, 10, '; ')}.")
+        raise BatchNormError(f"bn.model {spec}: the weights do not fit the model: {listing(problems, 10, '; ')}.", params=("bn.model",))
     model.load_state_dict(weights, strict=True)
 
 
@@ -164,23 +164,23 @@ def _batches(options: BatchNormOptions) -> Iterable[Any]:
     if path.is_file():
         inputs = _input_tensor(path)
         return (inputs[i:i + options.batch_size] for i in range(0, len(inputs), options.batch_size))
-    factory = load_callable(options.data, "--bn-data", BatchNormError)
+    factory = load_callable(options.data, "bn.data", BatchNormError)
     try:
         batches: Iterable[Any] = iter(factory())
         return batches
     except Exception as e:  # noqa: BLE001 - the user's data factory failed
-        raise BatchNormError(f"--bn-data {options.data}: {type(e).__name__}: {e}") from e
+        raise BatchNormError(f"bn.data {options.data}: {type(e).__name__}: {e}", params=("bn.data",)) from e
 
 
 def _input_tensor(path: Path) -> torch.Tensor:
     try:
         tensors = open_checkpoint(path).tensors
     except CkptavgError as e:
-        raise BatchNormError(f"--bn-data: {e}") from None
+        raise BatchNormError(f"bn.data: {e}", params=("bn.data",)) from None
     if len(tensors) != 1:
-        raise BatchNormError(f"--bn-data {path}: holds {len(tensors)} tensors ({', '.join(list(tensors)[:5])}); "
-                             "it must hold exactly one input tensor.")
+        raise BatchNormError(f"bn.data {path}: holds {len(tensors)} tensors ({', '.join(list(tensors)[:5])}); "
+                             "it must hold exactly one input tensor.", params=("bn.data",))
     tensor = next(iter(tensors.values())).load()
     if tensor.ndim == 0 or len(tensor) == 0:
-        raise BatchNormError(f"--bn-data {path}: the input tensor is empty.")
+        raise BatchNormError(f"bn.data {path}: the input tensor is empty.", params=("bn.data",))
     return tensor

@@ -27,7 +27,21 @@ def listing(items: list[str], limit: int, sep: str = ", ") -> str:
     return sep.join(items[:limit]) + more
 
 
-class CkptavgError(Exception):
+class _Named:
+    """Messages that mention library parameters, which the command line shows as its flags."""
+
+    params: tuple[str, ...] = ()
+
+    def with_names(self, names: Mapping[str, str]) -> str:
+        """The message with each of `params` replaced by its name in `names` (a flag), whole words only."""
+        text = str(self)
+        for param in self.params:
+            if param in names:
+                text = re.sub(rf"(?<![\w.-]){re.escape(param)}(?![\w-])", names[param], text)
+        return text
+
+
+class CkptavgError(_Named, Exception):
     """Base class of every error ckptavg raises for bad input (not for bugs).
 
     `params` names the library parameters that the message mentions, written in it as plain words
@@ -38,14 +52,6 @@ class CkptavgError(Exception):
     def __init__(self, message: str = "", *, params: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.params = params
-
-    def with_names(self, names: Mapping[str, str]) -> str:
-        """The message with each of `params` replaced by its name in `names` (a flag), whole words only."""
-        text = str(self)
-        for param in self.params:
-            if param in names:
-                text = re.sub(rf"(?<![\w.-]){re.escape(param)}(?![\w-])", names[param], text)
-        return text
 
 
 class CheckpointFormatError(CkptavgError, ValueError):
@@ -76,5 +82,9 @@ class NonFiniteError(CkptavgError, ValueError):
     """An input tensor holds NaN or Inf (or the average overflows the output dtype)."""
 
 
-class CkptavgWarning(UserWarning):
-    """Something the user should know that does not stop the work."""
+class CkptavgWarning(_Named, UserWarning):
+    """Something the user should know that does not stop the work; `params` as for `CkptavgError`."""
+
+    def __init__(self, message: str = "", *, params: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.params = params

@@ -101,6 +101,7 @@ def check_layout(ckpts: Sequence[HasTensors], out_dtype: torch.dtype | None = No
     """
     ref = ckpts[0]
     problems: list[str] = []
+    dtypes: list[str] = []  # floating tensors stored in another floating dtype: a choice, not a mismatch
     for other in ckpts[1:]:
         missing = [k for k in ref.tensors if k not in other.tensors]
         extra = [k for k in other.tensors if k not in ref.tensors]
@@ -120,13 +121,17 @@ def check_layout(ckpts: Sequence[HasTensors], out_dtype: torch.dtype | None = No
                     f"{_kind(t.dtype)} ({t.dtype})"
                 )
             elif o.dtype != t.dtype and not (out_dtype is not None and t.dtype.is_floating_point):
-                problems.append(
-                    f"{other.name}: '{key}' is {o.dtype} but {ref.name} has {t.dtype} (pass --dtype to choose)"
-                )
+                found = f"{other.name}: '{key}' is {o.dtype} but {ref.name} has {t.dtype}"
+                (dtypes if t.dtype.is_floating_point else problems).append(found)
     if problems:
         raise IncompatibleCheckpointsError(
-            f"checkpoints do not match: {listing(problems, 10, '; ')}. "
+            f"checkpoints do not match: {listing(problems + dtypes, 10, '; ')}. "
             "All checkpoints must come from the same architecture."
+        )
+    if dtypes:
+        raise IncompatibleCheckpointsError(
+            f"checkpoints store floating tensors in different dtypes: {listing(dtypes, 5, '; ')}; "
+            "pass dtype to choose the output dtype.", params=("dtype",)
         )
     return [
         TensorSpec(k, t.shape, t.dtype, out_dtype if (out_dtype is not None and t.dtype.is_floating_point) else t.dtype)

@@ -39,25 +39,25 @@ class Selection:
 
     def __post_init__(self) -> None:
         if self.best is not None and self.metric is None:
-            raise SelectionError("--best needs --metric NAME (e.g. --metric val_loss).")
+            raise SelectionError("best needs metric NAME (e.g. metric val_loss).", params=("best", "metric"))
         if self.best is not None and self.mode not in ("min", "max"):
             raise SelectionError(
-                f"--best {self.best} --metric {self.metric} needs a direction: min (lower is better, e.g. a loss) "
-                "or max (e.g. an accuracy)."
+                f"best {self.best} with metric {self.metric} needs a direction: pass select.mode min (lower is "
+                "better, e.g. a loss) or select.mode max (e.g. an accuracy).", params=("best", "metric", "select.mode")
             )
         if self.order not in ORDERS:
-            raise SelectionError(f"order must be one of {', '.join(ORDERS)}, not {self.order!r}.")
+            raise SelectionError(f"order must be one of {', '.join(ORDERS)}, not {self.order!r}.", params=("order",))
         for name in ("every", "last", "best"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise SelectionError(f"{name} must be a positive integer, not {value!r}.")
+                raise SelectionError(f"{name} must be a positive integer, not {value!r}.", params=(name,))
         if self.upto is not None and self.upto < 0:
-            raise SelectionError(f"upto must be a step >= 0, not {self.upto!r}.")
+            raise SelectionError(f"upto must be a step >= 0, not {self.upto!r}.", params=("upto",))
         s = self.start
         if s is not None and not (
             (isinstance(s, int) and s >= 0) or (isinstance(s, float) and 0 < s < 1)
         ):
-            raise SelectionError(f"start must be an integer >= 0 or a fraction 0 < S < 1, not {s!r}.")
+            raise SelectionError(f"start must be an integer >= 0 or a fraction 0 < S < 1, not {s!r}.", params=("start",))
 
 
 def parse_start(text: str) -> int | float:
@@ -69,9 +69,9 @@ def parse_start(text: str) -> int | float:
     try:
         value = float(text)
     except ValueError:
-        raise SelectionError(f"--start must be an integer or a fraction, not {text!r}.") from None
+        raise SelectionError(f"start must be an integer or a fraction, not {text!r}.", params=("start",)) from None
     if not 0 < value < 1:
-        raise SelectionError(f"--start as a fraction must be between 0 and 1 (exclusive), not {text}.")
+        raise SelectionError(f"start as a fraction must be between 0 and 1 (exclusive), not {text}.", params=("start",))
     return value
 
 
@@ -91,7 +91,7 @@ def order_checkpoints(ckpts: Sequence[Checkpoint], order: str = "auto") -> tuple
         else:
             used = "name"
     if used in ("step", "epoch"):
-        _require(ckpts, used, f"--order {used}")
+        _require(ckpts, used, f"order {used}", "order")
 
     def key(c: Checkpoint) -> tuple[object, ...]:
         name = natural_key(str(c.path))
@@ -106,10 +106,11 @@ def order_checkpoints(ckpts: Sequence[Checkpoint], order: str = "auto") -> tuple
     return sorted(ckpts, key=key), used
 
 
-def _require(ckpts: Sequence[Checkpoint], field: str, why: str) -> None:
+def _require(ckpts: Sequence[Checkpoint], field: str, why: str, param: str) -> None:
     missing = [c.name for c in ckpts if getattr(c.meta, field) is None]
     if missing:
-        raise SelectionError(f"{why} needs the {field} of every checkpoint, but it is unknown for {listing(missing, 5)}.")
+        raise SelectionError(f"{why} needs the {field} of every checkpoint, but it is unknown for {listing(missing, 5)}.",
+                             params=(param,))
 
 
 def select_checkpoints(ordered: Sequence[Checkpoint], sel: Selection) -> list[Checkpoint]:
@@ -118,17 +119,17 @@ def select_checkpoints(ordered: Sequence[Checkpoint], sel: Selection) -> list[Ch
     if not chosen:
         raise SelectionError("no checkpoints to select from.")
     if sel.upto is not None:
-        _require(chosen, "step", f"--upto {sel.upto}")
+        _require(chosen, "step", f"upto {sel.upto}", "upto")
         chosen = [c for c in chosen if c.meta.step is not None and c.meta.step <= sel.upto]
-        _nonempty(chosen, f"--upto {sel.upto}")
+        _nonempty(chosen, f"upto {sel.upto}", "upto")
     if isinstance(sel.start, float):
         chosen = chosen[math.floor(sel.start * len(chosen)):]
-        _nonempty(chosen, f"--start {sel.start}")
+        _nonempty(chosen, f"start {sel.start}", "start")
     elif isinstance(sel.start, int):
         field = "epoch" if all(c.meta.epoch is not None for c in chosen) else "step"
-        _require(chosen, field, f"--start {sel.start}")
+        _require(chosen, field, f"start {sel.start}", "start")
         chosen = [c for c in chosen if getattr(c.meta, field) >= sel.start]
-        _nonempty(chosen, f"--start {sel.start} (compared with each checkpoint's {field})")
+        _nonempty(chosen, f"start {sel.start} (compared with each checkpoint's {field})", "start")
     if sel.every is not None:
         chosen = chosen[:: sel.every]
     if sel.best is not None:
@@ -138,9 +139,9 @@ def select_checkpoints(ordered: Sequence[Checkpoint], sel: Selection) -> list[Ch
     return chosen
 
 
-def _nonempty(chosen: list[Checkpoint], why: str) -> None:
+def _nonempty(chosen: list[Checkpoint], why: str, param: str) -> None:
     if not chosen:
-        raise SelectionError(f"{why} leaves no checkpoint to average.")
+        raise SelectionError(f"{why} leaves no checkpoint to average.", params=(param,))
 
 
 def metric_values(ckpts: Sequence[Checkpoint], name: str) -> list[float]:
@@ -150,7 +151,7 @@ def metric_values(ckpts: Sequence[Checkpoint], name: str) -> list[float]:
     if missing:
         known = sorted({k for c in ckpts for k in c.meta.metrics})
         hint = f" Metrics found: {', '.join(known[:12])}." if known else ""
-        raise SelectionError(f"metric '{name}' is missing for {listing(missing, 5)}.{hint}")
+        raise SelectionError(f"metric '{name}' is missing for {listing(missing, 5)}.{hint}", params=("metric",))
     return [f[0] for f in found if f is not None]
 
 

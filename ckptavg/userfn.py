@@ -17,16 +17,16 @@ def load_callable(spec: str, option: str, error: type[CkptavgError]) -> Callable
     """Return the callable named by `spec`; raise `error` naming `option` and the fix otherwise."""
     module_part, sep, name = spec.rpartition(":")
     if not sep or not module_part or not name:
-        raise error(f"{option} must look like MODULE:FUNCTION or path/to/file.py:FUNCTION, not {spec!r}.")
+        raise error(f"{option} must look like MODULE:FUNCTION or path/to/file.py:FUNCTION, not {spec!r}.", params=(option,))
     try:
         module = _import(module_part)
     except Exception as e:  # noqa: BLE001 - any failure inside the user's module is reported, not raised
-        raise error(f"{option} {spec}: cannot import {module_part!r} ({type(e).__name__}: {e}).") from None
+        raise error(f"{option} {spec}: cannot import {module_part!r} ({type(e).__name__}: {e}).", params=(option,)) from None
     target = getattr(module, name, None)
     if target is None:
-        raise error(f"{option} {spec}: {module_part!r} has no attribute {name!r}.")
+        raise error(f"{option} {spec}: {module_part!r} has no attribute {name!r}.", params=(option,))
     if not callable(target):
-        raise error(f"{option} {spec}: {name!r} is not callable.")
+        raise error(f"{option} {spec}: {name!r} is not callable.", params=(option,))
     return target  # type: ignore[no-any-return]
 
 

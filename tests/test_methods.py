@@ -180,30 +180,34 @@ def test_missing_metric_names_the_checkpoints() -> None:
 
 
 @pytest.mark.parametrize(
-    "build, message",
+    "build, message, param",
     [
-        (lambda: Ema(decay=1.5), "between 0 and 1"),
-        (lambda: Ema(decay=0.9, step_decay=0.9), "exactly one"),
-        (lambda: Ema(), "exactly one"),
-        (lambda: Ema(sigma_rel=0.3), "sigma"),
-        (lambda: Ema(decay=0.9, warmup=True), "apply to per-step EMA only"),
-        (lambda: Ema(decay=0.9, hold="sideways"), "--hold"),
-        (lambda: Graft(a=1.5), "--a"),
-        (lambda: Graft(c=-1), "--c"),
-        (lambda: Graft(mode="ring"), "--mode"),
-        (lambda: Linear(()), "--weights"),
-        (lambda: Soup(), "--eval"),
+        (lambda: Ema(decay=1.5), "decay must be between 0 and 1", "decay"),
+        (lambda: Ema(decay=0.9, step_decay=0.9), "exactly one", "step_decay"),
+        (lambda: Ema(), "exactly one", "sigma_rel"),
+        (lambda: Ema(sigma_rel=0.3), "sigma", None),
+        (lambda: Ema(decay=0.9, warmup=True), "apply to per-step EMA only", "warmup"),
+        (lambda: Ema(decay=0.9, hold="sideways"), "hold must be one of", "hold"),
+        (lambda: Graft(a=1.5), "a must be between", "a"),
+        (lambda: Graft(c=-1), "c must be", "c"),
+        (lambda: Graft(mode="ring"), "mode must be one of", "mode"),
+        (lambda: Linear(()), "linear needs values", "values"),
+        (lambda: Soup(), "needs evaluate", "evaluate"),
     ],
 )
-def test_bad_parameters_fail_before_reading(build, message: str) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(PlanError, match=message):
+def test_bad_parameters_fail_before_reading(build, message: str, param: str | None) -> None:  # type: ignore[no-untyped-def]
+    """Plans check their parameters when built, and name them as parameters (the CLI maps them to flags)."""
+    with pytest.raises(PlanError, match=message) as info:
         build()
+    assert "--" not in str(info.value)
+    if param is not None:
+        assert param in info.value.params
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["linear", str(RUNS / "plain"), "--weights", "0.5,0.5"], "--weights has 2 values but 6 checkpoints"),
+        (["linear", str(RUNS / "plain"), "--weights", "0.5,0.5"], "--weights holds 2 weights but 6 checkpoints"),
         (["ema", str(RUNS / "plain"), "--step-decay", "0.9"], "needs the optimizer step of every checkpoint"),
         (["ema", str(RUNS / "plain"), "--sigma-rel", "0.1"], "needs the optimizer step"),
         (["ema", str(RUNS / "plain"), "--sigma-rel", "0.5"], "sigma"),
@@ -229,7 +233,7 @@ def test_method_errors_through_the_cli(args: list[str], message: str, tmp_path: 
         (["--step-decay", "0.9", "--per", "checkpoint"], "--per checkpoint goes with --decay; --step-decay"),
         (["--sigma-rel", "0.1", "--per", "checkpoint"], "--per checkpoint goes with --decay; --sigma-rel"),
         (["--decay", "0.9", "--step-decay", "0.9", "--per", "step"], "exactly one"),
-        (["--decay", "0.9", "--warmup"], "--decay B --per step"),
+        (["--decay", "0.9", "--warmup"], "apply to per-step EMA only (--step-decay B)"),
     ],
 )
 def test_per_errors_through_the_cli(args: list[str], message: str, tmp_path: Path) -> None:

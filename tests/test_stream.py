@@ -4,6 +4,7 @@ thread that always stops, on success, on a read error and on a failure in the co
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -224,8 +225,11 @@ def test_ctrl_c_while_starting_the_helpers_stops_them(tmp_path: Path, monkeypatc
     specs, ckpts = _worker_set(tmp_path)
     start = threading.Thread.start
 
+    raised = threading.Event()
+
     def interrupted_start(self: threading.Thread) -> None:
         start(self)
+        raised.set()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(threading.Thread, "start", interrupted_start)
@@ -233,8 +237,13 @@ def test_ctrl_c_while_starting_the_helpers_stops_them(tmp_path: Path, monkeypatc
     calls = 0
 
     def sink(spec: TensorSpec, start: int, block: torch.Tensor) -> None:
+        # the first block waits until the interrupt is on its way, so a loaded machine that runs the helper
+        # long before the calling thread cannot let it finish every batch first
         nonlocal calls
         calls += 1
+        if calls == 1:
+            raised.wait(10)
+            time.sleep(0.2)
 
     with pytest.raises(KeyboardInterrupt):
         stream_cpu(specs, ckpts, lambda s: [0.25] * 4, sink, torch.float64, None, 100, workers=2)

@@ -23,7 +23,7 @@ from .._version import __version__
 from ..api import inspect_checkpoint, plan_checkpoints
 from ..bn import BatchNormOptions
 from ..dist import average_checkpoints
-from ..errors import BatchNormError, CkptavgError, one_line
+from ..errors import BatchNormError, CkptavgError, CkptavgWarning, one_line
 from ..layout import ACCUM_DTYPES, OUT_DTYPES
 from ..methods.base import Plan
 from ..methods.uniform import Swa
@@ -166,13 +166,26 @@ def _with_signature(fn: Callable[..., None], params: list[inspect.Parameter]) ->
     return fn
 
 
+# Library parameter -> the flag that sets it: library messages name parameters, the command line shows flags.
+PARAM_FLAGS = {
+    "values": "--weights", "evaluate": "--eval", "shards_like_input": "--shards like-input",
+    "bn": "the --bn-* options", "bn.model": "--bn-model", "bn.data": "--bn-data", "bn.batches": "--bn-batches",
+    "bn.batch_size": "--bn-batch-size", "bn.forward": "--bn-forward", "select.mode": "--metric-mode",
+} | {name: "--" + name.replace("_", "-") for name in (
+    "decay", "step_decay", "sigma_rel", "warmup", "warmup_gamma", "warmup_power", "min_decay", "update_after_step",
+    "hold", "init", "a", "c", "bins", "mode", "groups", "round_digits", "normalize", "uniform", "strict",
+    "best", "metric", "order", "every", "last", "upto", "start", "key", "keep_prefix", "trust_pickle", "dtype",
+    "accum_dtype", "device", "allow_nonfinite", "verify", "force", "max_shard_size",
+)}
+
+
 @contextmanager
 def _errors() -> Iterator[None]:
     """Turn ckptavg errors into one `Error:` line and exit 1; warnings into `Warning:` lines."""
     seen: set[str] = set()
 
     def show(message: Warning | str, *_: Any, **__: Any) -> None:
-        text = str(message)
+        text = message.with_names(PARAM_FLAGS) if isinstance(message, CkptavgWarning) else str(message)
         if text not in seen:
             seen.add(text)
             print(f"Warning: {text}", file=sys.stderr)
@@ -185,7 +198,7 @@ def _errors() -> Iterator[None]:
         if os.environ.get("CKPTAVG_DEBUG") == "1":
             raise
         if _lead():  # under torchrun every rank fails together; rank 0 alone says why
-            print(f"Error: {one_line(str(e))}", file=sys.stderr)
+            print(f"Error: {one_line(e.with_names(PARAM_FLAGS))}", file=sys.stderr)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         # "no partial output", not "nothing": a Ctrl-C just after the final rename leaves the complete file

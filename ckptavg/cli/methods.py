@@ -127,7 +127,7 @@ add_method(
 
 def _soup(**kw: Any) -> Soup:
     spec = kw["eval"]
-    fn = load_callable(spec, "--eval", PlanError) if spec else None
+    fn = load_callable(spec, "evaluate", PlanError) if spec else None
     return Soup(evaluate=fn, mode=kw["mode"].value, uniform=kw["uniform"], strict=kw["strict"], name=spec)
 
 

@@ -37,24 +37,25 @@ class Ema(Plan):
     def __post_init__(self) -> None:
         given = [n for n in ("decay", "step_decay", "sigma_rel") if getattr(self, n) is not None]
         if len(given) != 1:
-            raise PlanError("ema needs exactly one of --decay, --step-decay or --sigma-rel"
-                            + (f" (got {', '.join('--' + g.replace('_', '-') for g in given)})." if given else "."))
+            raise PlanError("ema needs exactly one of decay, step_decay or sigma_rel"
+                            + (f" (got {', '.join(given)})." if given else "."), params=("decay", "step_decay", "sigma_rel"))
         for name in ("decay", "step_decay", "min_decay"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
-                raise PlanError(f"--{name.replace('_', '-')} must be between 0 and 1, not {value}.")
+                raise PlanError(f"{name} must be between 0 and 1, not {value}.", params=(name,))
         if self.sigma_rel is not None:
             schedules.sigma_rel_to_gamma(self.sigma_rel)  # validates the range
         timm_options = self.warmup or self.update_after_step != 0 or self.min_decay != 0.0
         if timm_options and self.step_decay is None:
-            raise PlanError("--warmup, --min-decay and --update-after-step apply to per-step EMA only "
-                            "(--step-decay B, or --decay B --per step).")
+            raise PlanError("warmup, min_decay and update_after_step apply to per-step EMA only "
+                            "(step_decay B).", params=("warmup", "min_decay", "update_after_step", "step_decay"))
         if self.warmup_gamma <= 0 or self.warmup_power <= 0 or self.update_after_step < 0:
-            raise PlanError("--warmup-gamma and --warmup-power must be > 0 and --update-after-step >= 0.")
+            raise PlanError("warmup_gamma and warmup_power must be > 0 and update_after_step >= 0.",
+                            params=("warmup_gamma", "warmup_power", "update_after_step"))
         if self.hold not in schedules.HOLDS:
-            raise PlanError(f"--hold must be one of {', '.join(schedules.HOLDS)}, not {self.hold!r}.")
+            raise PlanError(f"hold must be one of {', '.join(schedules.HOLDS)}, not {self.hold!r}.", params=("hold",))
         if self.init not in schedules.INITS:
-            raise PlanError(f"--init must be one of {', '.join(schedules.INITS)}, not {self.init!r}.")
+            raise PlanError(f"init must be one of {', '.join(schedules.INITS)}, not {self.init!r}.", params=("init",))
 
     def params(self) -> dict[str, Any]:
         if self.decay is not None:
@@ -71,7 +72,7 @@ class Ema(Plan):
         if self.decay is not None:
             values, residual = schedules.ema_checkpoint_weights(len(ckpts), self.decay, self.init)
             return WeightMatrix.single(values, residual)
-        steps = _steps(ckpts, "per-step EMA (--step-decay)" if self.step_decay is not None else "--sigma-rel")
+        steps = _steps(ckpts, "per-step EMA (step_decay)" if self.step_decay is not None else "sigma_rel")
         if self.sigma_rel is not None:
             values, residual = schedules.power_weights(steps, self.sigma_rel, hold=self.hold, init=self.init)
         else:
@@ -88,8 +89,8 @@ def _steps(ckpts: Sequence[Entry], why: str) -> list[int]:
     missing = [c.name for c in ckpts if c.meta.step is None]
     if missing:
         raise PlanError(f"{why} needs the optimizer step of every checkpoint, but it is unknown for "
-                        f"{listing(missing, 5)}; use --decay B (--per checkpoint, the "
-                        "default) for one update per checkpoint instead.")
+                        f"{listing(missing, 5)}; use decay B for one update per checkpoint instead.",
+                        params=("step_decay", "sigma_rel", "decay"))
     steps = [c.meta.step for c in ckpts]
     for a, b, ca, cb in zip(steps, steps[1:], ckpts, ckpts[1:], strict=False):
         if b is not None and a is not None and b <= a:

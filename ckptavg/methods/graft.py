@@ -52,17 +52,17 @@ class Graft(Plan):
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.a <= 1.0:
-            raise PlanError(f"--a must be between 0 and 1 (a > 1 would allow negative weights), not {self.a}.")
+            raise PlanError(f"a must be between 0 and 1 (a > 1 would allow negative weights), not {self.a}.", params=("a",))
         if self.c < 0:
-            raise PlanError(f"--c must be >= 0, not {self.c}.")
+            raise PlanError(f"c must be >= 0, not {self.c}.", params=("c",))
         if self.bins < 1:
-            raise PlanError(f"--bins must be >= 1, not {self.bins}.")
+            raise PlanError(f"bins must be >= 1, not {self.bins}.", params=("bins",))
         if self.mode not in MODES:
-            raise PlanError(f"--mode must be one of {', '.join(MODES)}, not {self.mode!r}.")
+            raise PlanError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}.", params=("mode",))
         if self.groups not in GROUPINGS:
-            raise PlanError(f"--groups must be one of {', '.join(GROUPINGS)}, not {self.groups!r}.")
+            raise PlanError(f"groups must be one of {', '.join(GROUPINGS)}, not {self.groups!r}.", params=("groups",))
         if self.round_digits is not None and self.round_digits < 0:
-            raise PlanError(f"--round-digits must be >= 0 or none, not {self.round_digits}.")
+            raise PlanError(f"round_digits must be >= 0 or none, not {self.round_digits}.", params=("round_digits",))
 
     def params(self) -> dict[str, Any]:
         return {"a": self.a, "c": self.c, "bins": self.bins, "mode": self.mode, "groups": self.groups,

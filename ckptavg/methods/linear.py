@@ -23,30 +23,30 @@ class Linear(Plan):
 
     def __post_init__(self) -> None:
         if not self.values:
-            raise PlanError("linear needs --weights, e.g. --weights 0.2,0.3,0.5.")
+            raise PlanError("linear needs values: one weight per checkpoint, e.g. 0.2,0.3,0.5.", params=("values",))
         if any(w != w or w in (float("inf"), float("-inf")) for w in self.values):
-            raise PlanError(f"--weights must be finite numbers, not {list(self.values)}.")
+            raise PlanError(f"values must be finite numbers, not {list(self.values)}.", params=("values",))
         if self.normalize and sum(self.values) == 0:
-            raise PlanError("--normalize needs weights whose sum is not 0.")
+            raise PlanError("normalize needs weights whose sum is not 0.", params=("normalize",))
 
     def params(self) -> dict[str, Any]:
         return {"weights": list(self.values), "normalize": self.normalize}
 
     def weights(self, ckpts: Sequence[Entry], data: TensorAccess | None = None) -> WeightMatrix:
         if len(self.values) != len(ckpts):
-            raise PlanError(f"--weights has {len(self.values)} values but {len(ckpts)} checkpoints were "
-                            "selected; give one weight per checkpoint (see `ckptavg plan linear`).")
+            raise PlanError(f"values holds {len(self.values)} weights but {len(ckpts)} checkpoints were "
+                            "selected; give one weight per checkpoint (see `ckptavg plan linear`).", params=("values",))
         values = self.values
         if self.normalize:
             total = sum(values)
             values = tuple(w / total for w in values)
         else:
             if any(w < 0 for w in values):
-                warnings.warn(f"negative weights {list(values)}; pass --normalize to silence this if intended.",
-                              CkptavgWarning, stacklevel=2)
+                warnings.warn(CkptavgWarning(f"negative weights {list(values)}; pass normalize to silence this if "
+                                             "intended.", params=("normalize",)), stacklevel=2)
             if abs(sum(values) - 1) > 1e-9:
-                warnings.warn(f"weights sum to {sum(values):.6g}, not 1, so the result is scaled; "
-                              "pass --normalize to divide by their sum.", CkptavgWarning, stacklevel=2)
+                warnings.warn(CkptavgWarning(f"weights sum to {sum(values):.6g}, not 1, so the result is scaled; "
+                                             "pass normalize to divide by their sum.", params=("normalize",)), stacklevel=2)
         return WeightMatrix.single(values)
 
 
@@ -55,4 +55,4 @@ def parse_weights(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(part) for part in text.replace(" ", "").split(",") if part)
     except ValueError:
-        raise PlanError(f"--weights must be comma-separated numbers, not {text!r}.") from None
+        raise PlanError(f"values must be comma-separated numbers, not {text!r}.", params=("values",)) from None

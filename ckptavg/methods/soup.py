@@ -44,9 +44,10 @@ class Soup(Plan):
 
     def __post_init__(self) -> None:
         if self.mode not in ("max", "min"):
-            raise PlanError(f"--mode must be max or min, not {self.mode!r}.")
+            raise PlanError(f"mode must be max or min, not {self.mode!r}.", params=("mode",))
         if self.evaluate is None and not self.uniform:
-            raise PlanError("a greedy soup needs --eval MODULE:FUNCTION (or pass --uniform).")
+            raise PlanError("a greedy soup needs evaluate, a function scoring a state dict (or pass uniform).",
+                            params=("evaluate", "uniform"))
 
     def params(self) -> dict[str, Any]:
         fn = self.name or getattr(self.evaluate, "__qualname__", None)
@@ -92,11 +93,11 @@ class Soup(Plan):
         try:
             value = self.evaluate(state)
         except Exception as e:  # noqa: BLE001 - the user's function failed: report it as one line
-            raise PlanError(f"--eval failed on {label}: {type(e).__name__}: {e}") from e
+            raise PlanError(f"evaluate failed on {label}: {type(e).__name__}: {e}", params=("evaluate",)) from e
         try:
             score = float(value)
         except (TypeError, ValueError):
-            raise PlanError(f"--eval must return a number, but returned {value!r} for {label}.") from None
+            raise PlanError(f"evaluate must return a number, but returned {value!r} for {label}.", params=("evaluate",)) from None
         if not math.isfinite(score):
-            raise PlanError(f"--eval returned {score} for {label}; scores must be finite.")
+            raise PlanError(f"evaluate returned {score} for {label}; scores must be finite.", params=("evaluate",))
         return score

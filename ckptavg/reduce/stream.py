@@ -37,15 +37,15 @@ def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise PlanError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N.") from None
+        raise PlanError(f"device {device!r}: not a device; use cpu, cuda or cuda:N.", params=("device",)) from None
     if dev.type == "cpu":
         return dev
     if dev.type != "cuda":
-        raise PlanError(f"--device {device!r}: only cpu and cuda are supported.")
+        raise PlanError(f"device {device!r}: only cpu and cuda are supported.", params=("device",))
     if not torch.cuda.is_available():
-        raise PlanError(f"--device {device}: CUDA is not available (torch {torch.__version__}); use --device cpu.")
+        raise PlanError(f"device {device}: CUDA is not available (torch {torch.__version__}); use device cpu.", params=("device",))
     if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise PlanError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+        raise PlanError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s).", params=("device",))
     return dev
 
 

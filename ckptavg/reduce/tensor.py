@@ -138,11 +138,10 @@ def check_finite(spec: TensorSpec, result: torch.Tensor, ckpts: Sequence[Checkpo
     for c in ckpts:  # find the culprit; this costs a second read of one tensor, only on failure
         if not bool(torch.isfinite(widen(c.tensors[spec.name].load())).all()):
             raise NonFiniteError(
-                f"{c.path}: '{spec.name}' contains NaN or Inf; pass --allow-nonfinite to average it anyway."
-            )
+                f"{c.path}: '{spec.name}' contains NaN or Inf; pass allow_nonfinite to average it anyway.",
+                params=("allow_nonfinite",))
     raise NonFiniteError(
-        f"'{spec.name}': the average overflows {spec.out_dtype}; choose a wider --dtype."
-    )
+        f"'{spec.name}': the average overflows {spec.out_dtype}; choose a wider dtype.", params=("dtype",))
 
 
 class CheckpointData:

@@ -39,7 +39,7 @@ def parse_size(text: str) -> int:
     """'5GB' (decimal, as Hugging Face counts), '500MiB' (binary) or a byte count -> bytes."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
     if not m or float(m.group(1)) <= 0:
-        raise PlanError(f"--max-shard-size {text!r}: give a size such as 5GB, 500MB or 2GiB.")
+        raise PlanError(f"max_shard_size {text!r}: give a size such as 5GB, 500MB or 2GiB.", params=("max_shard_size",))
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
 
 
@@ -149,8 +149,8 @@ def commit(folder: Path, writers: Sequence[SafetensorsWriter], copies: Sequence[
 def _like_input(specs: Sequence[TensorSpec], like: Checkpoint) -> list[Shard]:
     files = {like.tensors[s.name].path.name for s in specs}
     if not like.path.is_dir() or len(files) < 2:
-        raise PlanError(f"--shards like-input: {like.path} is not a sharded Hugging Face folder; "
-                        "use --max-shard-size instead.")
+        raise PlanError(f"shards_like_input: {like.path} is not a sharded Hugging Face folder; "
+                        "use max_shard_size instead.", params=("shards_like_input", "max_shard_size"))
     by_file: dict[str, list[TensorSpec]] = {}
     for s in specs:
         name = like.tensors[s.name].path.name
@@ -195,7 +195,7 @@ def check_folder(out: Path, names: Sequence[str], inputs: Sequence[Path], force:
                           "remove them or choose an empty folder.")
     clash = [n for n in names if (out / n).exists()]
     if clash and not force:
-        raise OutputError(f"{out}: already holds {', '.join(clash[:3])}; pass --force to overwrite.")
+        raise OutputError(f"{out}: already holds {', '.join(clash[:3])}; pass force to overwrite.", params=("force",))
 
 
 def _is_weights(name: str) -> bool:

@@ -42,7 +42,7 @@ def check_output(output: Path, inputs: Sequence[Path], force: bool) -> None:
         if _same(output, src):
             raise OutputError(f"{output}: is one of the inputs; choose another output path.")
     if output.exists() and not force:
-        raise OutputError(f"{output}: already exists; pass --force to overwrite it.")
+        raise OutputError(f"{output}: already exists; pass force to overwrite it.", params=("force",))
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{output}: directory {parent} is not writable.")
 
