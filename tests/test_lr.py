@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ class Ckpt:
     meta: Meta
 
 
-def entries(steps: list[int | None], lrs: list[float | None], history: list[Any] | None = None) -> list[Ckpt]:
+def entries(steps: Sequence[int | None], lrs: Sequence[float | None], history: list[Any] | None = None) -> list[Ckpt]:
     hist = tuple(history or ())
     return [Ckpt(f"c{i}", Path(f"c{i}.pt"), Meta(step=s, lr=lr, lr_source="test", lr_history=hist))
             for i, (s, lr) in enumerate(zip(steps, lrs, strict=True))]

@@ -151,7 +151,8 @@ def test_windows_of_a_sweep() -> None:
 @pytest.mark.parametrize(("build", "message", "params"), [
     (lambda: Windows(Swa(), 0), "window must be an integer >= 1, not 0", ("window",)),
     (lambda: Windows(Swa(), 2, stride=0), "stride must be", ("stride",)),
-    (lambda: Windows(Swa(), 2.5), "window must be an integer", ("window",)),
+    (lambda: Windows(Swa(), 2.5),  # type: ignore[arg-type]
+     "window must be an integer", ("window",)),
     (lambda: Windows(Swa(), 9).weights(ckpts(4)), "only 4 were selected", ("window",)),
     (lambda: Sweep((), "decay"), "at least one plan", ()),
     (lambda: Sweep((Ema(decay=0.9), Swa()), "decay"), "of one method", ()),

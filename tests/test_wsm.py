@@ -4,6 +4,7 @@ recomputed independently, shape formulas, properties, step fractions, sweeps and
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -23,7 +24,7 @@ class Ckpt:
     meta: Meta
 
 
-def ckpts(steps: list[int | None]) -> list[Ckpt]:
+def ckpts(steps: Sequence[int | None]) -> list[Ckpt]:
     return [Ckpt(f"c{i}", Path(f"c{i}.pt"), Meta(step=s)) for i, s in enumerate(steps)]
 
 
