@@ -123,7 +123,7 @@ class LrWeighted(Plan):
         p = self.lr_power
         if not (isinstance(p, int | float) and not isinstance(p, bool) and math.isfinite(p) and p > 0):
             raise PlanError(f"lr_power must be a finite number > 0, not {p!r}.", params=("lr_power",))
-        if self.hold.replace("_", "-") not in schedules.HOLDS:
+        if not isinstance(self.hold, str) or self.hold.replace("_", "-") not in schedules.HOLDS:
             raise PlanError(f"hold must be one of {', '.join(schedules.HOLDS)}, not {self.hold!r}.", params=("hold",))
 
     def weights(self, ckpts: Sequence[Entry], data: TensorAccess | None = None) -> WeightMatrix:
