@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint, LoadOptions
 from .locate import locate_weights, select_prefix
-from .metadata import Meta, meta_from_mapping, meta_from_name, metrics_from_checkpoint
+from .metadata import Meta, extras_from_metadata, lr_from_checkpoint, meta_from_mapping, meta_from_name, metrics_from_checkpoint
 from .safetensors_file import read_safetensors_header
 from .torch_file import load_torch
 
@@ -15,7 +15,8 @@ from .torch_file import load_torch
 def open_file(path: Path, fmt: str, options: LoadOptions) -> Checkpoint:
     if fmt == "safetensors":
         tensors, file_meta = read_safetensors_header(path)
-        meta = meta_from_mapping(file_meta, "safetensors metadata").fill(meta_from_name(path.name))
+        meta = meta_from_mapping(file_meta, "safetensors metadata").fill(extras_from_metadata(file_meta))
+        meta = _with_name(meta, path.name)
         if options.key:
             tensors = select_prefix(path, tensors, options.key)
         return Checkpoint(path, fmt, tensors, options.key or "(top level)", meta, file_metadata=file_meta)
@@ -25,4 +26,12 @@ def open_file(path: Path, fmt: str, options: LoadOptions) -> Checkpoint:
     if isinstance(obj, dict):
         meta = meta_from_mapping(obj, "checkpoint")
         meta = replace(meta, metrics={**metrics_from_checkpoint(obj, path.name), **meta.metrics})
-    return Checkpoint(path, fmt, tensors, location, meta.fill(meta_from_name(path.name)), other_entries=others)
+        meta = meta.fill(lr_from_checkpoint(obj))
+    return Checkpoint(path, fmt, tensors, location, _with_name(meta, path.name), other_entries=others)
+
+
+def _with_name(meta: Meta, name: str) -> Meta:
+    """Fill `meta` from the file name; a snapshot name (EDM2, PostHocEMA) wins: its step is exact, while a
+    snapshot's own ``step`` entry may be stored in float16."""
+    named = meta_from_name(name)
+    return named.fill(meta) if named.ema_index is not None or named.profile_source else meta.fill(named)

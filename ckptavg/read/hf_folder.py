@@ -1,5 +1,5 @@
 """Hugging Face checkpoint folders: `model.safetensors` (or shards with an index, or `pytorch_model.bin`),
-with step, epoch and metrics from `trainer_state.json`."""
+with step, epoch, metrics and the logged learning rates from `trainer_state.json`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ..errors import CheckpointFormatError
 from .checkpoint import Checkpoint, LoadOptions
 from .files import open_file
 from .lazy import LazyTensor
-from .metadata import Meta, meta_from_mapping, meta_from_name, metrics_from_trainer_state
+from .metadata import Meta, lr_history_from_trainer_state, meta_from_mapping, meta_from_name, metrics_from_trainer_state
 from .safetensors_file import sniff
 
 # Hugging Face folder layouts, most preferred first.
@@ -43,7 +43,7 @@ def open_hf_folder(path: Path, options: LoadOptions) -> Checkpoint:
     if state.is_file():
         data = _read_json(state)
         meta = meta_from_mapping({k: v for k, v in data.items() if k in ("global_step", "epoch")}, "trainer_state.json")
-        meta = replace(meta, metrics=metrics_from_trainer_state(data))
+        meta = replace(meta, metrics=metrics_from_trainer_state(data)).fill(lr_history_from_trainer_state(data))
     meta = meta.fill(meta_from_name(path.name, folder=True))
     return Checkpoint(path, fmt, tensors, weights.name, meta)
 

@@ -1,7 +1,9 @@
-"""Step and epoch of a checkpoint, each with the place it was read from."""
+"""What a checkpoint says about itself: step, epoch, metrics, learning rate, and the power-EMA profile of a
+stored EMA snapshot, each with the place it was read from."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -23,6 +25,21 @@ _EPOCH_NAME = [
     re.compile(_BOUND + r"ep[=_-]?(\d+)", re.I),
 ]
 
+# EDM2 snapshots: network-snapshot-{kimg:07d}-{std:.3f}.pkl (std is sigma_rel; t counted in kimg)
+_EDM2_NAME = re.compile(r"^network-snapshot-(\d+)-(\d*\.?\d+)\.[A-Za-z]+$")
+# ema-pytorch PostHocEMA snapshots: {profile index}.{step}.pt
+_POSTHOC_NAME = re.compile(r"^(\d+)\.(\d+)\.pt$")
+
+LR_PLACES = (
+    "trainer_state.json log_history[*].learning_rate",
+    "optimizer_states[0].param_groups[0].lr (Lightning)",
+    "lr_schedulers[0]._last_lr[0] (Lightning)",
+    "optimizer.param_groups[0].lr (also under optimizer_state_dict, optim)",
+    "_last_lr[0] of a scheduler state (lr_scheduler, scheduler)",
+    "'lr' or 'learning_rate' in safetensors metadata",
+)
+"""Where ckptavg looks for a checkpoint's learning rate, in order (docs/ALGORITHMS.md §11); for messages."""
+
 _NAME_METRIC = re.compile(r"([A-Za-z][A-Za-z0-9_]*)=(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
 
 Number = int | float
@@ -37,6 +54,13 @@ class Meta:
     epoch: Number | None = None
     epoch_source: str | None = None
     metrics: dict[str, tuple[float, str]] = field(default_factory=dict)  # name -> (value, source)
+    lr: float | None = None
+    lr_source: str | None = None
+    lr_history: tuple[tuple[int, float], ...] = ()  # (step, lr) logged during training, by step; held until the next
+    sigma_rel: float | None = None  # power-EMA profile of a stored EMA snapshot (docs/ALGORITHMS.md §14)
+    gamma: float | None = None
+    profile_source: str | None = None
+    ema_index: int | None = None  # ema-pytorch PostHocEMA profile index, from the file name {index}.{step}.pt
 
     def metric(self, name: str) -> tuple[float, str] | None:
         """The value of metric `name` and its source; ``loss`` also finds Hugging Face's ``eval_loss``."""
@@ -52,6 +76,14 @@ class Meta:
             out = replace(out, step=other.step, step_source=other.step_source)
         if out.epoch is None and other.epoch is not None:
             out = replace(out, epoch=other.epoch, epoch_source=other.epoch_source)
+        if out.lr is None and other.lr is not None:
+            out = replace(out, lr=other.lr, lr_source=other.lr_source)
+        if not out.lr_history and other.lr_history:
+            out = replace(out, lr_history=other.lr_history)
+        if out.sigma_rel is None and out.gamma is None and (other.sigma_rel is not None or other.gamma is not None):
+            out = replace(out, sigma_rel=other.sigma_rel, gamma=other.gamma, profile_source=other.profile_source)
+        if out.ema_index is None and other.ema_index is not None:
+            out = replace(out, ema_index=other.ema_index)
         return out
 
 
@@ -132,8 +164,85 @@ def metrics_from_trainer_state(state: Mapping[str, Any]) -> dict[str, tuple[floa
     return found
 
 
+def _dig(obj: Any, path: tuple[str | int, ...]) -> Any:
+    for key in path:
+        if isinstance(key, int):
+            if not isinstance(obj, list | tuple) or len(obj) <= key:
+                return None
+        elif not isinstance(obj, Mapping) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def _rate(value: Any) -> float | None:
+    n = _number(value)
+    return float(n) if n is not None and math.isfinite(n) and n >= 0 else None
+
+
+_LR_PATHS: tuple[tuple[str | int, ...], ...] = (
+    ("optimizer_states", 0, "param_groups", 0, "lr"),
+    ("lr_schedulers", 0, "_last_lr", 0),
+    *((key, "param_groups", 0, "lr") for key in ("optimizer", "optimizer_state_dict", "optim")),
+    *((key, "_last_lr", 0) for key in ("lr_scheduler", "scheduler")),
+)
+
+
+def lr_from_checkpoint(obj: Mapping[Any, Any]) -> Meta:
+    """The learning rate saved in a training checkpoint dict, in the order of `LR_PLACES` (first param group).
+
+    Optimizer and scheduler states hold the rate for the next step as a plain float (a tensor is loaded).
+    """
+    for path in _LR_PATHS:
+        lr = _rate(_dig(obj, path))
+        if lr is not None:
+            where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).lstrip(".")
+            return Meta(lr=lr, lr_source=f"checkpoint {where}")
+    return Meta()
+
+
+def lr_history_from_trainer_state(state: Mapping[str, Any]) -> Meta:
+    """The (step, learning_rate) pairs of trainer_state.json's log_history, by step (a later entry wins), and
+    the rate logged last at or before the checkpoint's global step."""
+    logged: dict[int, float] = {}
+    for entry in state.get("log_history") or ():
+        if isinstance(entry, dict):
+            step, lr = _number(entry.get("step")), _rate(entry.get("learning_rate"))
+            if isinstance(step, int) and step >= 0 and lr is not None:
+                logged[step] = lr
+    if not logged:
+        return Meta()
+    history = tuple(sorted(logged.items()))
+    end = _number(state.get("global_step"))
+    upto = [h for h in history if not isinstance(end, int) or h[0] <= end] or [history[0]]
+    return Meta(lr=upto[-1][1], lr_source=f"trainer_state.json log_history (step {upto[-1][0]})", lr_history=history)
+
+
+def extras_from_metadata(file_meta: Mapping[str, str], source: str = "safetensors metadata") -> Meta:
+    """Learning rate (``lr``, ``learning_rate``) and power-EMA profile (``sigma_rel``, ``ema_sigma_rel``, ``gamma``,
+    ``ema_gamma``) from a safetensors header's string metadata."""
+    out = Meta()
+    lr_key = next((k for k in ("lr", "learning_rate") if _rate(file_meta.get(k)) is not None), None)
+    if lr_key is not None:
+        out = replace(out, lr=_rate(file_meta[lr_key]), lr_source=f"{source} '{lr_key}'")
+    for key, is_sigma in (("sigma_rel", True), ("ema_sigma_rel", True), ("gamma", False), ("ema_gamma", False)):
+        value = _rate(file_meta.get(key))
+        if value is not None:
+            return replace(out, sigma_rel=value if is_sigma else None, gamma=None if is_sigma else value,
+                           profile_source=f"{source} '{key}'")
+    return out
+
+
 def meta_from_name(name: str, folder: bool = False) -> Meta:
-    """Read step and epoch from a file or folder name (``step=1200``, ``epoch=3``, ``checkpoint-1200/``)."""
+    """Read step and epoch from a file or folder name (``step=1200``, ``epoch=3``, ``checkpoint-1200/``), and the
+    snapshot names of EDM2 (``network-snapshot-0065536-0.100.pkl``: step in kimg, sigma_rel) and of ema-pytorch's
+    PostHocEMA (``{index}.{step}.pt``: profile index and step)."""
+    if not folder and (edm2 := _EDM2_NAME.match(name)):
+        return Meta(int(edm2.group(1)), "file name (EDM2 kimg)", sigma_rel=float(edm2.group(2)),
+                    profile_source="file name (EDM2 std)")
+    if not folder and (posthoc := _POSTHOC_NAME.match(name)):
+        return Meta(int(posthoc.group(2)), "file name (PostHocEMA {index}.{step}.pt)",
+                    ema_index=int(posthoc.group(1)))
     m = _FOLDER_STEP.match(name) if folder else None
     if m is None:
         m = next((found for p in _STEP_NAME if (found := p.search(name))), None)
