@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -19,17 +20,17 @@ import torch
 from .bn import BatchNormOptions, recalibrate
 from .errors import BatchNormError, PlanError
 from .layout import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout
-from .methods.base import Plan
+from .methods.base import Plan, Weights
 from .methods.uniform import Swa
 from .read.checkpoint import Checkpoint, LoadOptions, PathLike
 from .read.discover import find_checkpoints
 from .read.layouts import open_checkpoint
-from .reduce.stream import resolve_device, stream_reduce
+from .reduce.stream import resolve_device, stream_rows
 from .reduce.tensor import CheckpointData, check_finite, work_bytes
 from .results import AverageResult, PlanReport, provenance
 from .select import Selection, order_checkpoints, select_checkpoints
 from .write.hf_folder import parse_size
-from .write.output import OpenOutput, Output, is_folder_output, plan_output
+from .write.output import OpenOutput, Output, is_folder_output, plan_output, row_targets
 from .write.safetensors import check_output
 
 Progress = Callable[[int, int], None]  # (bytes read so far, total bytes to read)
@@ -112,40 +113,87 @@ def _plan(paths: list[Path], plan: Plan, select: Selection, load: LoadOptions, d
 
 
 @dataclass(frozen=True)
+class RowEvaluation:
+    """Score every output row of a plan with a function of its state dict, and keep the best (or all).
+
+    Attributes:
+        evaluate: ``fn(state_dict) -> float``, as for soups.
+        mode: ``max`` if a higher score is better, ``min`` for losses.
+        keep: ``best`` (write the best row to the output) or ``all`` (write every row, scores in each).
+        name: how `evaluate` is recorded in the output metadata (``evals.py:score``).
+    """
+
+    evaluate: Callable[[dict[str, torch.Tensor]], float]
+    mode: str = "max"
+    keep: str = "best"
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("max", "min"):
+            raise PlanError(f"mode must be max or min, not {self.mode!r}.", params=("mode",))
+        if self.keep not in ("best", "all"):
+            raise PlanError(f"keep must be best or all, not {self.keep!r}.", params=("keep",))
+
+
+@dataclass(frozen=True)
 class Job:
-    """A prepared average: its plan, where it goes, and how."""
+    """A prepared average: its plan, where each output row goes, and how."""
 
     report: PlanReport
-    output: Output
-    metadata: dict[str, str]
+    outputs: tuple[Output, ...]  # one per row written (all rows, or the one an evaluation keeps)
+    metadata: tuple[dict[str, str], ...]
     write: WriteOptions
     bn: BatchNormOptions | None
+    evaluation: RowEvaluation | None = None
+
+    @property
+    def output(self) -> Output:
+        """The output of a one-row plan."""
+        return self.outputs[0]
 
 
 def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan, *, select: Selection,
-            load: LoadOptions, write: WriteOptions, bn: BatchNormOptions | None, parts: int = 1) -> Job:
+            load: LoadOptions, write: WriteOptions, bn: BatchNormOptions | None, parts: int = 1,
+            evaluation: RowEvaluation | None = None) -> Job:
     """Plan the average and its output files (`parts` balanced files for a torchrun job), and check that they
-    can be written, before any tensor data is read."""
+    can be written, before any tensor data is read (but for the plans that need it: graft and soup)."""
     resolve_device(write.device)
-    to_folder = is_folder_output(output) or write.max_bytes is not None or write.shards_like_input or parts > 1
     paths = find_checkpoints(inputs)
-    if not to_folder:
+    single = not is_folder_output(output) and "{" not in os.fspath(output)
+    if single and not (write.max_bytes is not None or write.shards_like_input or parts > 1):
         check_output(Path(output), paths, write.force)  # fail fast, before a graft or soup plan reads tensors
     if bn is not None:
         bn.check()
     report = _plan(paths, plan, select, load, write.dtype)
-    target = plan_output(output, report.specs, report.checkpoints, to_folder=to_folder, max_bytes=write.max_bytes,
-                         like_input=write.shards_like_input, parts=parts)
-    target.check(_files_read(report.considered), write.force)  # unselected inputs are still inputs
-    metadata = provenance(report) | ({"ckptavg_bn": json.dumps(bn.params(), sort_keys=True)} if bn else {})
-    return Job(report, target, metadata, write, bn)
+    rows = report.matrix.rows
+    kept = rows[:1] if evaluation is not None and evaluation.keep == "best" else rows
+    targets = [os.fspath(output)] if len(kept) == 1 and single else row_targets(output, kept)
+    sharded = write.max_bytes is not None or write.shards_like_input or parts > 1
+    outs = []
+    for target in targets:
+        # one output: an existing directory means a folder; a row's output is a folder only when asked (DIR/)
+        to_folder = sharded or (is_folder_output(target) if targets == [os.fspath(output)] else target.endswith(os.sep))
+        out = plan_output(target, report.specs, report.checkpoints, to_folder=to_folder, max_bytes=write.max_bytes,
+                          like_input=write.shards_like_input, parts=parts, make_parent=target != os.fspath(output))
+        out.check(_files_read(report.considered), write.force)  # unselected inputs are still inputs
+        outs.append(out)
+    extra = {"ckptavg_bn": json.dumps(bn.params(), sort_keys=True)} if bn else {}
+    metadata = tuple(provenance(report, r) | extra for r in range(len(kept)))
+    return Job(report, tuple(outs), metadata, write, bn, evaluation)
 
 
-def produce(job: Job, into: OpenOutput, progress: Progress | None = None) -> None:
-    """Compute the average and hand it to `into`, tensor by tensor in its order (one block in memory at a time);
-    with BatchNorm recalibration, the whole average is built in memory first, since that pass runs the model."""
-    ckpts, weights, write = job.report.checkpoints, job.report.weights, job.write
-    total = sum(work_bytes(s, ckpts, [weights.for_tensor(s.name)]) for s in into.order)
+def produce(job: Job, into: Sequence[OpenOutput], progress: Progress | None = None) -> list[dict[str, Any]]:
+    """Compute the average of every output row and hand each to its open output, tensor by tensor in its order,
+    reading each block once for all rows (one block per row in memory at a time). BatchNorm recalibration and
+    row evaluation build the averages in memory first, since they run the model. Returns the rows' scores."""
+    report, write = job.report, job.write
+    ckpts, rows = report.checkpoints, report.matrix.rows
+    in_memory = job.bn is not None or job.evaluation is not None
+    order = into[0].order
+    if any(o.order != order for o in into):  # the same tensors everywhere, so one write order
+        raise AssertionError("outputs of one plan disagree on their tensors")
+    specs = report.specs if in_memory else order
+    total = sum(work_bytes(s, ckpts, [r.for_tensor(s.name) for r in rows]) for s in specs)
     done = 0
 
     def on_read(n: int) -> None:
@@ -154,29 +202,58 @@ def produce(job: Job, into: OpenOutput, progress: Progress | None = None) -> Non
         if progress:
             progress(done, total)
 
-    def checked(spec: TensorSpec, start: int, block: torch.Tensor) -> None:
-        if spec.averaged and not write.allow_nonfinite:
-            check_finite(spec, block, ckpts)
-        into.sink(spec, start, block)
+    def checked(sink: Callable[[TensorSpec, int, torch.Tensor], None]) -> Callable[[TensorSpec, int, torch.Tensor], None]:
+        def check_then_write(spec: TensorSpec, start: int, block: torch.Tensor) -> None:
+            if spec.averaged and not write.allow_nonfinite:
+                check_finite(spec, block, ckpts)
+            sink(spec, start, block)
+        return check_then_write
 
-    def reduce(specs: Sequence[TensorSpec], sink: Callable[[TensorSpec, int, torch.Tensor], None]) -> None:
-        stream_reduce(specs, ckpts, lambda s: weights.for_tensor(s.name), sink,
-                      accum_dtype=ACCUM_DTYPES[write.accum_dtype], device=write.device, on_read=on_read)
+    def reduce(sinks: Sequence[Callable[[TensorSpec, int, torch.Tensor], None]]) -> None:
+        stream_rows(specs, ckpts, lambda s: [r.for_tensor(s.name) for r in rows], [checked(s) for s in sinks],
+                    accum_dtype=ACCUM_DTYPES[write.accum_dtype], device=write.device, on_read=on_read)
 
-    if job.bn is None:
-        reduce(into.order, checked)
-        return
-    tensors = {s.name: torch.empty(s.shape, dtype=s.out_dtype) for s in job.report.specs}
+    if not in_memory:
+        reduce([o.sink for o in into])
+        return []
+    states = [{s.name: torch.empty(s.shape, dtype=s.out_dtype) for s in report.specs} for _ in rows]
 
-    def keep(spec: TensorSpec, start: int, block: torch.Tensor) -> None:
-        if spec.averaged and not write.allow_nonfinite:
-            check_finite(spec, block, ckpts)
-        tensors[spec.name].view(-1)[start : start + block.numel()] = block
+    def keeper(state: dict[str, torch.Tensor]) -> Callable[[TensorSpec, int, torch.Tensor], None]:
+        def keep(spec: TensorSpec, start: int, block: torch.Tensor) -> None:
+            state[spec.name].view(-1)[start : start + block.numel()] = block
+        return keep
 
-    reduce(job.report.specs, keep)
-    tensors.update(recalibrate(tensors, job.bn, resolve_device(write.device)))
-    for spec in into.order:
-        into.sink(spec, 0, tensors[spec.name].reshape(-1))
+    reduce([keeper(state) for state in states])
+    if job.bn is not None:
+        for state in states:
+            state.update(recalibrate(state, job.bn, resolve_device(write.device)))
+    scores, chosen = _evaluate(job.evaluation, rows, states) if job.evaluation else ([], list(range(len(rows))))
+    for target, r in zip(into, chosen, strict=True):
+        for spec in target.order:
+            target.sink(spec, 0, states[r][spec.name].reshape(-1))
+    return scores
+
+
+def _evaluate(evaluation: RowEvaluation, rows: Sequence[Weights], states: Sequence[dict[str, torch.Tensor]]
+              ) -> tuple[list[dict[str, Any]], list[int]]:
+    """Score each row's state dict; the rows to write: the best one (`keep="best"`) or all of them."""
+    scores: list[dict[str, Any]] = []
+    values: list[float] = []
+    for i, (row, state) in enumerate(zip(rows, states, strict=True)):
+        label = row.name or f"output {i}"
+        try:
+            value = float(evaluation.evaluate(state))
+        except Exception as e:  # noqa: BLE001 - the user's function failed: report it as one line
+            raise PlanError(f"evaluate failed on {label}: {type(e).__name__}: {e}", params=("evaluate",)) from e
+        if not math.isfinite(value):
+            raise PlanError(f"evaluate returned {value} for {label}; scores must be finite.", params=("evaluate",))
+        values.append(value)
+        scores.append({"row": i, "name": row.name, "params": dict(row.params), "score": value})
+    sign = 1.0 if evaluation.mode == "max" else -1.0
+    best = max(range(len(rows)), key=lambda i: (sign * values[i], -i))  # ties: the earlier row
+    for s in scores:
+        s["kept"] = evaluation.keep == "all" or s["row"] == best
+    return scores, [best] if evaluation.keep == "best" else list(range(len(rows)))
 
 
 def average(
@@ -189,8 +266,10 @@ def average(
     write: WriteOptions = WriteOptions(),
     bn: BatchNormOptions | None = None,
     progress: Progress | None = None,
+    evaluation: RowEvaluation | None = None,
 ) -> AverageResult:
-    """Average checkpoints into one safetensors file or a folder, streaming one tensor at a time.
+    """Average checkpoints into one safetensors file or a folder, streaming one tensor at a time; a plan with
+    several output rows (a sweep, windows) writes one output per row, from one read of the inputs.
 
     Example:
         >>> from ckptavg import average, Selection
@@ -199,24 +278,38 @@ def average(
     Args:
         inputs: files, directories or glob patterns.
         output: the safetensors file to write, or a folder (an existing directory, or a path ending in a
-            separator) for a Hugging Face style folder. Written atomically: nothing appears on failure.
+            separator) for a Hugging Face style folder. For several rows, a template with ``{field}``s
+            (``ema-{sigma_rel}.safetensors``) or a folder. Written atomically: nothing appears on failure,
+            and all rows' outputs appear together.
         plan: the weighting method (default: uniform `Swa()`).
         select, load: as for `plan_checkpoints`.
         write: how to compute and write the result (`WriteOptions`).
         bn: recompute BatchNorm statistics of the average (`torch.optim.swa_utils.update_bn` semantics).
         progress: called with (bytes read, total bytes) as the work advances.
+        evaluation: score every row and keep the best (or all), `RowEvaluation`.
     """
     started = time.perf_counter()
-    job = prepare(inputs, output, plan or Swa(), select=select, load=load, write=write, bn=bn)
-    into = job.output.open(job.metadata)
+    job = prepare(inputs, output, plan or Swa(), select=select, load=load, write=write, bn=bn, evaluation=evaluation)
+    opened: list[OpenOutput] = []
+    committed: list[OpenOutput] = []
     try:
-        produce(job, into, progress)
-        into.finish(write.verify, not write.allow_nonfinite)  # before the rename: a file that fails never appears
-        into.commit()
+        for out, metadata in zip(job.outputs, job.metadata, strict=True):
+            opened.append(out.open(metadata))
+        scores = produce(job, opened, progress)
+        for into in opened:  # before the rename: a file that fails never appears
+            into.finish(write.verify, not write.allow_nonfinite)
+        for into in opened:
+            into.commit()
+            committed.append(into)
     except BaseException:
-        into.discard()
+        for into in opened:
+            into.discard()
+        for into in committed:  # all rows' outputs or none: a sweep is not left half-written
+            into.withdraw()
         raise
-    return AverageResult(Path(output), job.report, into.files, time.perf_counter() - started)
+    files = [f for into in opened for f in into.files]
+    return AverageResult(Path(output), job.report, files, time.perf_counter() - started,
+                         [o.path for o in job.outputs], scores)
 
 
 def average_checkpoints(

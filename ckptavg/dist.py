@@ -120,13 +120,12 @@ def average(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan 
     started = time.perf_counter()
     if bn is not None:
         raise PlanError("BatchNorm recalibration needs the whole model in one process; run it without torchrun.")
-    job = agreed(ranks, lambda: api.prepare(inputs, output, plan or Swa(), select=select, load=load, write=write,
-                                            bn=None, parts=ranks.world))
+    job = agreed(ranks, lambda: _prepared(inputs, output, plan or Swa(), select, load, write, ranks.world))
     owner = balance([sh.nbytes for sh in job.output.shards], ranks.world)
-    into = agreed(ranks, lambda: job.output.open(job.metadata, [sh for sh, o in zip(job.output.shards, owner,
+    into = agreed(ranks, lambda: job.output.open(job.metadata[0], [sh for sh, o in zip(job.output.shards, owner,
                                                                                      strict=True) if o == ranks.rank]))
     try:  # finished temp files wait until every rank has finished its own, then are renamed
-        agreed(ranks, lambda: api.produce(job, into, progress))
+        agreed(ranks, lambda: api.produce(job, [into], progress))
         agreed(ranks, lambda: into.finish(write.verify, not write.allow_nonfinite))
         agreed(ranks, lambda: into.commit(lead=ranks.rank == 0))
     except BaseException:
@@ -135,6 +134,15 @@ def average(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan 
     files = sorted((f for part in ranks.gather(into.files) for f in part), key=lambda f: f.path)
     ranks.close()
     return AverageResult(Path(output), job.report, files, time.perf_counter() - started)
+
+
+def _prepared(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan, select: Selection,
+              load: LoadOptions, write: WriteOptions, world: int) -> api.Job:
+    job = api.prepare(inputs, output, plan, select=select, load=load, write=write, bn=None, parts=world)
+    if len(job.outputs) > 1:
+        raise PlanError(f"this plan gives {len(job.outputs)} outputs; a torchrun job writes one: run it without "
+                        "torchrun, or one row at a time.")
+    return job
 
 
 def average_checkpoints(

@@ -70,12 +70,15 @@ class PlanReport:
 
 @dataclass
 class AverageResult:
-    """What `average_checkpoints` wrote: one file, or the files of an output folder."""
+    """What `average_checkpoints` wrote: one file, or the files of an output folder (or of several outputs,
+    one per row of the plan's matrix, with `outputs` naming them; `scores` when rows were evaluated)."""
 
     output: Path
     report: PlanReport
     files: list[WrittenFile]
     seconds: float
+    outputs: list[Path] = field(default_factory=list)
+    scores: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -94,21 +97,29 @@ class AverageResult:
         }
         if self.sha256 is None:
             out["files"] = [{"path": str(f.path), "bytes": f.nbytes, "sha256": f.sha256} for f in self.files]
+        if len(self.outputs) > 1:
+            out["outputs"] = [str(p) for p in self.outputs]
+        if self.scores:
+            out["scores"] = self.scores
         return out
 
 
-def provenance(report: PlanReport) -> dict[str, str]:
-    """The output's __metadata__: which files, in which order, with which weights, by which version."""
+def provenance(report: PlanReport, row: int = 0) -> dict[str, str]:
+    """An output's __metadata__: which files, in which order, with which weights (those of output `row` of the
+    plan's matrix), by which version."""
+    weights = report.matrix.rows[row]
     inputs = [
         {"path": str(c.path), "weight": w, "step": c.meta.step, "epoch": c.meta.epoch}
-        for c, w in zip(report.checkpoints, report.weights.values, strict=True)
+        for c, w in zip(report.checkpoints, weights.values, strict=True)
     ]
+    named = {"ckptavg_row": json.dumps({"name": weights.name, "params": dict(weights.params)}, sort_keys=True)
+             } if len(report.matrix.rows) > 1 else {}
     return {
         "format": "pt",
         "ckptavg_version": __version__,
         "ckptavg_method": report.plan.method,
         "ckptavg_params": json.dumps(report.plan.params(), sort_keys=True),
         "ckptavg_order": report.order,
-        "ckptavg_residual": repr(report.weights.residual),
+        "ckptavg_residual": repr(weights.residual),
         "ckptavg_inputs": json.dumps(inputs),
-    } | ({"ckptavg_details": json.dumps(details)} if (details := report.details()) else {})
+    } | named | ({"ckptavg_details": json.dumps(details)} if (details := report.details()) else {})

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
-from ..errors import OutputError
+from ..errors import OutputError, PlanError
 from ..layout import TensorSpec
 from ..read.checkpoint import Checkpoint
 from .hf_folder import INDEX, Shard, check_folder, copy_temp, index_json, plan_shards, sidecars, write_text_temp
@@ -53,9 +55,13 @@ class Output:
     to_folder: bool
     shards: tuple[Shard, ...]  # every weights file
     copies: tuple[Path, ...] = ()  # sidecar files copied from the newest input folder
+    make_parent: bool = False  # one of several outputs in a folder that `open` creates
 
     def check(self, inputs: Sequence[Path], force: bool) -> None:
         """Refuse an output that is an input, would overwrite something (without `force`), or cannot be made."""
+        parent = self.path.parent
+        if self.make_parent and not parent.exists() and parent.parent.is_dir():
+            return  # a new folder of outputs: nothing in it to overwrite, nothing of the inputs in it
         if not self.to_folder:
             check_output(self.path, inputs, force)
             return
@@ -68,13 +74,16 @@ class Output:
 
     def open(self, metadata: dict[str, str], only: Sequence[Shard] | None = None) -> OpenOutput:
         """Create the temp files (of `only` these shards: a torchrun rank's share) with their headers."""
+        if self.make_parent:
+            self.path.parent.mkdir(exist_ok=True)
         if self.to_folder:
             self.folder.mkdir(exist_ok=True)
         return OpenOutput(self, list(self.shards if only is None else only), metadata)
 
 
 def plan_output(output: str | os.PathLike[str], specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], *,
-                to_folder: bool, max_bytes: int | None = None, like_input: bool = False, parts: int = 1) -> Output:
+                to_folder: bool, max_bytes: int | None = None, like_input: bool = False, parts: int = 1,
+                make_parent: bool = False) -> Output:
     """The files that `-o output` means for tensors `specs` from `ckpts` (the newest last).
 
     A folder is sharded by `max_bytes`, like the first input (`like_input`), or into `parts` files of
@@ -82,9 +91,9 @@ def plan_output(output: str | os.PathLike[str], specs: Sequence[TensorSpec], ckp
     """
     out = Path(output)
     if not to_folder:
-        return Output(out, out.parent, False, (Shard(out.name, tuple(specs)),))
+        return Output(out, out.parent, False, (Shard(out.name, tuple(specs)),), make_parent=make_parent)
     shards = plan_shards(specs, max_bytes, ckpts[0] if like_input else None, parts=parts)
-    return Output(out, out, True, tuple(shards), tuple(sidecars(ckpts)))
+    return Output(out, out, True, tuple(shards), tuple(sidecars(ckpts)), make_parent)
 
 
 @dataclass
@@ -155,6 +164,67 @@ class OpenOutput:
             if w.done is not None:
                 w.done.unlink(missing_ok=True)
 
+    def withdraw(self) -> None:
+        """Remove the weights files of a committed output (another output of the same run failed to commit)."""
+        for w in self.writers:
+            w.path.unlink(missing_ok=True)
+
     @property
     def files(self) -> list[WrittenFile]:
         return [WrittenFile(w.path, w.nbytes, w.sha256) for w in self.writers]
+
+
+_FIELD = re.compile(r"\{(\w*)\}")
+
+
+class Row(Protocol):
+    """What naming an output needs of a row of weights: its name and parameters (``sigma_rel=0.1``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def params(self) -> Mapping[str, Any]: ...
+
+
+def row_targets(output: str | os.PathLike[str], rows: Sequence[Row]) -> list[str]:
+    """Where each output row goes: `output` itself for one row; for several, a template with ``{field}``
+    placeholders (the rows' params, ``index``, ``name``) or a folder (one ``<row name>.safetensors`` each).
+
+    Raises:
+        PlanError: several rows and `output` is neither a template nor a folder, names an unknown field, or
+            gives two rows the same path.
+    """
+    text = os.fspath(output)
+    if len(rows) == 1 and not _FIELD.search(text):
+        return [text]
+    fields = sorted({k for r in rows for k in r.params} | {"index", "name"})
+    if not _FIELD.search(text):
+        if not is_folder_output(output):
+            raise PlanError(f"output {text}: this plan gives {len(rows)} outputs ({', '.join(r.name for r in rows[:4])}"
+                            f"{', ...' if len(rows) > 4 else ''}); give output a template with a field that varies "
+                            f"({', '.join('{' + f + '}' for f in fields)}), or a folder.", params=("output",))
+        return [str(Path(text) / f"{r.name or i}.safetensors") for i, r in enumerate(rows)]
+    names = []
+    for i, r in enumerate(rows):
+        values = {**{k: _text(v) for k, v in r.params.items()}, "index": str(i), "name": r.name}
+        unknown = [f for f in _FIELD.findall(text) if f not in values]
+        if unknown:
+            raise PlanError(f"output {text}: no field {{{unknown[0]}}} in this plan's outputs; it has "
+                            f"{', '.join('{' + f + '}' for f in fields)}.", params=("output",))
+        names.append(_FIELD.sub(lambda m, v=values: v[m.group(1)], text))  # type: ignore[misc]
+    same = [(a, b) for a in range(len(names)) for b in range(a + 1, len(names)) if names[a] == names[b]]
+    if same:
+        a, b = same[0]
+        raise PlanError(f"output {text}: gives outputs {rows[a].name or a} and {rows[b].name or b} the same path "
+                        f"{names[a]}; use a field that varies ({', '.join('{' + f + '}' for f in fields)}).",
+                        params=("output",))
+    return names
+
+
+def _text(value: object) -> str:
+    """A row parameter as it appears in a file name: shortest exact form, no path separators."""
+    text = repr(value) if isinstance(value, float) else str(value)
+    if "/" in text or os.sep in text or text in ("", ".", ".."):
+        raise PlanError(f"the output parameter {text!r} cannot be part of a file name.")
+    return text
