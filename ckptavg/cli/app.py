@@ -86,8 +86,9 @@ class Command(TyperCommand):
 def _usage_error(e: _ClickError, ctx: Any) -> int:
     """Print a parser error as one line, with where to find the right spelling."""
     message = " ".join(line.strip() for line in e.format_message().splitlines() if line.strip())
-    hint = f" (see '{ctx.command_path} --help')" if ctx is not None and e.exit_code == 2 else ""
-    print(f"Error: {one_line(message)}{hint}", file=sys.stderr)
+    if ctx is not None and e.exit_code == 2:
+        message = f"{message.rstrip('.')}. See '{ctx.command_path} --help'."
+    print(f"Error: {one_line(message)}", file=sys.stderr)
     return e.exit_code
 
 
@@ -111,6 +112,7 @@ def _warnings_as_lines() -> Iterator[None]:
 
 
 app = typer.Typer(
+    name="ckptavg",
     cls=CommandGroup,
     add_completion=False,
     pretty_exceptions_show_locals=False,

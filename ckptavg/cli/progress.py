@@ -29,12 +29,16 @@ class ProgressBar:
             from tqdm import tqdm  # 30 ms of imports, paid only when a bar is drawn
 
             self._start = time.monotonic()
-            self._bar = tqdm(total=total, file=self._file, desc=self._desc, bar_format=_FORMAT)
+            self._bar = tqdm(total=total, file=self._file, desc=self._desc, bar_format=_FORMAT,
+                             postfix=self._counts(done, total))
+        self._bar.total = total
+        self._bar.set_postfix_str(self._counts(done, total), refresh=False)
+        self._bar.update(done - self._bar.n)
+
+    def _counts(self, done: int, total: int) -> str:
         elapsed = time.monotonic() - self._start
         rate = f", {human_bytes(done / elapsed)}/s" if elapsed >= _RATE_AFTER_S else ""
-        self._bar.total = total
-        self._bar.set_postfix_str(f"{human_bytes(done)} of {human_bytes(total)}{rate}", refresh=False)
-        self._bar.update(done - self._bar.n)
+        return f"{human_bytes(done)} of {human_bytes(total)}{rate}"
 
     @property
     def drawn(self) -> bool:
