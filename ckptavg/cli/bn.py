@@ -1,0 +1,60 @@
+"""`ckptavg bn`: recompute the BatchNorm statistics of existing weights."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .options import (
+    AccumDtype,
+    AccumDtypeOpt,
+    AllowNonfiniteOpt,
+    BnBatchesOpt,
+    BnBatchSizeOpt,
+    BnDataRequiredOpt,
+    BnForwardOpt,
+    BnModelRequiredOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ForceOpt,
+    JsonOpt,
+    KeepPrefixOpt,
+    KeyOpt,
+    MaxShardSizeOpt,
+    OutputOpt,
+    QuietOpt,
+    ShardsOpt,
+    TrustPickleOpt,
+    VerifyOpt,
+)
+from .values import Destination, average, batchnorm, loading
+
+WeightsArg = Annotated[list[str], typer.Argument(
+    metavar="WEIGHTS", show_default=False, help="One weights file or checkpoint (a file, folder or glob matching one).")]
+
+
+def bn(
+    inputs: WeightsArg, *,
+    key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
+    output: OutputOpt, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None, dtype: DtypeOpt = None,
+    accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
+    verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
+    bn_model: BnModelRequiredOpt, bn_data: BnDataRequiredOpt, bn_batches: BnBatchesOpt = None,
+    bn_batch_size: BnBatchSizeOpt = 32, bn_forward: BnForwardOpt = None,
+) -> None:
+    """Recompute the BatchNorm statistics of existing weights (torch.optim.swa_utils.update_bn semantics).
+
+    Example:
+      ckptavg bn avg.safetensors -o avg-bn.safetensors --bn-model models.py:build --bn-data data.py:loader
+    """
+    from ..errors import BatchNormError
+    from ..methods.uniform import Swa
+    from ..select import Selection
+
+    if len(inputs) != 1:
+        raise BatchNormError(f"ckptavg bn takes one weights file or checkpoint, not {len(inputs)}.")
+    average(inputs, Swa(), Selection(), loading(key, keep_prefix, trust_pickle),
+            Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
+                        verify=verify, force=force, json_out=json_out, quiet=quiet),
+            batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward))

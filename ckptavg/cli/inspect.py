@@ -1,0 +1,32 @@
+"""`ckptavg inspect`: a checkpoint's format, where its weights are, its metadata and its tensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .options import JsonOpt, KeepPrefixOpt, KeyOpt, TrustPickleOpt
+from .text import format_inspect
+from .values import loading
+
+PathArg = Annotated[Path, typer.Argument(
+    metavar="PATH", show_default=False, help="A checkpoint file or Hugging Face checkpoint folder.")]
+
+
+def inspect(
+    path: PathArg, *,
+    key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show a checkpoint's format, where its weights were found, its metadata and its tensors.
+
+    Example:
+      ckptavg inspect runs/epoch=3.ckpt
+    """
+    from ..api import inspect_checkpoint
+
+    info = inspect_checkpoint(path, loading(key, keep_prefix, trust_pickle))
+    print(json.dumps(info, indent=2) if json_out else format_inspect(info))

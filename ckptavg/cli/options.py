@@ -1,0 +1,275 @@
+"""Every command-line option, written once as an `Annotated` alias, and the parameter -> flag table.
+
+Commands are plain functions whose parameters use these aliases, so `ckptavg ema` and `ckptavg plan ema`
+declare `--decay` with the same text, range and panel. Nothing here imports torch: `--help` must stay
+fast, so the choice lists are spelled out and `tests/test_cli_commands.py` checks them against the
+library's tuples.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+SELECTION, LOADING, OUTPUT, BATCHNORM, METHOD = "Selection", "Loading", "Output", "BatchNorm", "Method"
+
+
+class Order(str, Enum):
+    """`ckptavg.select.ORDERS`."""
+
+    AUTO = "auto"
+    STEP = "step"
+    EPOCH = "epoch"
+    NAME = "name"
+    MTIME = "mtime"
+
+
+class MetricMode(str, Enum):
+    """Direction of `--best`."""
+
+    MIN = "min"
+    MAX = "max"
+
+
+class OutDtype(str, Enum):
+    """The keys of `ckptavg.layout.OUT_DTYPES`."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+
+class AccumDtype(str, Enum):
+    """The keys of `ckptavg.layout.ACCUM_DTYPES`."""
+
+    FLOAT64 = "float64"
+    FLOAT32 = "float32"
+
+
+class Shards(str, Enum):
+    """How to shard an output folder."""
+
+    LIKE_INPUT = "like-input"
+
+
+class Per(str, Enum):
+    """What one `--decay` update stands for."""
+
+    CHECKPOINT = "checkpoint"
+    STEP = "step"
+
+
+class Hold(str, Enum):
+    """`ckptavg.methods.schedules.HOLDS`."""
+
+    BACKWARD = "backward"
+    MIDPOINT = "midpoint"
+    FORWARD = "forward"
+
+
+class Init(str, Enum):
+    """`ckptavg.methods.schedules.INITS`."""
+
+    FIRST = "first"
+    BIAS_CORRECT = "bias-correct"
+    ZERO = "zero"
+
+
+class GraftMode(str, Enum):
+    """`ckptavg.methods.graft.MODES`."""
+
+    PAIRWISE = "pairwise"
+    CYCLIC = "cyclic"
+    SEQUENTIAL = "sequential"
+
+
+class GraftGroups(str, Enum):
+    """`ckptavg.methods.graft.GROUPINGS`."""
+
+    AUTO = "auto"
+    CONV = "conv"
+
+
+class SoupMode(str, Enum):
+    """Direction of a soup's score."""
+
+    MAX = "max"
+    MIN = "min"
+
+
+# ---------------------------------------------------------------- inputs and selection
+
+InputsArg = Annotated[list[str], typer.Argument(
+    metavar="INPUTS...", show_default=False,
+    help="Checkpoint files, directories or glob patterns (quote a glob to let ckptavg expand it).")]
+LastOpt = Annotated[int | None, typer.Option(min=1, metavar="K", rich_help_panel=SELECTION, help="Keep the newest K checkpoints.")]
+BestOpt = Annotated[int | None, typer.Option(
+    min=1, metavar="K", rich_help_panel=SELECTION, help="Keep the K best checkpoints by --metric.")]
+MetricOpt = Annotated[str | None, typer.Option(
+    metavar="NAME", rich_help_panel=SELECTION,
+    help="Metric for --best, from the checkpoint, trainer_state.json or the file name (val_loss=0.231).")]
+_METRIC_MODE = "With --best: min if lower is better (losses), max if higher is better."
+MetricModeOpt = Annotated[MetricMode | None, typer.Option("--metric-mode", "--mode", rich_help_panel=SELECTION, help=_METRIC_MODE)]
+# graft and soup have a --mode of their own
+MetricModeOnlyOpt = Annotated[MetricMode | None, typer.Option("--metric-mode", rich_help_panel=SELECTION, help=_METRIC_MODE)]
+StartOpt = Annotated[str | None, typer.Option(
+    metavar="S", rich_help_panel=SELECTION, help="Integer: keep checkpoints with epoch (or step, without epochs) >= S. "
+    "Fraction 0<S<1: drop the first floor(S*N), like Lightning's swa_epoch_start.")]
+EveryOpt = Annotated[int | None, typer.Option(min=1, metavar="N", rich_help_panel=SELECTION, help="Keep every N-th checkpoint.")]
+UptoOpt = Annotated[int | None, typer.Option(min=0, metavar="STEP", rich_help_panel=SELECTION, help="Keep checkpoints with step <= STEP.")]
+OrderOpt = Annotated[Order, typer.Option(
+    metavar="ORDER", rich_help_panel=SELECTION,
+    help="auto (by step, else epoch, else natural file name), step, epoch, name or mtime.")]
+
+# ---------------------------------------------------------------- loading
+
+KeyOpt = Annotated[str | None, typer.Option(
+    metavar="PATH", rich_help_panel=LOADING,
+    help="Dotted path of the weights in a training checkpoint, e.g. state_dict_ema. Default: the usual places "
+    "(state_dict, model, module, ...).")]
+KeepPrefixOpt = Annotated[bool, typer.Option(
+    "--keep-prefix", rich_help_panel=LOADING,
+    help="Keep a module. (DDP) or _orig_mod. (torch.compile) prefix shared by every key.")]
+TrustPickleOpt = Annotated[bool, typer.Option(
+    "--trust-pickle", rich_help_panel=LOADING,
+    help="Allow full unpickling, which can run code from the file. Only for files you trust.")]
+
+# ---------------------------------------------------------------- output
+
+OutputOpt = Annotated[str, typer.Option(
+    "--output", "-o", metavar="PATH", show_default=False, rich_help_panel=OUTPUT,
+    help="Safetensors file, or a folder (DIR/ or an existing directory) for a Hugging Face style folder.")]
+MaxShardSizeOpt = Annotated[str | None, typer.Option(
+    metavar="SIZE", rich_help_panel=OUTPUT,
+    help="Write a folder of safetensors shards of at most SIZE (5GB, 500MB, 2GiB) and their index.")]
+ShardsOpt = Annotated[Shards | None, typer.Option(
+    metavar="like-input", rich_help_panel=OUTPUT,
+    help="Shard the output folder exactly like the first input (a sharded Hugging Face folder).")]
+DtypeOpt = Annotated[OutDtype | None, typer.Option(
+    metavar="DTYPE", rich_help_panel=OUTPUT,
+    help="Output dtype of floating tensors: float32, float16 or bfloat16. Default: each tensor's input dtype.")]
+AccumDtypeOpt = Annotated[AccumDtype, typer.Option(
+    metavar="DTYPE", rich_help_panel=OUTPUT,
+    help="Accumulator: float64 or float32 (never narrower than the input).")]
+DeviceOpt = Annotated[str, typer.Option(
+    metavar="DEV", rich_help_panel=OUTPUT,
+    help="cpu, cuda or cuda:N: where the arithmetic and the BatchNorm pass run (files stay on the host).")]
+AllowNonfiniteOpt = Annotated[bool, typer.Option(
+    "--allow-nonfinite", rich_help_panel=OUTPUT, help="Average NaN/Inf values instead of refusing them.")]
+VerifyOpt = Annotated[bool, typer.Option(
+    "--verify", rich_help_panel=OUTPUT,
+    help="Re-open the written files and check every tensor before reporting success.")]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", rich_help_panel=OUTPUT, help="Overwrite an existing output.")]
+JsonOpt = Annotated[bool, typer.Option("--json", rich_help_panel=OUTPUT, help="Print JSON instead of text.")]
+QuietOpt = Annotated[bool, typer.Option(
+    "--quiet", "-q", rich_help_panel=OUTPUT, help="No progress bar and no summary (warnings and errors still print).")]
+
+# ---------------------------------------------------------------- BatchNorm
+
+_BN_MODEL = "MODULE:FACTORY (or file.py:FACTORY) returning the nn.Module whose BatchNorm statistics to recompute."
+_BN_DATA = ("MODULE:FACTORY returning an iterable of batches, or a safetensors/torch file holding one input "
+            "tensor.")
+BnModelOpt = Annotated[str | None, typer.Option(metavar="MOD:FN", rich_help_panel=BATCHNORM, help=_BN_MODEL)]
+BnDataOpt = Annotated[str | None, typer.Option(metavar="SPEC", rich_help_panel=BATCHNORM, help=_BN_DATA)]
+BnModelRequiredOpt = Annotated[str, typer.Option(
+    metavar="MOD:FN", show_default=False, rich_help_panel=BATCHNORM, help=_BN_MODEL)]  # `ckptavg bn`
+BnDataRequiredOpt = Annotated[str, typer.Option(
+    metavar="SPEC", show_default=False, rich_help_panel=BATCHNORM, help=_BN_DATA)]
+BnBatchesOpt = Annotated[int | None, typer.Option(
+    min=1, metavar="N", rich_help_panel=BATCHNORM, help="Stop after N batches.")]
+BnBatchSizeOpt = Annotated[int, typer.Option(
+    min=1, metavar="N", rich_help_panel=BATCHNORM, help="Batch size for a --bn-data file.")]
+BnForwardOpt = Annotated[str | None, typer.Option(
+    metavar="MOD:FN", rich_help_panel=BATCHNORM,
+    help="MODULE:FUNCTION called as fn(model, batch), for models that take dicts or several inputs.")]
+
+# ---------------------------------------------------------------- method options (each shared by a command and its plan twin)
+
+DecayOpt = Annotated[float | None, typer.Option(
+    min=0.0, max=1.0, metavar="B", rich_help_panel=METHOD,
+    help="EMA with this decay: one update per checkpoint, in checkpoint order (or per optimizer step with --per step).")]
+PerOpt = Annotated[Per | None, typer.Option(
+    metavar="UNIT", rich_help_panel=METHOD, help="What one --decay update stands for: checkpoint (the default) "
+    "or step (an optimizer step: the same as --step-decay B).")]
+StepDecayOpt = Annotated[float | None, typer.Option(
+    min=0.0, max=1.0, metavar="B", rich_help_panel=METHOD,
+    help="EMA per optimizer step with this decay (needs step metadata).")]
+SigmaRelOpt = Annotated[float | None, typer.Option(
+    metavar="S", rich_help_panel=METHOD, help="EDM2 power-function EMA of relative width S (0 < S < 0.289).")]
+WarmupOpt = Annotated[bool, typer.Option(
+    "--warmup", rich_help_panel=METHOD, help="Per-step EMA: timm ModelEmaV3 warmup, decay = 1-(1+k/gamma)^-power.")]
+WarmupGammaOpt = Annotated[float, typer.Option(metavar="G", rich_help_panel=METHOD, help="--warmup: gamma.")]
+WarmupPowerOpt = Annotated[float, typer.Option(
+    metavar="P", show_default="0.667", rich_help_panel=METHOD, help="--warmup: power (the default is exactly 2/3).")]
+MinDecayOpt = Annotated[float, typer.Option(
+    min=0.0, max=1.0, metavar="B", rich_help_panel=METHOD, help="--warmup: lower bound of the decay.")]
+UpdateAfterStepOpt = Annotated[int, typer.Option(
+    min=0, metavar="STEP", rich_help_panel=METHOD, help="Per-step EMA: the EMA copies the weights up to this step.")]
+HoldOpt = Annotated[Hold, typer.Option(
+    metavar="HOLD", rich_help_panel=METHOD, help="Steps a sparse checkpoint stands for: backward (since the previous save), "
+    "midpoint, or forward (until the next save).")]
+InitOpt = Annotated[Init, typer.Option(
+    metavar="INIT", rich_help_panel=METHOD, help="Initial mass: onto the first checkpoint (first), spread by renormalising "
+    "(bias-correct), or dropped (zero).")]
+
+GraftAOpt = Annotated[float, typer.Option(
+    "--a", min=0.0, max=1.0, metavar="A", rich_help_panel=METHOD,
+    help="Coefficient range: weights lie within 0.5 +- A/2 for two checkpoints.")]
+GraftCOpt = Annotated[float, typer.Option(
+    "--c", min=0.0, metavar="C", rich_help_panel=METHOD, help="Sharpness of the arctan in the entropy difference.")]
+GraftBinsOpt = Annotated[int, typer.Option(min=1, metavar="N", rich_help_panel=METHOD, help="Histogram bins of the layer entropy.")]
+GraftModeOpt = Annotated[GraftMode, typer.Option(
+    metavar="MODE", rich_help_panel=METHOD,
+    help="How N checkpoints are grafted: pairwise (mean of all pairs), cyclic (the paper's ring) or sequential.")]
+GraftGroupsOpt = Annotated[GraftGroups, typer.Option(
+    metavar="GROUPS", rich_help_panel=METHOD, help="auto: every 2+-D tensor has its own weights; conv: keys containing 'conv' "
+    "(the paper's code).")]
+RoundDigitsOpt = Annotated[str, typer.Option(
+    metavar="N", rich_help_panel=METHOD,
+    help="Decimals of each coefficient, as the paper's code rounds them; 'none' to keep all.")]
+
+WeightsOpt = Annotated[str, typer.Option(
+    metavar="W,W,...", show_default=False, rich_help_panel=METHOD,
+    help="Comma-separated weights, one per selected checkpoint in order.")]
+NormalizeOpt = Annotated[bool, typer.Option("--normalize", rich_help_panel=METHOD, help="Divide the weights by their sum.")]
+
+EvalOpt = Annotated[str | None, typer.Option(
+    metavar="MOD:FN", rich_help_panel=METHOD,
+    help="MODULE:FUNCTION or file.py:FUNCTION taking a state dict and returning a score.")]
+SoupModeOpt = Annotated[SoupMode, typer.Option(
+    rich_help_panel=METHOD, help="max if a higher score is better, min for losses.")]
+UniformOpt = Annotated[bool, typer.Option(
+    "--uniform", rich_help_panel=METHOD, help="Uniform soup of every selected checkpoint (no --eval needed).")]
+StrictOpt = Annotated[bool, typer.Option(
+    "--strict", rich_help_panel=METHOD, help="Add a checkpoint only if it improves the score (default: also on ties).")]
+
+
+PARAM_FLAGS: dict[str, str] = {
+    # selection (ckptavg.select.Selection: its `mode` is --metric-mode; graft's and soup's `mode` is --mode)
+    "inputs": "INPUTS", "last": "--last", "best": "--best", "metric": "--metric", "metric_mode": "--metric-mode",
+    "start": "--start", "every": "--every", "upto": "--upto", "order": "--order", "select.mode": "--metric-mode",
+    # loading (LoadOptions)
+    "key": "--key", "keep_prefix": "--keep-prefix", "trust_pickle": "--trust-pickle",
+    # output (average_checkpoints)
+    "output": "--output", "max_shard_size": "--max-shard-size", "shards": "--shards",
+    "shards_like_input": "--shards like-input", "dtype": "--dtype", "accum_dtype": "--accum-dtype",
+    "device": "--device", "allow_nonfinite": "--allow-nonfinite", "verify": "--verify", "force": "--force",
+    # BatchNorm (BatchNormOptions fields, and the command's own names)
+    "bn_model": "--bn-model", "bn_data": "--bn-data", "bn_batches": "--bn-batches", "bn_batch_size": "--bn-batch-size",
+    "bn_forward": "--bn-forward", "model": "--bn-model", "data": "--bn-data", "batches": "--bn-batches",
+    "batch_size": "--bn-batch-size", "forward": "--bn-forward", "bn": "the --bn-* options", "bn.model": "--bn-model",
+    "bn.data": "--bn-data", "bn.batches": "--bn-batches", "bn.batch_size": "--bn-batch-size", "bn.forward": "--bn-forward",
+    # ema
+    "decay": "--decay", "per": "--per", "step_decay": "--step-decay", "sigma_rel": "--sigma-rel", "warmup": "--warmup",
+    "warmup_gamma": "--warmup-gamma", "warmup_power": "--warmup-power", "min_decay": "--min-decay",
+    "update_after_step": "--update-after-step", "hold": "--hold", "init": "--init",
+    # graft
+    "a": "--a", "c": "--c", "bins": "--bins", "mode": "--mode", "groups": "--groups", "round_digits": "--round-digits",
+    # linear (Linear.values is --weights)
+    "weights": "--weights", "values": "--weights", "normalize": "--normalize",
+    # soup (Soup.evaluate is --eval)
+    "eval": "--eval", "evaluate": "--eval", "uniform": "--uniform", "strict": "--strict",
+}
+"""Library parameter name -> the flag that sets it; error messages name parameters, the CLI shows flags."""
