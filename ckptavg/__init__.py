@@ -13,7 +13,8 @@ from ._version import __version__
 
 # public name -> the module that defines it
 _HOMES = {
-    "average_checkpoints": "api", "inspect_checkpoint": "api", "plan_checkpoints": "api",
+    "average": "api", "average_checkpoints": "api", "inspect_checkpoint": "api", "plan_checkpoints": "api",
+    "recalibrate_bn": "api", "RowEvaluation": "api", "WriteOptions": "write.options",
     "BatchNormOptions": "bn",
     "BatchNormError": "errors", "CheckpointFormatError": "errors", "CkptavgError": "errors", "CkptavgWarning": "errors",
     "IncompatibleCheckpointsError": "errors", "NonFiniteError": "errors", "OutputError": "errors",
@@ -30,9 +31,10 @@ _ALIASES = {"Group": "GraftGroup"}  # its name before graft groups and torchrun 
 __all__ = [
     "AverageResult", "BatchNormError", "BatchNormOptions", "Checkpoint", "CheckpointFormatError", "CkptavgError",
     "CkptavgWarning", "Ema", "Graft", "GraftGroup", "Group", "IncompatibleCheckpointsError", "Linear",
-    "LoadOptions", "NonFiniteError", "OutputError", "PLANS", "Plan", "PlanError", "PlanReport", "Selection",
-    "SelectionError", "Soup", "Swa", "WeightMatrix", "Weights", "__version__", "average_checkpoints",
-    "find_checkpoints", "inspect_checkpoint", "open_checkpoint", "plan_checkpoints",
+    "LoadOptions", "NonFiniteError", "OutputError", "PLANS", "Plan", "PlanError", "PlanReport", "RowEvaluation",
+    "Selection", "SelectionError", "Soup", "Swa", "WeightMatrix", "Weights", "WriteOptions", "__version__",
+    "average", "average_checkpoints", "find_checkpoints", "inspect_checkpoint", "open_checkpoint",
+    "plan_checkpoints", "recalibrate_bn",
 ]
 
 
@@ -50,7 +52,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what a type checker and an IDE see: the same names, imported eagerly
-    from .api import average_checkpoints, inspect_checkpoint, plan_checkpoints
+    from .api import RowEvaluation, average, average_checkpoints, inspect_checkpoint, plan_checkpoints, recalibrate_bn
     from .bn import BatchNormOptions
     from .errors import (
         BatchNormError,
@@ -76,3 +78,4 @@ if TYPE_CHECKING:  # what a type checker and an IDE see: the same names, importe
     from .read.layouts import open_checkpoint
     from .results import AverageResult, PlanReport
     from .select import Selection
+    from .write.options import WriteOptions

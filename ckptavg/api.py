@@ -5,7 +5,6 @@ rank of a torchrun job around its own agreement steps.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -23,58 +22,18 @@ from .layout import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout
 from .methods.base import Plan, Weights
 from .methods.uniform import Swa
 from .read.checkpoint import Checkpoint, LoadOptions, PathLike
+from .read.describe import describe
 from .read.discover import find_checkpoints
 from .read.layouts import open_checkpoint
 from .reduce.stream import resolve_device, stream_rows
 from .reduce.tensor import CheckpointData, check_finite, work_bytes
 from .results import AverageResult, PlanReport, provenance
 from .select import Selection, order_checkpoints, select_checkpoints
-from .write.hf_folder import parse_size
+from .write.options import WriteOptions
 from .write.output import OpenOutput, Output, is_folder_output, plan_output, row_targets
 from .write.safetensors import check_output
 
 Progress = Callable[[int, int], None]  # (bytes read so far, total bytes to read)
-
-
-@dataclass(frozen=True)
-class WriteOptions:
-    """How an average is computed and written; checked when built.
-
-    Attributes:
-        dtype: output dtype of floating tensors (``float32``, ``float16``, ``bfloat16``); None keeps each
-            tensor's input dtype.
-        accum_dtype: ``float64`` (default) or ``float32`` accumulator for floating tensors.
-        allow_nonfinite: average NaN/Inf values instead of refusing them.
-        force: overwrite an existing output.
-        device: ``cpu``, ``cuda`` or ``cuda:N``: where the arithmetic runs (files are read and written on the
-            host either way).
-        max_shard_size: write a folder of shards of at most this size ("5GB", "500MiB"), with an index.
-        shards_like_input: write a folder sharded like the first input (a sharded Hugging Face folder).
-        verify: re-open every written file (with ckptavg's reader and with safetensors) and check each
-            tensor's name, shape, dtype and (unless allow_nonfinite) finiteness before renaming it into place.
-    """
-
-    dtype: str | None = None
-    accum_dtype: str = "float64"
-    allow_nonfinite: bool = False
-    force: bool = False
-    device: str = "cpu"
-    max_shard_size: str | None = None
-    shards_like_input: bool = False
-    verify: bool = False
-
-    def __post_init__(self) -> None:
-        if self.accum_dtype not in ACCUM_DTYPES:
-            raise PlanError(f"accum_dtype must be one of {', '.join(ACCUM_DTYPES)}, not {self.accum_dtype!r}.",
-                            params=("accum_dtype",))
-        if self.dtype is not None and self.dtype not in OUT_DTYPES:
-            raise PlanError(f"dtype must be one of {', '.join(OUT_DTYPES)}, not {self.dtype!r}.", params=("dtype",))
-        if self.max_shard_size is not None:
-            parse_size(self.max_shard_size)
-
-    @property
-    def max_bytes(self) -> int | None:
-        return parse_size(self.max_shard_size) if self.max_shard_size is not None else None
 
 
 def plan_checkpoints(
@@ -366,24 +325,4 @@ def inspect_checkpoint(path: PathLike, load: LoadOptions = LoadOptions()) -> dic
     For a file written by ckptavg, the ``ckptavg`` entry holds its provenance (version, method,
     parameters, inputs with their weights).
     """
-    c = open_checkpoint(path, load)
-    info: dict[str, Any] = {
-        "path": str(c.path), "format": c.format, "location": c.location, "stripped_prefix": c.stripped_prefix,
-        "step": c.meta.step, "step_source": c.meta.step_source,
-        "epoch": c.meta.epoch, "epoch_source": c.meta.epoch_source,
-        "other_entries": c.other_entries, "file_metadata": c.file_metadata,
-        "tensors": [
-            {"name": k, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "bytes": t.nbytes}
-            for k, t in c.tensors.items()
-        ],
-        "bytes": c.nbytes,
-    }
-    meta = c.file_metadata
-    if "ckptavg_version" in meta:
-        with contextlib.suppress(json.JSONDecodeError):  # damaged provenance: show the raw metadata instead
-            info["ckptavg"] = {
-                "version": meta["ckptavg_version"], "method": meta.get("ckptavg_method"),
-                "params": json.loads(meta.get("ckptavg_params", "{}")), "order": meta.get("ckptavg_order"),
-                "inputs": json.loads(meta.get("ckptavg_inputs", "[]")),
-            }
-    return info
+    return describe(open_checkpoint(path, load))

@@ -23,7 +23,7 @@ from typing import TypeVar
 import torch
 
 from . import api
-from .api import Progress, WriteOptions
+from .api import Progress
 from .bn import BatchNormOptions
 from .errors import CkptavgError, PlanError
 from .methods.base import Plan
@@ -33,6 +33,7 @@ from .reduce.stream import resolve_device
 from .results import AverageResult
 from .select import Selection
 from .write.hf_folder import balance
+from .write.options import WriteOptions
 
 T = TypeVar("T")
 

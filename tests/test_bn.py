@@ -143,3 +143,14 @@ def test_user_file_is_executed_once(tmp_path: Path) -> None:
                                       "--bn-model", f"{helpers}:build", "--bn-data", f"{helpers}:bn_loader"])
     assert result.exit_code == 0, result.output
     assert counter.read_text() == "x"
+
+
+def test_recalibrate_bn_verb_equals_update_bn(tmp_path: Path) -> None:
+    """The library verb behind `ckptavg bn`: one weights file in, its BatchNorm statistics recomputed out."""
+    weights, out = tmp_path / "w.safetensors", tmp_path / "out.safetensors"
+    ckptavg.average_checkpoints(str(RUNS / "safetensors"), weights)
+    result = ckptavg.recalibrate_bn(weights, out, BatchNormOptions(MODEL, LOADER))
+    assert result.output == out and len(result.report.checkpoints) == 1
+    _check(load_file(out), load_file(weights), _reference(load_file(weights), load_model_module().bn_loader()))
+    with pytest.raises(ckptavg.BatchNormError, match="takes one weights file or checkpoint, not 6"):
+        ckptavg.recalibrate_bn(RUNS / "safetensors", tmp_path / "x.safetensors", BatchNormOptions(MODEL, LOADER))

@@ -1,0 +1,33 @@
+"""What `inspect` shows of one checkpoint: its format, where its weights are, its metadata and tensors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+from .checkpoint import Checkpoint
+
+
+def describe(c: Checkpoint) -> dict[str, Any]:
+    """A checkpoint as plain JSON-able values, with a file's ckptavg provenance parsed (``ckptavg``)."""
+    info: dict[str, Any] = {
+        "path": str(c.path), "format": c.format, "location": c.location, "stripped_prefix": c.stripped_prefix,
+        "step": c.meta.step, "step_source": c.meta.step_source,
+        "epoch": c.meta.epoch, "epoch_source": c.meta.epoch_source,
+        "other_entries": c.other_entries, "file_metadata": c.file_metadata,
+        "tensors": [
+            {"name": k, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "bytes": t.nbytes}
+            for k, t in c.tensors.items()
+        ],
+        "bytes": c.nbytes,
+    }
+    meta = c.file_metadata
+    if "ckptavg_version" in meta:
+        with contextlib.suppress(json.JSONDecodeError):  # damaged provenance: show the raw metadata instead
+            info["ckptavg"] = {
+                "version": meta["ckptavg_version"], "method": meta.get("ckptavg_method"),
+                "params": json.loads(meta.get("ckptavg_params", "{}")), "order": meta.get("ckptavg_order"),
+                "inputs": json.loads(meta.get("ckptavg_inputs", "[]")),
+            }
+    return info
