@@ -144,26 +144,3 @@ def _prepared(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Pla
         raise PlanError(f"this plan gives {len(job.outputs)} outputs; a torchrun job writes one: run it without "
                         "torchrun, or one row at a time.")
     return job
-
-
-def average_checkpoints(
-    inputs: Sequence[PathLike] | PathLike,
-    output: PathLike,
-    plan: Plan | None = None,
-    *,
-    select: Selection = Selection(),
-    load: LoadOptions = LoadOptions(),
-    dtype: str | None = None,
-    accum_dtype: str = "float64",
-    allow_nonfinite: bool = False,
-    force: bool = False,
-    progress: Progress | None = None,
-    bn: BatchNormOptions | None = None,
-    device: str = "cpu",
-    max_shard_size: str | None = None,
-    shards_like_input: bool = False,
-    verify: bool = False,
-) -> AverageResult:
-    """`average` with the `WriteOptions` given one by one, as `api.average_checkpoints` takes them."""
-    write = WriteOptions(dtype, accum_dtype, allow_nonfinite, force, device, max_shard_size, shards_like_input, verify)
-    return average(inputs, output, plan, select=select, load=load, write=write, bn=bn, progress=progress)

@@ -79,6 +79,7 @@ def average(inputs: list[str], plan: Plan, select: Selection, load: LoadOptions,
             bn: BatchNormOptions | None) -> None:
     """Run one average (under torchrun, this rank's share of it) and print the summary."""
     from .. import api, dist  # noqa: F401 - api: imported before the freeze below, as dist imports it late
+    from ..write.options import WriteOptions
 
     if gc.get_freeze_count():
         # main() froze what it had imported before torch; freeze torch's ~500k objects too, so that no
@@ -87,12 +88,10 @@ def average(inputs: list[str], plan: Plan, select: Selection, load: LoadOptions,
         gc.freeze()
     bar = ProgressBar(sys.stderr) if not dest.quiet and sys.stderr.isatty() and lead() else None
     try:
-        result: AverageResult = dist.average_checkpoints(
-            inputs, dest.output, plan, select=select, load=load, dtype=dest.dtype.value if dest.dtype else None,
-            accum_dtype=dest.accum_dtype.value, allow_nonfinite=dest.allow_nonfinite, force=dest.force,
-            progress=bar, bn=bn, device=dest.device, max_shard_size=dest.max_shard_size,
-            shards_like_input=dest.shards is not None, verify=dest.verify,
-        )
+        write = WriteOptions(dest.dtype.value if dest.dtype else None, dest.accum_dtype.value, dest.allow_nonfinite,
+                             dest.force, dest.device, dest.max_shard_size, dest.shards is not None, dest.verify)
+        result: AverageResult = dist.average(inputs, dest.output, plan, select=select, load=load, write=write,
+                                             bn=bn, progress=bar)
     finally:
         if bar:
             bar.close()

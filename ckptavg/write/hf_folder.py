@@ -7,7 +7,6 @@ place (shards, then sidecars, then the index last), so a failure leaves the fold
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -18,11 +17,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import OutputError, PlanError
-from ..layout import Sink, TensorSpec
+from ..layout import TensorSpec
 from ..read.checkpoint import Checkpoint
 from ..read.hf_folder import HF_WEIGHT_FILES
 from .outfile import temp_beside, usual_mode
-from .safetensors import SafetensorsWriter
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -102,48 +100,6 @@ def _numbered(groups: list[list[TensorSpec]]) -> list[Shard]:
         return [Shard(SINGLE, tuple(groups[0] if groups else ()))]
     n = len(groups)
     return [Shard(f"model-{i:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups, 1)]
-
-
-def write_shards(folder: Path, shards: Sequence[Shard], metadata: dict[str, str],
-                 fill: Callable[[Sequence[TensorSpec], Sink], None]) -> list[SafetensorsWriter]:
-    """Stream into every shard at once (in file order) through temp files; return the finished writers,
-    whose temp files (`done`) the caller renames with `commit`. On failure no temp file is left."""
-    writers: list[SafetensorsWriter] = []
-    try:
-        with contextlib.ExitStack() as stack:
-            for sh in shards:
-                writers.append(stack.enter_context(SafetensorsWriter(folder / sh.name, sh.specs, metadata, rename=False)))
-            owner = {spec.name: w for w in writers for spec in w.order}
-            fill([spec for w in writers for spec in w.order], lambda spec, _, block: owner[spec.name].write_part(block))
-    except BaseException:
-        discard(writers)
-        raise
-    return writers
-
-
-def discard(writers: Sequence[SafetensorsWriter]) -> None:
-    """Remove the finished temp files of writers that will not be committed."""
-    for w in writers:
-        if w.done is not None:
-            w.done.unlink(missing_ok=True)
-
-
-def commit(folder: Path, writers: Sequence[SafetensorsWriter], copies: Sequence[Path], index: str | None) -> None:
-    """Rename the shards into place, then the sidecar copies, then the index; on failure remove every
-    temp file not yet renamed."""
-    temps = [(w.done, w.path) for w in writers if w.done is not None]
-    try:
-        temps += [(copy_temp(src, folder), folder / src.name) for src in copies]
-        if index is not None:
-            temps.append((write_text_temp(folder, INDEX, index), folder / INDEX))
-        for i, (tmp, final) in enumerate(temps):
-            os.replace(tmp, final)
-            temps[i] = (final, final)
-    except BaseException:
-        for tmp, final in temps:
-            if tmp != final:
-                tmp.unlink(missing_ok=True)
-        raise
 
 
 def _like_input(specs: Sequence[TensorSpec], like: Checkpoint) -> list[Shard]:
