@@ -9,6 +9,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from .bn import BatchNormOptions, recalibrate
-from .errors import BatchNormError, PlanError
+from .errors import BatchNormError, CkptavgWarning, PlanError
 from .layout import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout
 from .methods.base import Plan, Weights
 from .methods.uniform import Swa
@@ -63,12 +64,19 @@ def plan_checkpoints(
 
 
 def _plan(paths: list[Path], plan: Plan, select: Selection, load: LoadOptions, dtype: str | None) -> PlanReport:
-    opened = [open_checkpoint(p, load) for p in paths]
-    ordered, used = order_checkpoints(opened, select.order)
-    chosen = select_checkpoints(ordered, select)
-    specs = check_layout(chosen, OUT_DTYPES[dtype] if dtype else None)  # before the weights: graft reads tensors
-    matrix = plan.weights(chosen, CheckpointData(chosen, specs))
-    return PlanReport(plan, chosen, matrix, used, specs, select.metric, ordered)
+    with warnings.catch_warnings(record=True) as caught:  # kept in the report (for --json), and passed on
+        warnings.simplefilter("always")
+        opened = [open_checkpoint(p, load) for p in paths]
+        ordered, used = order_checkpoints(opened, select.order)
+        chosen = select_checkpoints(ordered, select)
+        specs = check_layout(chosen, OUT_DTYPES[dtype] if dtype else None)  # before the weights: graft reads tensors
+        matrix = plan.weights(chosen, CheckpointData(chosen, specs))
+        for note in plan.notes(chosen, matrix):
+            warnings.warn(note, stacklevel=1)
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    notes = [w.message for w in caught if isinstance(w.message, CkptavgWarning)]
+    return PlanReport(plan, chosen, matrix, used, specs, select.metric, ordered, notes)
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ._version import __version__
+from .errors import CkptavgWarning
 from .layout import TensorSpec
 from .methods.base import Plan, WeightMatrix, Weights
 from .read.checkpoint import Checkpoint
@@ -25,6 +27,7 @@ class PlanReport:
     specs: list[TensorSpec] = field(default_factory=list)
     metric: str | None = None
     considered: list[Checkpoint] = field(default_factory=list)  # every checkpoint found, before selection
+    warnings: list[CkptavgWarning] = field(default_factory=list)  # what the user should know (also on stderr)
 
     @property
     def weights(self) -> Weights:
@@ -36,8 +39,8 @@ class PlanReport:
         """Bytes of the output tensors."""
         return sum(s.nbytes for s in self.specs)
 
-    def to_json(self) -> dict[str, Any]:
-        """The stable `plan --json` schema (documented in the README)."""
+    def to_json(self, names: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The stable `plan --json` schema (documented in the README); `names` shows parameters as flags."""
         return {
             "method": self.plan.method,
             "params": self.plan.params(),
@@ -45,6 +48,7 @@ class PlanReport:
             "checkpoints": [
                 {
                     "path": str(c.path), "step": c.meta.step, "epoch": c.meta.epoch, "metric": self.metric_of(c),
+                    "metric_source": self.metric_source(c),
                     "weight": w, "step_source": c.meta.step_source, "epoch_source": c.meta.epoch_source,
                     "format": c.format,
                 }
@@ -53,12 +57,22 @@ class PlanReport:
             "residual": self.weights.residual,
             "tensors": len(self.specs),
             "bytes": self.nbytes,
+            "warnings": self.warning_texts(names),
         } | self.details()
+
+    def warning_texts(self, names: Mapping[str, str] | None = None) -> list[str]:
+        """The warnings of this plan, with parameters shown by `names` (flags) where given."""
+        return [w.with_names(names) if names else str(w) for w in self.warnings]
 
     def metric_of(self, c: Checkpoint) -> float | None:
         """The value of the selection metric for one checkpoint, when a metric was named."""
         found = c.meta.metric(self.metric) if self.metric else None
         return found[0] if found else None
+
+    def metric_source(self, c: Checkpoint) -> str | None:
+        """Where the selection metric of one checkpoint was read from."""
+        found = c.meta.metric(self.metric) if self.metric else None
+        return found[1] if found else None
 
     def details(self) -> dict[str, Any]:
         """Method-specific parts of the plan: graft groups, soup scores, the metric name."""
@@ -89,11 +103,16 @@ class AverageResult:
         """The digest of a single-file output (a folder lists one per file in `files`)."""
         return self.files[0].sha256 if len(self.files) == 1 and self.files[0].path == self.output else None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, names: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The run's `--json` summary (documented in the README); `names` shows parameters as flags."""
+        r = self.report
         out = {
-            "output": str(self.output), "method": self.report.plan.method,
-            "checkpoints": len(self.report.checkpoints), "tensors": len(self.report.specs),
+            "output": str(self.output), "method": r.plan.method,
+            "checkpoints": len(r.checkpoints), "tensors": len(r.specs),
             "bytes": self.nbytes, "sha256": self.sha256, "seconds": round(self.seconds, 3),
+            "inputs": [{"path": str(c.path), "step": c.meta.step, "epoch": c.meta.epoch, "weight": w}
+                       for c, w in zip(r.checkpoints, r.weights.values, strict=True)],
+            "warnings": r.warning_texts(names),
         }
         if self.sha256 is None:
             out["files"] = [{"path": str(f.path), "bytes": f.nbytes, "sha256": f.sha256} for f in self.files]

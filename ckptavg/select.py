@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import SelectionError, listing
+from .errors import CkptavgWarning, SelectionError, listing
 from .read.checkpoint import Checkpoint
 
 ORDERS = ("auto", "step", "epoch", "name", "mtime")
@@ -103,7 +104,28 @@ def order_checkpoints(ckpts: Sequence[Checkpoint], order: str = "auto") -> tuple
             return (c.path.stat().st_mtime_ns, name)
         return (name,)
 
-    return sorted(ckpts, key=key), used
+    ordered = sorted(ckpts, key=key)
+    _warn_mixed(ordered, order, used)
+    return ordered, used
+
+
+def _warn_mixed(ordered: Sequence[Checkpoint], asked: str, used: str) -> None:
+    """Warn when the checkpoints look like more than one run: steps that repeat, or an automatic order that
+    fell back to file names because only some checkpoints know their step."""
+    if used in ("step", "epoch"):
+        values = [getattr(c.meta, used) for c in ordered]
+        same = [(a, b) for a, b in zip(ordered, ordered[1:], strict=False)
+                if getattr(a.meta, used) == getattr(b.meta, used)]
+        if same and len(set(values)) < len(values):
+            a, b = same[0]
+            warnings.warn(CkptavgWarning(
+                f"{a.name} and {b.name} are both at {used} {getattr(a.meta, used)}: two runs mixed, or one checkpoint "
+                "saved twice? Give the checkpoints of one run."), stacklevel=3)
+    elif asked == "auto" and any(c.meta.step is not None for c in ordered):
+        unknown = [c.name for c in ordered if c.meta.step is None]
+        warnings.warn(CkptavgWarning(
+            f"ordered by file name, because the step of {listing(unknown, 3)} is unknown: are these checkpoints of "
+            "one run? Pass order to choose.", params=("order",)), stacklevel=3)
 
 
 def _require(ckpts: Sequence[Checkpoint], field: str, why: str, param: str) -> None:
@@ -132,6 +154,11 @@ def select_checkpoints(ordered: Sequence[Checkpoint], sel: Selection) -> list[Ch
         _nonempty(chosen, f"start {sel.start} (compared with each checkpoint's {field})", "start")
     if sel.every is not None:
         chosen = chosen[:: sel.every]
+    for name in ("best", "last"):
+        asked = getattr(sel, name)
+        if asked is not None and asked > len(chosen):
+            warnings.warn(CkptavgWarning(f"{name} {asked} asked for, but only {len(chosen)} checkpoints are left to "
+                                         "choose from; all of them are used.", params=(name,)), stacklevel=2)
     if sel.best is not None:
         chosen = _best(chosen, sel)
     if sel.last is not None:

@@ -250,7 +250,7 @@ def _plan_json(*args: str) -> dict[str, object]:
 
     result = CliRunner().invoke(app, ["plan", "ema", str(RUNS / "lightning"), *args, "--json"])
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)  # type: ignore[no-any-return]
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
 
 
 def test_per_step_is_step_decay_and_per_checkpoint_is_the_default() -> None:
@@ -291,7 +291,7 @@ def test_plan_json_for_every_method(method: str) -> None:
     args = ["plan", method, str(RUNS / "hf"), "--last", "2", *extra.get(method, []), "--json"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data["method"] == method and len(data["checkpoints"]) == 2
     assert {"path", "step", "epoch", "metric", "weight"} <= set(data["checkpoints"][0])
     assert sum(c["weight"] for c in data["checkpoints"]) + data["residual"] == pytest.approx(1.0)

@@ -19,7 +19,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from .._version import __version__
-from ..errors import CkptavgError, one_line
+from ..errors import CkptavgError, CkptavgWarning, one_line
 from . import average, plan
 from .bn import bn
 from .inspect import inspect
@@ -98,17 +98,15 @@ def _warnings_as_lines() -> Iterator[None]:
     seen: set[str] = set()
 
     def show(message: Warning | str, *_: object, **__: object) -> None:
-        text = one_line(str(message))
+        text = one_line(message.with_names(PARAM_FLAGS) if isinstance(message, CkptavgWarning) else str(message))
         if text not in seen:
             seen.add(text)
             print(f"Warning: {text}", file=sys.stderr)
 
-    old = warnings.showwarning
-    warnings.showwarning = show
-    try:
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", CkptavgWarning)  # ours are part of the output, whatever -W says
+        warnings.showwarning = show
         yield
-    finally:
-        warnings.showwarning = old
 
 
 app = typer.Typer(

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .options import AccumDtype, MetricMode, Order, OutDtype, Shards
+from .options import PARAM_FLAGS, AccumDtype, MetricMode, Order, OutDtype, Shards
 from .progress import ProgressBar
 from .text import format_plan, format_summary
 
@@ -96,7 +96,7 @@ def average(inputs: list[str], plan: Plan, select: Selection, load: LoadOptions,
         if bar:
             bar.close()
     if not dest.quiet and lead():
-        print(json.dumps(result.to_json()) if dest.json_out else format_summary(result))
+        print(json.dumps(result.to_json(PARAM_FLAGS)) if dest.json_out else format_summary(result))
 
 
 def show_plan(inputs: list[str], plan: Plan, select: Selection, load: LoadOptions, dtype: OutDtype | None,
@@ -105,4 +105,4 @@ def show_plan(inputs: list[str], plan: Plan, select: Selection, load: LoadOption
     from ..api import plan_checkpoints
 
     report = plan_checkpoints(inputs, plan, select=select, load=load, dtype=dtype.value if dtype else None)
-    print(json.dumps(report.to_json(), indent=2) if json_out else format_plan(report))
+    print(json.dumps(report.to_json(PARAM_FLAGS), indent=2) if json_out else format_plan(report))

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from ..errors import PlanError
+from ..errors import CkptavgWarning, PlanError
 from ..layout import TensorSpec
 from ..read.metadata import Meta
 
@@ -102,6 +102,22 @@ class Plan:
     def weights(self, ckpts: Sequence[Entry], data: TensorAccess | None = None) -> WeightMatrix:
         """Weights for checkpoints already ordered oldest first; `data` only for plans that read tensors."""
         raise NotImplementedError  # pragma: no cover - every registered plan overrides it
+
+    def notes(self, ckpts: Sequence[Entry], matrix: WeightMatrix) -> list[CkptavgWarning]:
+        """What a user should know about these weights: an "average" of one checkpoint, or mass left on a zero
+        start that scales the output. Methods add their own (`Ema`: an old checkpoint outweighing the newest)."""
+        out = []
+        if len(ckpts) == 1:
+            out.append(CkptavgWarning(f"{self.method} of one checkpoint ({ckpts[0].name}): the output is its "
+                                      "weights (converted to the output dtype), not an average."))
+        for row in matrix.rows:
+            if abs(row.residual) > 1e-12:
+                label = f" ({row.name})" if row.name else ""
+                out.append(CkptavgWarning(
+                    f"{self.method}{label} leaves {row.residual:.3g} of the weight on a zero start, so the output is "
+                    f"scaled by {1 - row.residual:.3g}, running statistics included; use init first or bias-correct.",
+                    params=("init",)))
+        return out
 
     def check_count(self, n: int) -> None:
         if n < self.min_checkpoints:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..errors import PlanError, listing
+from ..errors import CkptavgWarning, PlanError, listing
 from . import schedules
 from .base import Entry, Plan, TensorAccess, WeightMatrix, register
 
@@ -83,6 +83,21 @@ class Ema(Plan):
                 update_after_step=self.update_after_step,
             )
         return WeightMatrix.single(values, residual)
+
+
+    def notes(self, ckpts: Sequence[Entry], matrix: WeightMatrix) -> list[CkptavgWarning]:
+        out = super().notes(ckpts, matrix)
+        mode = next(n for n in ("decay", "step_decay", "sigma_rel") if getattr(self, n) is not None)
+        for row in matrix.rows:
+            w = row.values
+            old = max(range(len(w) - 1), key=lambda i: (w[i], -i), default=None)
+            if old is not None and w[old] > w[-1] + 1e-12:
+                out.append(CkptavgWarning(
+                    f"ema gives {ckpts[old].name} a weight of {w[old]:.3f}, more than the newest checkpoint "
+                    f"({ckpts[-1].name}, {w[-1]:.3f}): with {mode} {getattr(self, mode)} the average still holds much "
+                    f"of its start. Shift it to the newer checkpoints with init bias-correct, a smaller {mode}, or "
+                    "fewer, later checkpoints (start, last).", params=("init", mode, "start", "last")))
+        return out
 
 
 def _steps(ckpts: Sequence[Entry], why: str) -> list[int]:

@@ -55,7 +55,8 @@ def _log(value: float) -> float:
 def _weights_from_logs(logs: Sequence[float], init: str, context: str) -> WeightsAndResidual:
     """Block weights ``P(b_k) - P(b_{k-1})`` from ``logs[k] = log P(b_k)``; ``logs[0]`` is ``log R``."""
     surv = [math.exp(v) for v in logs]
-    w = [0.0 if surv[k] == 0.0 else surv[k] * -math.expm1(logs[k - 1] - logs[k]) for k in range(1, len(logs))]
+    # + 0.0: a weight of exactly nothing is 0.0, not -0.0 (-expm1(0) is -0.0), so no table shows -0.000000
+    w = [0.0 if surv[k] == 0.0 else surv[k] * -math.expm1(logs[k - 1] - logs[k]) + 0.0 for k in range(1, len(logs))]
     if init == "first":
         w[0] = surv[1]
         return w, 0.0

@@ -1,0 +1,88 @@
+"""Surprising answers are said out loud: one Warning line each on stderr, the same texts in --json, never -0."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import ckptavg
+from ckptavg import CkptavgWarning, Ema, Selection
+from ckptavg.cli.app import app
+
+RUNS = Path(__file__).resolve().parent.parent / "fixtures" / "runs"
+
+
+def _run(*args: object) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _warnings(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("Warning: ")]
+
+
+def test_an_old_checkpoint_outweighing_the_newest_is_said_with_the_fix() -> None:
+    code, out, err = _run("plan", "ema", RUNS / "plain", "--decay", "0.9")
+    assert code == 0
+    [line] = [w for w in _warnings(err) if "more than the newest" in w]
+    assert "epoch=0.pt" in line and "epoch=5.pt" in line and "--init bias-correct" in line and "--decay" in line
+    code, out, err = _run("plan", "ema", RUNS / "plain", "--decay", "0.9", "--init", "bias-correct")
+    assert not [w for w in _warnings(err) if "more than the newest" in w]  # the fix it names does fix it
+
+
+def test_the_same_warnings_come_in_plan_json() -> None:
+    code, out, err = _run("plan", "ema", RUNS / "plain", "--decay", "0.9", "--json")
+    data = json.loads(out)
+    assert data["warnings"] and all(f"Warning: {w}" in err for w in data["warnings"])
+    assert any("--init bias-correct" in w for w in data["warnings"])
+
+
+def test_a_scaled_output_is_said() -> None:
+    with pytest.warns(CkptavgWarning, match=r"scaled by 0\.4\d*, running statistics included; use init first") as got:
+        report = ckptavg.plan_checkpoints(RUNS / "plain", Ema(decay=0.9, init="zero"))
+    assert report.weights.residual == pytest.approx(0.9**6)
+    assert any("init" in w.message.params for w in got)  # type: ignore[union-attr]
+
+
+def test_one_checkpoint_and_a_short_selection_are_said(tmp_path: Path) -> None:
+    code, out, err = _run("plan", "swa", RUNS / "plain", "--last", "10")
+    assert any("--last 10 asked for, but only 6 checkpoints" in w for w in _warnings(err))
+    code, out, err = _run("plan", "swa", RUNS / "plain" / "epoch=3.pt")
+    assert any("swa of one checkpoint (epoch=3.pt)" in w for w in _warnings(err))
+
+
+def test_checkpoints_that_look_like_two_runs_are_said(tmp_path: Path) -> None:
+    for src in (RUNS / "ddp").iterdir():  # step=N-val_loss=... names
+        shutil.copy(src, tmp_path / src.name)
+    shutil.copy(RUNS / "ddp" / "step=48-val_loss=0.2070.pt", tmp_path / "other-step=48.pt")
+    with pytest.warns(CkptavgWarning, match="both at step 48"):
+        ckptavg.plan_checkpoints(tmp_path)
+    (tmp_path / "other-step=48.pt").rename(tmp_path / "final.pt")
+    with pytest.warns(CkptavgWarning, match=r"ordered by file name, because the step of final\.pt is unknown"):
+        ckptavg.plan_checkpoints(tmp_path)
+
+
+def test_no_negative_zero_in_the_plan_table() -> None:
+    code, out, err = _run("plan", "ema", RUNS / "plain", "--decay", "1.0")
+    assert code == 0 and "-0.0" not in out
+    report = ckptavg.plan_checkpoints(RUNS / "plain", Ema(decay=1.0))
+    assert all(str(w) != "-0.0" for w in report.weights.values)
+
+
+def test_the_run_json_has_inputs_weights_and_warnings(tmp_path: Path) -> None:
+    code, out, err = _run("ema", RUNS / "plain", "--decay", "0.9", "-o", tmp_path / "o.safetensors", "--json")
+    data = json.loads(out)
+    weights = ckptavg.plan_checkpoints(RUNS / "plain", Ema(decay=0.9)).weights.values
+    assert [i["weight"] for i in data["inputs"]] == list(weights)
+    assert [Path(i["path"]).name for i in data["inputs"]][0] == "epoch=0.pt"
+    assert any("--init bias-correct" in w for w in data["warnings"])
+
+
+def test_quiet_results_carry_the_warnings_for_the_library() -> None:
+    with pytest.warns(CkptavgWarning):
+        report = ckptavg.plan_checkpoints(RUNS / "plain", Ema(decay=0.9), select=Selection(last=3))
+    assert report.warnings and "init" in report.warnings[0].params
