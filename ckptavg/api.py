@@ -5,6 +5,7 @@ rank of a torchrun job around its own agreement steps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,14 +19,14 @@ from typing import Any
 import torch
 
 from .bn import BatchNormOptions, recalibrate
-from .errors import BatchNormError, CkptavgWarning, PlanError
+from .errors import BatchNormError, CheckpointFormatError, CkptavgError, CkptavgWarning, PlanError, listing
 from .layout import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout
 from .methods.base import Plan, Weights
 from .methods.uniform import Swa
 from .read.checkpoint import Checkpoint, LoadOptions, PathLike
 from .read.describe import describe
 from .read.discover import find_checkpoints
-from .read.layouts import open_checkpoint
+from .read.layouts import is_checkpoint_folder, open_checkpoint
 from .reduce.stream import resolve_device, stream_rows
 from .reduce.tensor import CheckpointData, check_finite, work_bytes
 from .results import AverageResult, PlanReport, provenance
@@ -333,4 +334,26 @@ def inspect_checkpoint(path: PathLike, load: LoadOptions = LoadOptions()) -> dic
     For a file written by ckptavg, the ``ckptavg`` entry holds its provenance (version, method,
     parameters, inputs with their weights).
     """
+    folder = Path(path)
+    if folder.is_dir() and not is_checkpoint_folder(folder):
+        _refuse_folder(folder)
     return describe(open_checkpoint(path, load))
+
+
+def _refuse_folder(folder: Path) -> None:
+    """`inspect` of a folder of checkpoints (or of a folder of runs): say what is inside and what to run."""
+    try:
+        found = find_checkpoints(folder)
+    except CkptavgError:
+        found = []
+    if found:
+        raise CheckpointFormatError(
+            f"{folder}: a folder of {len(found)} checkpoints ({listing([p.name for p in found], 3)}), not one "
+            f"checkpoint; inspect one of them, or see them all with `ckptavg plan swa {folder}`.")
+    runs = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        with contextlib.suppress(CkptavgError, OSError):
+            if n := len(find_checkpoints(sub)):
+                runs.append(f"{sub.name}/ ({n})")
+    hint = f"; its subfolders hold checkpoints: {listing(runs, 5)}" if runs else ""
+    raise CheckpointFormatError(f"{folder}: a folder, not a checkpoint{hint}.")

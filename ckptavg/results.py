@@ -13,6 +13,7 @@ from .errors import CkptavgWarning
 from .layout import TensorSpec
 from .methods.base import Plan, WeightMatrix, Weights
 from .read.checkpoint import Checkpoint
+from .select import find_metric
 from .write.output import WrittenFile
 
 
@@ -66,13 +67,13 @@ class PlanReport:
 
     def metric_of(self, c: Checkpoint) -> float | None:
         """The value of the selection metric for one checkpoint, when a metric was named."""
-        found = c.meta.metric(self.metric) if self.metric else None
-        return found[0] if found else None
+        found = find_metric(c.meta.metrics, self.metric) if self.metric else None
+        return found[1][0] if found else None
 
     def metric_source(self, c: Checkpoint) -> str | None:
         """Where the selection metric of one checkpoint was read from."""
-        found = c.meta.metric(self.metric) if self.metric else None
-        return found[1] if found else None
+        found = find_metric(c.meta.metrics, self.metric) if self.metric else None
+        return f"{found[0]}: {found[1][1]}" if found else None
 
     def details(self) -> dict[str, Any]:
         """Method-specific parts of the plan: graft groups, soup scores, the metric name."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import CkptavgWarning, SelectionError, listing
@@ -171,15 +171,31 @@ def _nonempty(chosen: list[Checkpoint], why: str, param: str) -> None:
         raise SelectionError(f"{why} leaves no checkpoint to average.", params=(param,))
 
 
+def find_metric(metrics: Mapping[str, tuple[float, str]], name: str) -> tuple[str, tuple[float, str]] | None:
+    """The metric `name` means: ``=name`` exactly; ``eval_loss`` exactly; ``loss`` the one of ``loss`` and
+    ``eval_loss`` that exists, and an error when both do (a training loss is rarely what ``--best`` wants)."""
+    if name.startswith("="):
+        exact = name[1:]
+        return (exact, metrics[exact]) if exact in metrics else None
+    candidates = [n for n in dict.fromkeys((name, "eval_" + name)) if n in metrics]
+    if name.startswith("eval_") and name in metrics:
+        candidates = [name]
+    if len(candidates) > 1:
+        found = ", ".join(f"{n} ({metrics[n][1]})" for n in candidates)
+        raise SelectionError(f"metric '{name}' matches {found}; pass metric eval_{name} for the evaluation value, "
+                             f"or metric ={name} for exactly '{name}'.", params=("metric",))
+    return (candidates[0], metrics[candidates[0]]) if candidates else None
+
+
 def metric_values(ckpts: Sequence[Checkpoint], name: str) -> list[float]:
-    """The metric `name` of each checkpoint, or an error naming those that lack it."""
-    found = [c.meta.metric(name) for c in ckpts]
+    """The metric `name` of each checkpoint (see `find_metric`), or an error naming those that lack it."""
+    found = [find_metric(c.meta.metrics, name) for c in ckpts]
     missing = [c.name for c, f in zip(ckpts, found, strict=True) if f is None]
     if missing:
         known = sorted({k for c in ckpts for k in c.meta.metrics})
         hint = f" Metrics found: {', '.join(known[:12])}." if known else ""
         raise SelectionError(f"metric '{name}' is missing for {listing(missing, 5)}.{hint}", params=("metric",))
-    return [f[0] for f in found if f is not None]
+    return [f[1][0] for f in found if f is not None]
 
 
 def _best(chosen: list[Checkpoint], sel: Selection) -> list[Checkpoint]:

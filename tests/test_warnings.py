@@ -86,3 +86,29 @@ def test_quiet_results_carry_the_warnings_for_the_library() -> None:
     with pytest.warns(CkptavgWarning):
         report = ckptavg.plan_checkpoints(RUNS / "plain", Ema(decay=0.9), select=Selection(last=3))
     assert report.warnings and "init" in report.warnings[0].params
+
+
+def test_a_metric_name_that_matches_two_values_is_an_error_listing_them() -> None:
+    code, out, err = _run("plan", "swa", RUNS / "hf", "--best", "2", "--metric", "loss", "--metric-mode", "min")
+    assert code == 1 and "matches loss (trainer_state.json log_history 'loss'), eval_loss" in err
+    assert "--metric eval_loss" in err and "--metric =loss" in err
+    for name, source in (("eval_loss", "eval_loss: trainer_state.json"), ("=loss", "loss: trainer_state.json")):
+        code, out, err = _run("plan", "swa", RUNS / "hf", "--best", "2", "--metric", name, "--metric-mode", "min",
+                              "--json")
+        assert code == 0, err
+        assert all(c["metric_source"].startswith(source) for c in json.loads(out)["checkpoints"])
+
+
+def test_inspect_lists_every_metric_with_its_source() -> None:
+    code, out, err = _run("inspect", RUNS / "timm" / "checkpoint-3.pth.tar", "--json")
+    metrics = {m["name"]: m for m in json.loads(out)["metrics"]}
+    assert metrics["metric"]["source"] == "checkpoint 'metric'" and 0 < metrics["metric"]["value"] < 1
+    code, out, err = _run("inspect", RUNS / "hf" / "checkpoint-96")
+    assert "eval_loss=0.197131 (trainer_state.json log_history 'eval_loss')" in out
+
+
+def test_inspect_on_a_folder_points_to_plan_or_to_the_runs_inside() -> None:
+    code, out, err = _run("inspect", RUNS / "plain")
+    assert code == 1 and "a folder of 6 checkpoints" in err and f"ckptavg plan swa {RUNS / 'plain'}" in err
+    code, out, err = _run("inspect", RUNS)
+    assert code == 1 and "its subfolders hold checkpoints: ddp/ (6), hf/ (6)" in err

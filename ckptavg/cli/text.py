@@ -95,6 +95,8 @@ def format_inspect(info: dict[str, Any]) -> str:
         f"step: {_value(info['step'], info['step_source'])}",
         f"epoch: {_value(info['epoch'], info['epoch_source'])}",
     ]
+    if info["metrics"]:
+        lines.append("metrics: " + ", ".join(f"{m['name']}={m['value']:.6g} ({m['source']})" for m in info["metrics"]))
     if info["other_entries"]:
         lines.append("other entries: " + ", ".join(info["other_entries"]))
     provenance = info.get("ckptavg")

@@ -16,6 +16,7 @@ def describe(c: Checkpoint) -> dict[str, Any]:
         "step": c.meta.step, "step_source": c.meta.step_source,
         "epoch": c.meta.epoch, "epoch_source": c.meta.epoch_source,
         "other_entries": c.other_entries, "file_metadata": c.file_metadata,
+        "metrics": [{"name": k, "value": v, "source": s} for k, (v, s) in sorted(c.meta.metrics.items())],
         "tensors": [
             {"name": k, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "bytes": t.nbytes}
             for k, t in c.tensors.items()
