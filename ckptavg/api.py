@@ -12,7 +12,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from .bn import BatchNormOptions, recalibrate
 from .errors import BatchNormError, CheckpointFormatError, CkptavgError, CkptavgWarning, PlanError, listing
 from .layout import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout
 from .methods.base import Plan, Weights
-from .methods.uniform import Swa
+from .methods.uniform import Copy, Swa
 from .read.checkpoint import Checkpoint, LoadOptions, PathLike
 from .read.describe import describe
 from .read.discover import find_checkpoints
@@ -113,6 +113,7 @@ class Job:
     write: WriteOptions
     bn: BatchNormOptions | None
     evaluation: RowEvaluation | None = None
+    bn_batches: list[int] = field(default_factory=list)  # batches each BatchNorm pass ran, filled by `produce`
 
     @property
     def output(self) -> Output:
@@ -194,7 +195,9 @@ def produce(job: Job, into: Sequence[OpenOutput], progress: Progress | None = No
     reduce([keeper(state) for state in states])
     if job.bn is not None:
         for state in states:
-            state.update(recalibrate(state, job.bn, resolve_device(write.device)))
+            replaced, batches = recalibrate(state, job.bn, resolve_device(write.device))
+            state.update(replaced)
+            job.bn_batches.append(batches)
     scores, chosen = _evaluate(job.evaluation, rows, states) if job.evaluation else ([], list(range(len(rows))))
     for target, r in zip(into, chosen, strict=True):
         for spec in target.order:
@@ -277,7 +280,7 @@ def average(
         raise
     files = [f for into in opened for f in into.files]
     return AverageResult(Path(output), job.report, files, time.perf_counter() - started,
-                         [o.path for o in job.outputs], scores)
+                         [o.path for o in job.outputs], scores, job.bn_batches[0] if job.bn_batches else None)
 
 
 def average_checkpoints(
@@ -317,7 +320,7 @@ def recalibrate_bn(
     if len(found) != 1:
         raise BatchNormError(f"{weights}: BatchNorm recalibration takes one weights file or checkpoint, "
                              f"not {len(found)}.")
-    return average(found, output, Swa(), select=Selection(), load=load, write=write, bn=bn, progress=progress)
+    return average(found, output, Copy(), select=Selection(), load=load, write=write, bn=bn, progress=progress)
 
 
 def _files_read(ckpts: Sequence[Checkpoint]) -> list[Path]:

@@ -64,9 +64,10 @@ class BatchNormOptions:
 
 def recalibrate(
     weights: dict[str, torch.Tensor], options: BatchNormOptions, device: torch.device | str = "cpu"
-) -> dict[str, torch.Tensor]:
+) -> tuple[dict[str, torch.Tensor], int]:
     """Recompute the BatchNorm buffers of `weights` on `device`; return only the replaced entries, on the CPU
-    in their input dtypes. Batches are moved to `device` (tensors inside lists, tuples and dicts too)."""
+    in their input dtypes, and the number of batches run. Batches are moved to `device` (tensors inside
+    lists, tuples and dicts too)."""
     model = _build_model(options.model)
     _load_strict(model, weights, options.model)
     dev = torch.device(device)
@@ -95,7 +96,7 @@ def recalibrate(
         for k, v in state.items()
         if any(k.startswith(p) for p in prefixes) and k.rsplit(".", 1)[-1] in
         ("running_mean", "running_var", "num_batches_tracked")
-    }
+    }, seen
 
 
 @torch.no_grad()

@@ -94,6 +94,7 @@ class AverageResult:
     seconds: float
     outputs: list[Path] = field(default_factory=list)
     scores: list[dict[str, Any]] = field(default_factory=list)
+    bn_batches: int | None = None  # batches the BatchNorm pass ran, when it ran
 
     @property
     def nbytes(self) -> int:

@@ -640,5 +640,5 @@ def test_inspect_wants_a_file_or_checkpoint_folder(cli: Cli, corpus: dict[str, s
     path = target.format(**corpus)
     before = snapshot(Path(corpus["tmp"]))
     line = assert_one_error_line(cli("inspect", path))
-    assert path in line and "directory" in line
+    assert path in line and "a folder, not a checkpoint" in line
     assert snapshot(Path(corpus["tmp"])) == before

@@ -49,12 +49,12 @@ def bn(
       ckptavg bn avg.safetensors -o avg-bn.safetensors --bn-model models.py:build --bn-data data.py:loader
     """
     from ..errors import BatchNormError
-    from ..methods.uniform import Swa
+    from ..methods.uniform import Copy
     from ..select import Selection
 
     if len(inputs) != 1:
         raise BatchNormError(f"ckptavg bn takes one weights file or checkpoint, not {len(inputs)}.")
-    average(inputs, Swa(), Selection(), loading(key, keep_prefix, trust_pickle),
+    average(inputs, Copy(), Selection(), loading(key, keep_prefix, trust_pickle),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
                         verify=verify, force=force, json_out=json_out, quiet=quiet),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward))

@@ -71,14 +71,31 @@ def _scores(report: PlanReport) -> list[str]:
 
 
 def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("ch") else "s")
+
+
+def _what(result: AverageResult) -> str:
+    """What was done, in words: the method and its inputs, who a soup kept, the BatchNorm pass."""
+    r = result.report
+    n = len(r.checkpoints)
+    if result.bn_batches is not None and r.plan.method == "copy":
+        return f"recomputed BatchNorm statistics of {r.checkpoints[0].name} over {_count(result.bn_batches, 'batch')}"
+    text = f"{r.plan.method} of {_count(n, 'checkpoint')}"
+    kept = [c.name for c, w in zip(r.checkpoints, r.weights.values, strict=True) if w != 0]
+    if r.plan.method == "soup" and len(kept) < n:
+        accepted = [s for s in r.matrix.details.get("scores", []) if s.get("accepted")]
+        score = f", score {accepted[-1]['score']:.4g}" if accepted else ""
+        text += f": kept {len(kept)} ({', '.join(kept[:3])}{' ...' if len(kept) > 3 else ''}{score})"
+    if result.bn_batches is not None:
+        text += f", BatchNorm statistics recomputed over {_count(result.bn_batches, 'batch')}"
+    return text
 
 
 def format_summary(result: AverageResult) -> str:
     """The one-line success message."""
     r = result.report
     return (
-        f"wrote {result.output}: {r.plan.method} of {_count(len(r.checkpoints), 'checkpoint')}, "
+        f"wrote {result.output}: {_what(result)}, "
         f"{_count(len(r.specs), 'tensor')}, "
         f"{human_bytes(result.nbytes)}, "
         + (f"sha256 {result.sha256}" if result.sha256 else _count(len(result.files), "weight file"))

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..errors import CkptavgWarning
 from .base import Entry, Plan, TensorAccess, WeightMatrix, register
 
 
@@ -22,3 +23,15 @@ class Swa(Plan):
         self.check_count(len(ckpts))
         n = len(ckpts)
         return WeightMatrix.single([1.0 / n] * n)
+
+
+@dataclass(frozen=True)
+class Copy(Swa):
+    """One checkpoint, taken as it is: what `recalibrate_bn` starts from (not a registered averaging method)."""
+
+    method: ClassVar[str] = "copy"
+    summary: ClassVar[str] = "One checkpoint's weights, unchanged but for the output dtype."
+    paper: ClassVar[str] = ""
+
+    def notes(self, ckpts: Sequence[Entry], matrix: WeightMatrix) -> list[CkptavgWarning]:
+        return []  # one checkpoint is the point here, not a surprise
