@@ -54,9 +54,8 @@ class TorchWriter:
         self.order = list(specs)  # the state dict's own order: keys come back from torch.load as given
         self._next = 0
         self._filled = 0  # bytes of order[_next] written so far
-        self._records, head = plan_archive(self.order, metadata)
-        self._head = head
-        self._crcs = [zlib.crc32(data) for data in head]
+        self._records, self._head = plan_archive(self.order, metadata)  # the head: records before the tensors'
+        self._crcs = [zlib.crc32(data) for data in self._head]
         self._crc = 0  # of the tensor being written
         self._size = arc.archive_len(self._records)
         self._file: OutputFile | None = None
@@ -66,8 +65,8 @@ class TorchWriter:
     def __enter__(self) -> TorchWriter:
         self._file = OutputFile(self.path, self._size)
         try:
-            lead = b"".join(rec.local_header() + data + rec.descriptor(crc)
-                            for rec, data, crc in zip(self._records, self._head, self._crcs, strict=False))
+            lead = b"".join(rec.local_header() + data + rec.descriptor(crc) for rec, data, crc
+                            in zip(self._records[: len(self._head)], self._head, self._crcs, strict=True))
             self._file.write(memoryview(lead + self._opening()))
         except BaseException:
             self._file.discard()
