@@ -1,0 +1,231 @@
+"""Streaming torch.save-style writer: a zip archive that `torch.load(weights_only=True)` (and `mmap=True`) reads.
+
+The archive holds what torch.save writes for a state dict, under the top folder ``archive/``:
+
+- ``data.pkl``: an OrderedDict name -> tensor, pickled (protocol 2) the way torch pickles tensors, each
+  tensor its own storage, referenced by key ``"0"``, ``"1"``, ... in `order`;
+- ``.format_version`` (``1``), ``.storage_alignment`` (``64``), ``byteorder`` (``little``);
+- ``extra/ckptavg.json``: the provenance metadata, a JSON object of strings (only when there is some;
+  torch.load ignores it, `read_extra_metadata` reads it);
+- ``data/<key>``: each tensor's bytes, in `order`, written block by block as they arrive, each starting at a
+  multiple of 64 bytes;
+- ``version`` (``3``) and ``.data/serialization_id`` (40 digits derived from the records' CRCs).
+
+The pickle depends only on the specs, so every size and offset is known before the first byte is written
+(see `torch_archive`): the file is allocated whole up front and written once from start to end, through the
+same `OutputFile` as safetensors outputs. Nothing in it depends on the time, so equal inputs give equal bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from ..errors import CheckpointFormatError, CkptavgError, OutputError, first_line, one_line
+from ..layout import DTYPE_NAMES, TensorSpec, byte_view
+from ..read.torch_file import load_torch
+from . import torch_archive as arc
+from .outfile import OutputFile
+from .torch_archive import ARCHIVE, EXTRA_METADATA, FILE_VERSION, plan_archive, serialization_id
+from .verify import _check_finite, _check_layout, _check_names
+
+MAX_METADATA_BYTES = 16 * 1024 * 1024  # a larger extra record is not ours: refuse to inflate it
+
+
+class TorchWriter:
+    """Write tensors to `path` as a torch.save zip archive, in `order`, through a temp file renamed into
+    place on success. The same interface as `SafetensorsWriter`.
+
+    Use as a context manager; on any exception (Ctrl-C included) the temp file is removed and
+    nothing appears at `path`.
+    """
+
+    def __init__(self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str], rename: bool = True) -> None:
+        self.path = path
+        self._rename = rename  # False: leave the finished temp file at `self.done` for the caller to rename
+        self.done: Path | None = None
+        self.order = list(specs)  # the state dict's own order: keys come back from torch.load as given
+        self._next = 0
+        self._filled = 0  # bytes of order[_next] written so far
+        self._records, self._head = plan_archive(self.order, metadata)  # the head: records before the tensors'
+        self._crcs = [zlib.crc32(data) for data in self._head]
+        self._crc = 0  # of the tensor being written
+        self._size = arc.archive_len(self._records)
+        self._file: OutputFile | None = None
+        self._sha256: str | None = None
+        self._placed = False  # the finished file is renamed into place, or handed over as `done`
+
+    def __enter__(self) -> TorchWriter:
+        self._file = OutputFile(self.path, self._size)
+        try:
+            lead = b"".join(rec.local_header() + data + rec.descriptor(crc) for rec, data, crc
+                            in zip(self._records[: len(self._head)], self._head, self._crcs, strict=True))
+            self._file.write(memoryview(lead + self._opening()))
+        except BaseException:
+            self._file.discard()
+            raise
+        return self
+
+    def _record(self, i: int) -> arc.Record:
+        return self._records[len(self._head) + i]
+
+    def _opening(self) -> bytes:
+        """The local header of the next tensor's record, if one remains."""
+        return self._record(self._next).local_header() if self._next < len(self.order) else b""
+
+    def write(self, tensor: torch.Tensor) -> None:
+        """Write the next tensor of `order` whole; its shape and dtype must match the spec."""
+        spec = self.order[self._next]
+        if tuple(tensor.shape) != spec.shape or self._filled:
+            raise AssertionError(f"writer got {tensor.dtype}{list(tensor.shape)} for {spec}")  # a bug, not input
+        self.write_part(tensor.reshape(-1))
+
+    def write_part(self, block: torch.Tensor) -> None:
+        """Write the next elements of the current tensor of `order`; move on when it is complete."""
+        assert self._file is not None
+        spec = self.order[self._next]
+        t = block.contiguous()
+        if t.dtype != spec.out_dtype or self._filled + t.nbytes > spec.nbytes:
+            raise AssertionError(f"writer got {t.dtype}[{t.numel()}] for {spec}")  # a bug, not input
+        if t.numel():
+            data = byte_view(t)
+            self._crc = zlib.crc32(data, self._crc)
+            self._file.write(data)
+        self._filled += t.nbytes
+        if self._filled == spec.nbytes:
+            done = self._record(self._next).descriptor(self._crc)
+            self._crcs.append(self._crc)
+            self._next, self._filled, self._crc = self._next + 1, 0, 0
+            self._file.write(memoryview(done + self._opening()))
+
+    @property
+    def nbytes(self) -> int:
+        return self._file.nbytes if self._file else 0
+
+    @property
+    def sha256(self) -> str:
+        """The sha256 of the written file (known once the writer has finished)."""
+        if self._sha256 is None:
+            raise AssertionError("sha256 asked for before the writer finished")
+        return self._sha256
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._file is not None
+        try:
+            if exc_type is None:
+                if self._next != len(self.order):
+                    raise AssertionError("writer closed before every tensor was written")
+                self._finish(self._file)
+        finally:
+            if not self._placed:  # failed, or interrupted: leave nothing behind
+                self._file.discard()
+
+    def _tail(self) -> bytes:
+        """The last two records and the central directory, now that every CRC is known."""
+        version, ident = self._records[-2:]
+        ident_data = serialization_id(self._crcs, version.offset)
+        crcs = [*self._crcs, zlib.crc32(FILE_VERSION), zlib.crc32(ident_data)]
+        return (version.local_header() + FILE_VERSION + version.descriptor(crcs[-2])
+                + ident.local_header() + ident_data + ident.descriptor(crcs[-1])
+                + arc.directory(self._records, crcs))
+
+    def _finish(self, file: OutputFile) -> None:
+        file.write(memoryview(self._tail()))
+        if file.nbytes != self._size:  # the file was allocated at the planned size: anything else is a bug
+            raise AssertionError(f"wrote {file.nbytes} bytes of a planned {self._size}")
+        self._sha256 = file.finish()
+        if self._rename:
+            try:
+                os.replace(file.temp, self.path)
+            except OSError as e:
+                raise OutputError(f"{self.path}: cannot finish writing ({e.strerror}); nothing was written.") from None
+        else:
+            self.done = file.temp
+        self._placed = True
+
+
+def extra_metadata_from(archive: zipfile.ZipFile, prefix: str = ARCHIVE) -> dict[str, str]:
+    """The provenance metadata of an open torch archive whose top folder is `prefix`; {} when it has none.
+
+    Raises:
+        CheckpointFormatError: the record is there but is not a JSON object of strings.
+    """
+    name = prefix + EXTRA_METADATA
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        return {}
+    where = f"{archive.filename}: '{name}'"
+    if info.file_size > MAX_METADATA_BYTES:
+        raise CheckpointFormatError(f"{where} holds {info.file_size} bytes, more than metadata can; the file is corrupt.")
+    try:
+        meta = json.loads(archive.read(info))
+    except (ValueError, zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as e:
+        raise CheckpointFormatError(f"{where} is unreadable ({first_line(e)}).") from None
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointFormatError(f"{where} is not a JSON object of strings.")
+    return meta
+
+
+def read_extra_metadata(path: Path) -> dict[str, str]:
+    """The provenance metadata `TorchWriter` stored in a torch archive (``<top>/extra/ckptavg.json``), as
+    the `metadata` it was given; {} for archives without it, such as torch.save's own.
+
+    Raises:
+        CheckpointFormatError: not a zip archive, or the record is not a JSON object of strings.
+    """
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            prefix = names[0].split("/", 1)[0] + "/" if names and "/" in names[0] else ARCHIVE
+            return extra_metadata_from(z, prefix)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise CheckpointFormatError(f"{path}: broken zip archive ({first_line(e)}).") from None
+
+
+def verify_torch_file(path: Path, specs: Sequence[TensorSpec], check_finite: bool) -> None:
+    """Raise OutputError naming the file, the tensor and the problem if `path` does not hold exactly `specs`.
+
+    The file is read by torch's own loader (``torch.load(weights_only=True, mmap=True)``: names, shapes and
+    dtypes) and by ckptavg's reader. With `check_finite`, every floating (and complex) tensor is read back
+    block by block, with pread through ckptavg's reader, so memory does not grow with the file (touching
+    torch's mapping instead would add every page of the file to this process's RSS), and must hold no NaN
+    or Inf.
+    """
+    path = Path(path)
+    try:
+        theirs = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch's loader raises many types on a bad file
+        raise OutputError(f"{path}: torch.load cannot read the written file ({type(e).__name__}: "
+                          f"{first_line(e)}).") from None
+    if not isinstance(theirs, dict):
+        raise OutputError(f"{path}: torch.load gives a {type(theirs).__name__}, not a state dict.")
+    _check_names(path, set(theirs), specs, "torch.load")
+    for spec in specs:
+        t = theirs[spec.name]
+        if not isinstance(t, torch.Tensor):
+            raise OutputError(f"{path}: '{one_line(spec.name, 120)}' is a {type(t).__name__}, not a tensor "
+                              "(as read by torch.load).")
+        _check_layout(path, spec, tuple(t.shape), DTYPE_NAMES.get(t.dtype, str(t.dtype)), "torch.load")
+    del theirs
+    try:
+        ours = load_torch(path, "torch-zip", trust_pickle=False)
+    except (CkptavgError, OSError) as e:
+        raise OutputError(f"{path}: the written file does not read back ({e}).") from None
+    if not isinstance(ours, dict):
+        raise OutputError(f"{path}: ckptavg's reader gives a {type(ours).__name__}, not a state dict.")
+    _check_names(path, set(ours), specs, "ckptavg's reader")
+    for spec in specs:
+        lazy = ours[spec.name]
+        _check_layout(path, spec, tuple(lazy.shape), DTYPE_NAMES.get(lazy.dtype, str(lazy.dtype)), "ckptavg's reader")
+        if check_finite and (spec.out_dtype.is_floating_point or spec.out_dtype.is_complex):
+            _check_finite(path, spec.name, lazy)
