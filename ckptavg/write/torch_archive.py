@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..layout import TensorSpec
+from ..read.torch_extra import ARCHIVE, EXTRA_METADATA
 
 ALIGN = 64
 ZIP64_LIMIT = 0xFFFFFFFF  # sizes and offsets from here on need ZIP64 (tests lower it to exercise ZIP64 cheaply)
@@ -188,8 +189,6 @@ def _fit32(value: int) -> int:
     return value if value < ZIP64_LIMIT else _MAX32
 
 
-ARCHIVE = "archive/"
-EXTRA_METADATA = "extra/ckptavg.json"
 FORMAT_VERSION = b"1"
 FILE_VERSION = b"3\n"
 SERIALIZATION_ID_LEN = 40

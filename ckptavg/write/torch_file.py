@@ -18,9 +18,7 @@ same `OutputFile` as safetensors outputs. Nothing in it depends on the time, so 
 
 from __future__ import annotations
 
-import json
 import os
-import zipfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,15 +26,13 @@ from types import TracebackType
 
 import torch
 
-from ..errors import CheckpointFormatError, CkptavgError, OutputError, first_line, one_line
+from ..errors import CkptavgError, OutputError, first_line, one_line
 from ..layout import DTYPE_NAMES, TensorSpec, byte_view
 from ..read.torch_file import load_torch
 from . import torch_archive as arc
 from .outfile import OutputFile
-from .torch_archive import ARCHIVE, EXTRA_METADATA, FILE_VERSION, plan_archive, serialization_id
+from .torch_archive import FILE_VERSION, plan_archive, serialization_id
 from .verify import _check_finite, _check_layout, _check_names
-
-MAX_METADATA_BYTES = 16 * 1024 * 1024  # a larger extra record is not ours: refuse to inflate it
 
 
 class TorchWriter:
@@ -151,45 +147,6 @@ class TorchWriter:
         else:
             self.done = file.temp
         self._placed = True
-
-
-def extra_metadata_from(archive: zipfile.ZipFile, prefix: str = ARCHIVE) -> dict[str, str]:
-    """The provenance metadata of an open torch archive whose top folder is `prefix`; {} when it has none.
-
-    Raises:
-        CheckpointFormatError: the record is there but is not a JSON object of strings.
-    """
-    name = prefix + EXTRA_METADATA
-    try:
-        info = archive.getinfo(name)
-    except KeyError:
-        return {}
-    where = f"{archive.filename}: '{name}'"
-    if info.file_size > MAX_METADATA_BYTES:
-        raise CheckpointFormatError(f"{where} holds {info.file_size} bytes, more than metadata can; the file is corrupt.")
-    try:
-        meta = json.loads(archive.read(info))
-    except (ValueError, zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError) as e:
-        raise CheckpointFormatError(f"{where} is unreadable ({first_line(e)}).") from None
-    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
-        raise CheckpointFormatError(f"{where} is not a JSON object of strings.")
-    return meta
-
-
-def read_extra_metadata(path: Path) -> dict[str, str]:
-    """The provenance metadata `TorchWriter` stored in a torch archive (``<top>/extra/ckptavg.json``), as
-    the `metadata` it was given; {} for archives without it, such as torch.save's own.
-
-    Raises:
-        CheckpointFormatError: not a zip archive, or the record is not a JSON object of strings.
-    """
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-            prefix = names[0].split("/", 1)[0] + "/" if names and "/" in names[0] else ARCHIVE
-            return extra_metadata_from(z, prefix)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise CheckpointFormatError(f"{path}: broken zip archive ({first_line(e)}).") from None
 
 
 def verify_torch_file(path: Path, specs: Sequence[TensorSpec], check_finite: bool) -> None:
