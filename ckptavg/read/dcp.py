@@ -316,9 +316,9 @@ def open_dcp_folder(path: Path, options: LoadOptions) -> Checkpoint:
     entries = _entries(meta_path, md, _storage(path, meta_path, md))
     tree = _nest(entries, getattr(md, "planner_data", None))
     tensors, location, others = _locate(path, tree, entries, options.key)
-    meta = meta_from_mapping(_scalars(tree, options.trust_pickle), "DCP checkpoint")
+    meta = meta_from_mapping(_scalars(tree, options.trust_pickle), "DCP checkpoint", path)
     if isinstance(tree.get("train_state"), dict):  # torchtitan keeps the step there
-        meta = meta.fill(meta_from_mapping(_scalars(tree["train_state"], options.trust_pickle), "DCP 'train_state'"))
+        meta = meta.fill(meta_from_mapping(_scalars(tree["train_state"], options.trust_pickle), "DCP 'train_state'", path))
     version = getattr(md, "version", None)
     return Checkpoint(
         path, "dcp", tensors, location, meta.fill(meta_from_name(path.name, folder=True)),

@@ -15,7 +15,7 @@ from .torch_file import load_torch
 def open_file(path: Path, fmt: str, options: LoadOptions) -> Checkpoint:
     if fmt == "safetensors":
         tensors, file_meta = read_safetensors_header(path)
-        meta = meta_from_mapping(file_meta, "safetensors metadata").fill(meta_from_name(path.name))
+        meta = meta_from_mapping(file_meta, "safetensors metadata", path).fill(meta_from_name(path.name))
         if options.key:
             tensors = select_prefix(path, tensors, options.key)
         return Checkpoint(path, fmt, tensors, options.key or "(top level)", meta, file_metadata=file_meta)
@@ -23,6 +23,6 @@ def open_file(path: Path, fmt: str, options: LoadOptions) -> Checkpoint:
     tensors, location, others = locate_weights(path, obj, options.key)
     meta = Meta()
     if isinstance(obj, dict):
-        meta = meta_from_mapping(obj, "checkpoint")
+        meta = meta_from_mapping(obj, "checkpoint", path)
         meta = replace(meta, metrics={**metrics_from_checkpoint(obj, path.name), **meta.metrics})
     return Checkpoint(path, fmt, tensors, location, meta.fill(meta_from_name(path.name)), other_entries=others)

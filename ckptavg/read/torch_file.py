@@ -4,6 +4,7 @@ only the structure is read and each tensor becomes a LazyTensor pointing at its 
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import pickle
 import re
@@ -18,10 +19,12 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointFormatError, CkptavgWarning, first_line
+from ..errors import CheckpointFormatError, CkptavgWarning, first_line, one_line
 from .fastpickle import load_plain
-from .lazy import LazyTensor, lazy_view
+from .lazy import LazyTensor, check_view, lazy_view
+from .pickle_scan import TORCH_WEIGHTS_ONLY, BadPickle, scan
 from .safe_pickle import refusal
+from .walk import Cycle, rebuild
 
 
 class _AttributeDict(dict):  # type: ignore[type-arg]
@@ -46,6 +49,7 @@ def load_torch(path: Path, fmt: str, trust_pickle: bool) -> Any:
         if plain is not None:  # the common case, read by the C unpickler; anything else goes to torch's
             return _lazify(path, plain, _eager)[0]
     records = {start: size for start, size in archive.records.values()} if archive else {}
+    _scan_pickles(path, archive.pickled if archive else None, None if trust_pickle else TORCH_WEIGHTS_ONLY)
     try:
         # An open file, not a path: torch.load hands paths ending in .safetensors to safetensors.
         with open(path, "rb") as f, warnings.catch_warnings(), torch.serialization.safe_globals(_SAFE_EXTRAS):
@@ -55,7 +59,7 @@ def load_torch(path: Path, fmt: str, trust_pickle: bool) -> Any:
         m = re.search(r"GLOBAL ([\w.]+)", str(e))
         if m and not trust_pickle:
             raise refusal(path, m.group(1)) from None
-        raise CheckpointFormatError(f"{path}: cannot unpickle ({first_line(e)}).") from None
+        raise CheckpointFormatError(f"{path}: cannot unpickle ({_torch_reason(e)}); the file is corrupt.") from None
     except (ImportError, AttributeError) as e:
         raise CheckpointFormatError(
             f"{path}: unpickling needs code that is not importable here ({first_line(e)})."
@@ -75,6 +79,31 @@ def load_torch(path: Path, fmt: str, trust_pickle: bool) -> Any:
             stacklevel=2,
         )
     return _lazify(path, obj, partial(_lazy_from_meta, records) if lazy else _eager)[0]
+
+
+def _scan_pickles(path: Path, pickled: bytes | None, allowed: frozenset[int] | None) -> None:
+    """Check the pickles' opcodes before any unpickler reads them (see pickle_scan): an archive's data.pkl,
+    or the five pickles that open a legacy file (magic number, protocol, system info, object, storage keys)."""
+    try:
+        if pickled is not None:
+            scan(pickled, 0, allowed)
+            return
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            at = 0
+            for _ in range(5):
+                at = scan(data, at, allowed)
+    except BadPickle as e:
+        raise CheckpointFormatError(f"{path}: not a pickle torch.save writes ({e}); the file is corrupt.") from None
+    except (OSError, ValueError) as e:  # ValueError: mmap of an empty file (it shrank since it was sniffed)
+        raise CheckpointFormatError(f"{path}: cannot read ({first_line(e)}).") from None
+
+
+def _torch_reason(e: BaseException) -> str:
+    """The line of torch's weights-only refusal that says what was refused (its first is the same for all)."""
+    text = str(e)
+    _, found, rest = text.partition("WeightsUnpickler error:")
+    lines = [ln.strip() for ln in rest.splitlines() if ln.strip()] if found else []
+    return one_line(lines[0] if lines else first_line(e), 200)
 
 
 class _Anything:
@@ -233,21 +262,40 @@ def _data_records(path: Path, infos: list[zipfile.ZipInfo]) -> dict[str, tuple[i
 
 def _lazify(path: Path, obj: Any, wrap: Callable[[Path, torch.Tensor], LazyTensor]) -> tuple[Any, bool]:
     """Replace every tensor in an unpickled checkpoint by a LazyTensor made by `wrap`; also say whether
-    `obj` held any tensor."""
-    if isinstance(obj, torch.Tensor):
-        return wrap(path, obj), True
-    if isinstance(obj, LazyTensor):  # from the fast path
-        return obj, True
-    if isinstance(obj, dict):  # dict, OrderedDict and dict subclasses rebuild from pairs
-        pairs = [(k, *_lazify(path, v, wrap)) for k, v in obj.items()]
-        for k, _, held in pairs:
-            if held and isinstance(k, str):
-                _check_name(path, k)
-        return type(obj)((k, v) for k, v, _ in pairs), any(held for *_, held in pairs)
-    if isinstance(obj, list | tuple) and not hasattr(obj, "_fields"):
-        items = [_lazify(path, v, wrap) for v in obj]
-        return type(obj)(v for v, _ in items), any(held for _, held in items)
-    return obj, False
+    `obj` held any tensor. Shared references stay shared: each tensor and container is mapped once."""
+
+    def leaf(node: Any) -> tuple[Any, bool]:
+        if isinstance(node, torch.Tensor):
+            return wrap(path, node), True
+        return node, isinstance(node, LazyTensor)  # a LazyTensor comes from the fast path
+
+    def build(node: Any, results: list[tuple[Any, bool]]) -> Any:
+        values = [v for v, _ in results]
+        if isinstance(node, dict):  # dict, OrderedDict and dict subclasses rebuild from pairs
+            for k, (_, held) in zip(node, results, strict=True):
+                if held and isinstance(k, str):
+                    _check_name(path, k)
+            try:
+                return type(node)(zip(node, values, strict=True))
+            except TypeError:  # a subclass that is not built from pairs (defaultdict): a plain dict will do
+                return dict(zip(node, values, strict=True))
+        return type(node)(values)
+
+    try:
+        return rebuild(obj, _children, leaf, build)
+    except Cycle:
+        raise CheckpointFormatError(
+            f"{path}: the pickle holds a container that contains itself, which torch.save never writes; "
+            "the file is corrupt or crafted."
+        ) from None
+
+
+def _children(node: Any) -> list[Any] | None:
+    if isinstance(node, dict):
+        return list(node.values())
+    if isinstance(node, list | tuple) and not hasattr(node, "_fields"):
+        return list(node)
+    return None
 
 
 def _check_name(path: Path, key: str) -> None:
@@ -262,6 +310,7 @@ def _check_name(path: Path, key: str) -> None:
 def _eager(path: Path, t: torch.Tensor) -> LazyTensor:
     if t.layout != torch.strided or t.is_quantized:
         raise CheckpointFormatError(f"{path}: sparse or quantized tensors are not supported.")
+    check_view(path, t.dtype, tuple(t.shape), tuple(t.stride()))
     return LazyTensor(path, t.dtype, tuple(t.shape), eager=t.detach())
 
 
