@@ -151,8 +151,9 @@ def pread_exact(fd: int, path: Path, offset: int, view: memoryview) -> None:
         except OSError as e:
             raise CheckpointFormatError(f"{path}: cannot read ({e.strerror}).") from None
         if n == 0:
+            # every offset was checked against the file's size when it was opened: it has shrunk since
             raise CheckpointFormatError(
-                f"{path}: file is truncated (needed {want} bytes at offset {offset}, "
-                f"found {done}); re-copy or re-save the checkpoint."
+                f"{path}: file is truncated: changed while being read (needed {want} bytes at offset {offset}, "
+                f"found {done}); nothing was written."
             )
         done += n
