@@ -68,7 +68,8 @@ def load_torch(path: Path, fmt: str, trust_pickle: bool) -> Any:
         raise
     except Exception as e:  # noqa: BLE001 - torch's loaders raise many types on corrupt bytes
         raise CheckpointFormatError(
-            f"{path}: unreadable torch checkpoint ({type(e).__name__}: {first_line(e)}); the file may be truncated."
+            f"{path}: unreadable torch checkpoint ({type(e).__name__}: {one_line(first_line(e), 200)}); the file is "
+            "corrupt or truncated."
         ) from None
     if not lazy:
         _check_legacy_storages(path)
