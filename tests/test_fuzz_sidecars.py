@@ -157,7 +157,7 @@ def dcp_metadata_bytes(draw: st.DrawFn) -> bytes:
         opcode = draw(st.sampled_from([b"r", b"j", b"X", b"\x8b", b"\x8e", b"B"]))
         width = 8 if opcode == b"\x8e" else 4
         value = draw(_interesting_ints(len(data))) % 2**(8 * width)
-        at = draw(st.integers(2, len(data)))
+        at = draw(st.integers(min(2, len(data)), len(data)))
         data[at:at] = b"]" + opcode + value.to_bytes(width, "little")
     return bytes(data)
 
