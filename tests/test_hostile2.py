@@ -210,7 +210,7 @@ DCP_CASES: dict[str, tuple[Build, list[str]]] = {
 # ---------------------------------------------------------------- sidecar JSON
 
 
-def _hf(name: str, link: bool = False, **kw: Any) -> Build:
+def _hf(name: str, link: bool = False, loop: bool = False, **kw: Any) -> Build:
     def build(root: Path) -> Path:
         outside = root / "outside.safetensors"
         if not outside.exists():
@@ -221,6 +221,8 @@ def _hf(name: str, link: bool = False, **kw: Any) -> Build:
         folder = hf_folder(root / name / "checkpoint-10", **kw)
         if link:
             (folder / "link.safetensors").symlink_to(outside)
+        if loop:
+            (folder / "loop.safetensors").symlink_to("loop.safetensors")
         return folder
     return build
 
@@ -233,6 +235,8 @@ SIDECAR_CASES: dict[str, tuple[Build, list[str]]] = {
     "index-dotdot": (_hf("idx_dotdot", index=_index("../../outside.safetensors")), ["index.json", "outside the checkpoint"]),
     "index-absolute": (_hf("idx_abs", index=lambda o: _index(str(o))), ["index.json", "outside the checkpoint"]),
     "index-symlink-out": (_hf("idx_link", link=True, index=_index("link.safetensors")), ["index.json", "outside the checkpoint"]),
+    "index-symlink-loop": (_hf("idx_loop", loop=True, index=_index("loop.safetensors")), ["index.json", "loop"]),
+    "index-name-past-name-max": (_hf("idx_long", index=_index("m" * 300 + ".safetensors")), ["index.json", "m" * 40]),
     "index-shard-not-string": (_hf("idx_int", index=_index(5)), ["index.json", "'weight'", "not a string"]),
     "index-deep-nesting": (_hf("idx_deep", raw_index=b'{"weight_map": ' + deep_json(100_000) + b"}"),
                            ["index.json", "JSON"]),

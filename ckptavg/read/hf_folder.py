@@ -59,7 +59,7 @@ def _read_sharded(folder: Path, index: Path, options: LoadOptions, stamps: dict[
     for key, shard in weight_map.items():
         if shard not in shards:
             shard_path = folder / shard
-            if not shard_path.is_file():
+            if not _is_file(shard_path):
                 raise CheckpointFormatError(f"{index}: names shard '{one_line(shard, 120)}', which is missing.")
             fmt = sniff(shard_path)
             if fmt is None:
@@ -73,3 +73,10 @@ def _read_sharded(folder: Path, index: Path, options: LoadOptions, stamps: dict[
             )
         tensors[key] = shards[shard][key]
     return tensors
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # Path.is_file answers False only for some errors: a name past NAME_MAX raises
+        return False

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..errors import CheckpointFormatError, one_line
+from ..errors import CheckpointFormatError, first_line, one_line
 
 # Sidecar files larger than this are refused before they are read (a long run's trainer_state.json is a few MB).
 MAX_SIDECAR_BYTES = 256 * 1024 * 1024
@@ -101,7 +101,14 @@ def _shard_path(folder: Path, index: Path, key: str, name: str, roots: list[Path
     pure = PurePosixPath(name)
     bad = not name or "\0" in name or pure.is_absolute() or os.path.isabs(name) or ".." in pure.parts
     if not bad:
-        target = (folder / name).resolve()
+        try:
+            target = (folder / name).resolve()
+        except (OSError, RuntimeError) as e:  # a name past NAME_MAX or PATH_MAX; RuntimeError: a symlink loop
+            why = e.strerror if isinstance(e, OSError) else first_line(e)
+            raise CheckpointFormatError(
+                f"{index}: the shard of '{one_line(key, 80)}' is '{one_line(name, 120)}', which cannot be opened "
+                f"({why}); fix or re-create the index."
+            ) from None
         bad = not any(target == root or root in target.parents for root in roots)
     if bad:
         raise CheckpointFormatError(
