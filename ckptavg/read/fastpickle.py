@@ -9,7 +9,9 @@ falls back to torch's unpickler, so this path never changes what is accepted or 
 Nothing from the file can run code here: `find_class` answers only the names below, each mapped to
 a stand-in of ours or to a plain container type; every other global ends the fast path. Our stand-ins
 refuse pickle's BUILD (which would otherwise rewrite their fields, a tensor's file path included), and
-the result must consist of plain values only.
+the result must consist of plain values only. Before the C unpickler runs, `pickle_scan.scan` checks every
+opcode (only those torch's unpickler runs, sizes within the data, memo indices no pickler would exceed), and
+the result is mapped by `walk.rebuild`, so nesting and shared references cost what the pickle holds.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ argument against the bytes that are there, and every memo index against the numb
 it (Python's pickler numbers memo entries 0, 1, 2, ...; more than one per opcode is impossible), so
 that what the C unpickler allocates is bounded by a small multiple of the pickle's size.
 
-It reads the arguments only, never builds an object: about a third of a microsecond per opcode.
+It reads the arguments only, never builds an object: about 1 ms for the pickle of a 320-tensor state dict
+(10 000 opcodes), against 0.5 ms for the C unpickler to run it.
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import CheckpointFormatError, first_line, one_line
+from .metadata import MAX_COUNT
 
 # Sidecar files larger than this are refused before they are read (a long run's trainer_state.json is a few MB).
 MAX_SIDECAR_BYTES = 256 * 1024 * 1024
-MAX_COUNT = 2**63 - 1
 # Provenance values nested deeper than this, or with more values than this, are not shown as provenance.
 MAX_PROVENANCE_DEPTH = 32
 MAX_PROVENANCE_VALUES = 1_000_000
