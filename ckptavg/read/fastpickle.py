@@ -91,7 +91,7 @@ def _children(obj: Any) -> list[Any] | None:
     if type(obj) in (dict, OrderedDict):
         if any(type(k) not in _PLAIN_LEAVES for k in obj):
             raise _NotPlain("dict key")
-        return [*obj.values(), *vars(obj).values()] if getattr(obj, "__dict__", None) else list(obj.values())
+        return list(obj.values())  # a state dict's _metadata (set by BUILD) is dropped, as torch's path drops it
     if type(obj) in (list, tuple):
         return list(obj)
     return None
@@ -109,10 +109,10 @@ def _leaf(obj: Any) -> tuple[Any, bool]:
 def _build(obj: Any, results: list[tuple[Any, bool]]) -> Any:
     values = [v for v, _ in results]
     if isinstance(obj, dict):
-        out = type(obj)(zip(obj, values, strict=False))
-        if getattr(obj, "__dict__", None):  # a state dict's _metadata, set by BUILD
-            out.__dict__.update(zip(vars(obj), values[len(obj):], strict=True))
-        return out
+        for k, (_, held) in zip(obj, results, strict=False):
+            if held and isinstance(k, str) and not k.isascii():
+                k.encode("utf-8")  # a lone surrogate: torch's path refuses it with a message (UnicodeEncodeError)
+        return type(obj)(zip(obj, values, strict=True))
     return type(obj)(values)
 
 

@@ -13,6 +13,7 @@ It reads the arguments only, never builds an object: about 1 ms for the pickle o
 
 from __future__ import annotations
 
+import functools
 import mmap
 import pickletools
 import struct
@@ -48,25 +49,49 @@ class BadPickle(ValueError):
     """The pickle is malformed, or holds an opcode or argument that the scan does not allow."""
 
 
+_SPECIAL, _REFUSED = -1, -2  # table entries of opcodes handled off the fast path, and of refused ones
+
+
+@functools.lru_cache(maxsize=4)
+def _widths(allowed: frozenset[int] | None) -> tuple[int, ...]:
+    """Per byte value: its fixed argument width, _SPECIAL, or _REFUSED (unknown, or not in `allowed`)."""
+    table = []
+    for code in range(256):
+        if allowed is not None and code not in allowed or (code not in _FIXED and code not in _COUNTED
+                                                            and code not in _LINES):
+            table.append(_REFUSED)
+        elif code in _FIXED and code not in (_STOP, _LONG_BINPUT):
+            table.append(_FIXED[code])
+        else:
+            table.append(_SPECIAL)
+    return tuple(table)
+
+
 def scan(data: Buffer, start: int = 0, allowed: frozenset[int] | None = None) -> int:
     """Walk the pickle that starts at `start` up to its STOP; return the offset just after it.
 
     `allowed`: the opcodes accepted (None: every opcode pickle defines). Raises BadPickle for an unknown or
     refused opcode, an argument past the end of `data`, or a memo index no pickler would write.
     """
+    widths = _widths(allowed)
     end = len(data)
     i, ops = start, 0
     while i < end:
         code = data[i]
-        i += 1
+        width = widths[code]
         ops += 1
-        if allowed is not None and code not in allowed:
-            raise BadPickle(f"opcode {bytes([code])!r} at byte {i - 1 - start}")
-        width = _FIXED.get(code)
-        if width is not None:
-            if code == _LONG_BINPUT and i + 4 <= end and struct.unpack_from("<I", data, i)[0] > ops:
+        if width >= 0:  # most opcodes: a fixed-size argument or none
+            i += 1 + width
+            continue
+        if width == _REFUSED:
+            raise BadPickle(f"opcode {bytes([code])!r} at byte {i - start}")
+        i += 1
+        if code == _STOP:
+            return i
+        if code == _LONG_BINPUT:
+            if i + 4 <= end and struct.unpack_from("<I", data, i)[0] > ops:
                 raise BadPickle(f"memo index {struct.unpack_from('<I', data, i)[0]} at byte {i - 1 - start}")
-            i += width
+            i += 4
         elif code in _COUNTED:
             size, signed = _COUNTED[code]
             if i + size > end:
@@ -75,7 +100,7 @@ def scan(data: Buffer, start: int = 0, allowed: frozenset[int] | None = None) ->
             if length < 0 or i + size + length > end:
                 raise BadPickle(f"a length of {length} bytes at byte {i - 1 - start} runs past the data")
             i += size + length
-        elif code in _LINES:
+        else:
             for _ in range(_LINES[code]):
                 stop = data.find(b"\n", i, min(end, i + MAX_TEXT_ARGUMENT))
                 if stop < 0:
@@ -83,10 +108,6 @@ def scan(data: Buffer, start: int = 0, allowed: frozenset[int] | None = None) ->
                 if code == _PUT and not _memo_index_ok(bytes(data[i:stop]), ops):
                     raise BadPickle(f"memo index {bytes(data[i:stop])[:40]!r} at byte {i - 1 - start}")
                 i = stop + 1
-        else:
-            raise BadPickle(f"unknown opcode {bytes([code])!r} at byte {i - 1 - start}")
-        if code == _STOP:
-            return i
     raise BadPickle("the pickle ends before its STOP opcode")
 
 

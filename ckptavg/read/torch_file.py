@@ -46,7 +46,7 @@ def load_torch(path: Path, fmt: str, trust_pickle: bool) -> Any:
     if archive is not None and not trust_pickle:
         plain = load_plain(path, archive.pickled, archive.prefix, archive.records)
         if plain is not None:  # the common case, read by the C unpickler; anything else goes to torch's
-            return _lazify(path, plain, _eager)[0]
+            return plain
     records = {start: size for start, size in archive.records.values()} if archive else {}
     _scan_pickles(path, archive.pickled if archive else None, None if trust_pickle else TORCH_WEIGHTS_ONLY)
     try:

@@ -86,12 +86,15 @@ def _data_records(path: Path, infos: list[zipfile.ZipInfo], directory_at: int | 
     fd = os.open(path, os.O_RDONLY)
     try:
         for info in infos:
-            local = os.pread(fd, 30, info.header_offset)
+            # the header and, if it is the name the directory gives, the name: one read
+            local = os.pread(fd, 30 + len(info.orig_filename.encode("utf-8", "replace")), info.header_offset)
             if len(local) < 30 or local[:4] != b"PK\x03\x04":
                 raise CheckpointFormatError(f"{path}: broken zip archive (bad local header of '{one_line(info.filename, 120)}').")
             name_len, extra_len = struct.unpack("<HH", local[26:30])
-            local_name = os.pread(fd, name_len, info.header_offset + 30)
-            if local_name.decode("utf-8" if info.flag_bits & 0x800 else "cp437", "replace") != info.orig_filename:
+            local_name = local[30:30 + name_len]
+            if len(local_name) != name_len or local_name.decode(
+                "utf-8" if info.flag_bits & 0x800 else "cp437", "replace"
+            ) != info.orig_filename:
                 raise CheckpointFormatError(
                     f"{path}: broken zip archive (the directory entry '{one_line(info.filename, 120)}' points at "
                     f"the record '{one_line(local_name.decode('cp437'), 120)}'); the file is corrupt or crafted."

@@ -31,24 +31,32 @@ def rebuild(
     """
     done: dict[int, tuple[Any, bool]] = {}
     active: set[int] = set()  # containers whose children are being visited: the current node's ancestors
-    stack: list[tuple[Any, Sequence[Any] | None]] = [(root, None)]
-    while stack:
-        node, kids = stack.pop()
-        key = id(node)
+    stack: list[tuple[Any, Sequence[Any], bool]] = []  # (container, its children, whether they are all done)
+
+    def visit(node: Any) -> None:
+        """Settle a leaf now (no trip through the stack); queue a container."""
+        kids = children(node)
         if kids is None:
-            if key in done:
-                continue
-            kids = children(node)
-            if kids is None:
-                done[key] = leaf(node)
-                continue
-            if key in active:
-                raise Cycle("a container holds itself")
-            active.add(key)
-            stack.append((node, kids))
-            stack.extend((k, None) for k in reversed(kids) if id(k) not in done)
+            done[id(node)] = leaf(node)
         else:
+            stack.append((node, kids, False))
+
+    visit(root)
+    while stack:
+        node, kids, ready = stack.pop()
+        key = id(node)
+        if ready:
             results = [done[id(k)] for k in kids]
-            done[key] = (build(node, results), any(flag for _, flag in results))
+            done[key] = (build(node, results), True in (flag for _, flag in results))
             active.discard(key)
+            continue
+        if key in done:  # a container queued twice (shared by siblings): settled the first time
+            continue
+        if key in active:
+            raise Cycle("a container holds itself")
+        active.add(key)
+        stack.append((node, kids, True))
+        for k in reversed(kids):
+            if id(k) not in done:
+                visit(k)
     return done[id(root)]
