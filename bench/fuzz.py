@@ -10,7 +10,9 @@ shrunk input is saved when --save is given, and the next chunk continues. The ad
 
 The property checked is tests/test_fuzz.check_file: opening the bytes and loading every tensor either works
 (and agrees with safetensors/torch.load where they read the file too) or raises a CkptavgError, within
-HANG_SECONDS. Exit status 1 when anything was found.
+HANG_SECONDS; for the folder targets of tests/test_fuzz_sidecars.py (a Hugging Face index or trainer_state.json,
+a DCP .metadata) the same for the folder, and no tensor read from outside it. Exit status 1 when anything was
+found.
 """
 
 from __future__ import annotations
@@ -22,12 +24,23 @@ import tempfile
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis.strategies import SearchStrategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import test_fuzz  # noqa: E402 - the targets and the checker live with the tests
+import test_fuzz_sidecars  # noqa: E402
+
+Check = Callable[[bytes, Path], None]
+# name: (strategy, check(data, scratch)); file targets write one file, folder targets a file of a folder
+TARGETS: dict[str, tuple[Callable[[], SearchStrategy[bytes]], Check]] = {
+    **{name: (strategy, lambda data, scratch: test_fuzz.check_file(data, scratch / "input.bin"))
+       for name, strategy in test_fuzz.TARGETS.items()},
+    **test_fuzz_sidecars.FOLDER_TARGETS,
+}
 
 CHUNK = 2000  # examples per hypothesis run: a finding costs at most the rest of one chunk
 
@@ -37,9 +50,9 @@ def main() -> int:
     if args.memory_gib:
         limit = args.memory_gib * 2**30
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    targets = args.targets or list(test_fuzz.TARGETS)
+    targets = args.targets or list(TARGETS)
     per_target = max(args.examples // len(targets), 1)
-    work = Path(tempfile.mkdtemp(prefix="ckptavg-fuzz-")) / "input.bin"
+    work = Path(tempfile.mkdtemp(prefix="ckptavg-fuzz-"))
     started = time.monotonic()
     counts: Counter[str] = Counter()
     findings: dict[str, tuple[str, bytes]] = {}
@@ -57,7 +70,8 @@ def main() -> int:
 
 def fuzz_target(name: str, examples: int, base_seed: int, work: Path, findings: dict[str, tuple[str, bytes]],
                 save: Path | None) -> int:
-    strategy = test_fuzz.TARGETS[name]()
+    make, check = TARGETS[name]
+    strategy = make()
     ran = 0
     last = b""
     for chunk in range(10**9):
@@ -74,7 +88,7 @@ def fuzz_target(name: str, examples: int, base_seed: int, work: Path, findings: 
             nonlocal ran, last
             ran += 1
             last = data
-            test_fuzz.check_file(data, work)
+            check(data, work)
 
         try:
             run()
@@ -104,7 +118,7 @@ def record(target: str, error: BaseException, data: bytes, findings: dict[str, t
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=50_000, help="total examples, split over the targets")
-    parser.add_argument("--targets", nargs="*", choices=list(test_fuzz.TARGETS), help="default: every target")
+    parser.add_argument("--targets", nargs="*", choices=list(TARGETS), help="default: every target")
     parser.add_argument("--seed", type=int, default=int(time.time()), help="base of the per-chunk seeds")
     parser.add_argument("--memory-gib", type=int, default=16, help="address-space cap (0: none)")
     parser.add_argument("--save", type=Path, help="folder for the shrunk input of each finding")

@@ -23,7 +23,7 @@ from .errors import BatchNormError, CheckpointFormatError, CkptavgError, Ckptavg
 from .layout import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout
 from .methods.base import Plan, Weights
 from .methods.uniform import Copy, Swa
-from .read.checkpoint import Checkpoint, LoadOptions, PathLike
+from .read.checkpoint import Checkpoint, LoadOptions, PathLike, check_unchanged
 from .read.describe import describe
 from .read.discover import find_checkpoints
 from .read.layouts import is_checkpoint_folder, open_checkpoint
@@ -267,6 +267,7 @@ def average(
         for out, metadata in zip(job.outputs, job.metadata, strict=True):
             opened.append(out.open(metadata))
         scores = produce(job, opened, progress)
+        check_unchanged(job.report.checkpoints)  # a file rewritten mid-run would mix two saves into the average
         for into in opened:  # before the rename: a file that fails never appears
             into.finish(write.verify, not write.allow_nonfinite)
         for into in opened:

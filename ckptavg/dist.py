@@ -28,7 +28,7 @@ from .bn import BatchNormOptions
 from .errors import CkptavgError, PlanError
 from .methods.base import Plan
 from .methods.uniform import Swa
-from .read.checkpoint import LoadOptions, PathLike
+from .read.checkpoint import LoadOptions, PathLike, check_unchanged
 from .reduce.stream import resolve_device
 from .results import AverageResult
 from .select import Selection
@@ -127,6 +127,7 @@ def average(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan 
                                                                                      strict=True) if o == ranks.rank]))
     try:  # finished temp files wait until every rank has finished its own, then are renamed
         agreed(ranks, lambda: api.produce(job, [into], progress))
+        agreed(ranks, lambda: check_unchanged(job.report.checkpoints))
         agreed(ranks, lambda: into.finish(write.verify, not write.allow_nonfinite))
         agreed(ranks, lambda: into.commit(lead=ranks.rank == 0))
     except BaseException:

@@ -20,10 +20,11 @@ from ckptavg.errors import CheckpointFormatError, OutputError
 from ckptavg.layout import DTYPE_NAMES, TensorSpec
 from ckptavg.read.checkpoint import LoadOptions
 from ckptavg.read.layouts import open_checkpoint
+from ckptavg.read.torch_extra import read_extra_metadata
 from ckptavg.write import torch_archive
 from ckptavg.write.outfile import TEMP_SUFFIX
 from ckptavg.write.torch_archive import Record, directory, plan_archive, state_dict_pickle
-from ckptavg.write.torch_file import TorchWriter, read_extra_metadata, verify_torch_file
+from ckptavg.write.torch_file import TorchWriter, verify_torch_file
 
 DTYPES = list(DTYPE_NAMES)
 SHAPES = [(), (0,), (2, 0, 3), (7,), (3, 5), (97, 1031)]

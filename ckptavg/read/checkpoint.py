@@ -7,13 +7,41 @@ with the place each value was read from.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import CheckpointFormatError
 from .lazy import LazyTensor
 from .metadata import Meta
 
 PathLike = str | os.PathLike[str]
+# What says a file is still the one that was opened: size, mtime_ns, ctime_ns, inode, device. ctime too: a copy
+# that restores the mtime (cp -p, rsync) over the same inode still moves it.
+Stamp = tuple[int, int, int, int, int]
+
+
+def stamp(path: Path) -> Stamp:
+    """The file's `Stamp` now; taken when a file is opened, before any of it is read."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise CheckpointFormatError(f"{path}: cannot read ({e.strerror}).") from None
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+
+
+def check_unchanged(ckpts: Iterable[Checkpoint]) -> None:
+    """Raise CheckpointFormatError for the first file of `ckpts` that was changed, replaced or removed since
+    it was opened: its tensors may then mix two saves. Call it after the last read, before the output is
+    committed."""
+    for ckpt in ckpts:
+        for path, before in ckpt.stamps.items():
+            try:
+                now: Stamp | None = stamp(path)
+            except CheckpointFormatError:
+                now = None
+            if now != before:
+                raise CheckpointFormatError(f"{path}: changed while being read; nothing was written.")
 
 
 @dataclass(frozen=True)
@@ -44,6 +72,7 @@ class Checkpoint:
     stripped_prefix: str = ""
     file_metadata: dict[str, str] = field(default_factory=dict)
     other_entries: list[str] = field(default_factory=list)
+    stamps: dict[Path, Stamp] = field(default_factory=dict)  # every file it was read from, as when opened
 
     @property
     def name(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointFormatError, first_line
+from .pickle_scan import scan
 from .safe_pickle import Refused, refusal
 
 
@@ -86,14 +88,15 @@ class _SafeUnpickler(pickle.Unpickler):
 def read_metadata(path: Path, trust_pickle: bool = False) -> Any:
     """Unpickle a DCP `.metadata` file, allowing only DCP's metadata classes unless `trust_pickle`."""
     try:
-        with open(path, "rb") as f:
-            if f.read(1) == b"{":
-                raise CheckpointFormatError(
-                    f"{path}: JSON metadata of HuggingFaceStorageWriter, not a .distcp checkpoint; "
-                    "pass its .safetensors files as inputs instead."
-                )
-            f.seek(0)
-            return pickle.load(f) if trust_pickle else _SafeUnpickler(f).load()
+        data = path.read_bytes()
+        if data[:1] == b"{":
+            raise CheckpointFormatError(
+                f"{path}: JSON metadata of HuggingFaceStorageWriter, not a .distcp checkpoint; "
+                "pass its .safetensors files as inputs instead."
+            )
+        scan(data)  # sizes and memo indices the C unpickler may trust (see pickle_scan)
+        f = io.BytesIO(data)
+        return pickle.load(f) if trust_pickle else _SafeUnpickler(f).load()
     except Refused as e:
         raise refusal(path, str(e), "DCP metadata needs only DCP's own classes; ") from None
     except CheckpointFormatError:

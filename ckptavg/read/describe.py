@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 from typing import Any
 
 from .checkpoint import Checkpoint
+from .sidecars import parse_provenance
 
 
 def describe(c: Checkpoint) -> dict[str, Any]:
@@ -23,12 +22,7 @@ def describe(c: Checkpoint) -> dict[str, Any]:
         ],
         "bytes": c.nbytes,
     }
-    meta = c.file_metadata
-    if "ckptavg_version" in meta:
-        with contextlib.suppress(json.JSONDecodeError):  # damaged provenance: show the raw metadata instead
-            info["ckptavg"] = {
-                "version": meta["ckptavg_version"], "method": meta.get("ckptavg_method"),
-                "params": json.loads(meta.get("ckptavg_params", "{}")), "order": meta.get("ckptavg_order"),
-                "inputs": json.loads(meta.get("ckptavg_inputs", "[]")),
-            }
+    provenance = parse_provenance(c.file_metadata)  # None when absent or damaged: the raw metadata is shown
+    if provenance is not None:
+        info["ckptavg"] = provenance
     return info

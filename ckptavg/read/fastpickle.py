@@ -9,7 +9,9 @@ falls back to torch's unpickler, so this path never changes what is accepted or 
 Nothing from the file can run code here: `find_class` answers only the names below, each mapped to
 a stand-in of ours or to a plain container type; every other global ends the fast path. Our stand-ins
 refuse pickle's BUILD (which would otherwise rewrite their fields, a tensor's file path included), and
-the result must consist of plain values only.
+the result must consist of plain values only. Before the C unpickler runs, `pickle_scan.scan` checks every
+opcode (only those torch's unpickler runs, sizes within the data, memo indices no pickler would exceed), and
+the result is mapped by `walk.rebuild`, so nesting and shared references cost what the pickle holds.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 import torch
 
 from .lazy import LazyTensor, lazy_view
+from .pickle_scan import TORCH_WEIGHTS_ONLY, scan
+from .walk import rebuild
 
 _QUANTIZED = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}
 _STORAGE_DTYPES = {  # torch.FloatStorage and the like, as torch.save names a storage's type
@@ -76,27 +80,40 @@ def load_plain(path: Path, pickled: bytes, prefix: str, records: dict[str, tuple
     """Unpickle `pickled` (the archive's data.pkl) with tensors as LazyTensors; None when it needs more
     than plain containers, numbers, strings and tensors. `records`: {record name: (start, size)}."""
     try:
-        return _plain(_Plain(io.BytesIO(pickled), path, prefix, records).load())
+        # only the opcodes torch's unpickler runs, with sizes the C unpickler may safely trust
+        scan(pickled, 0, TORCH_WEIGHTS_ONLY)
+        return rebuild(_Plain(io.BytesIO(pickled), path, prefix, records).load(), _children, _leaf, _build)[0]
     except Exception:  # noqa: BLE001 - any surprise, corrupt bytes included, is torch's unpickler's to judge
         return None
 
 
-def _plain(obj: Any) -> Any:
-    """`obj` with each tensor stand-in replaced by its LazyTensor; _NotPlain for anything but plain values."""
-    if isinstance(obj, _Tensor):
-        return obj.lazy
+def _children(obj: Any) -> list[Any] | None:
     if type(obj) in (dict, OrderedDict):
         if any(type(k) not in _PLAIN_LEAVES for k in obj):
             raise _NotPlain("dict key")
-        out = type(obj)((k, _plain(v)) for k, v in obj.items())
-        if getattr(obj, "__dict__", None):  # a state dict's _metadata, set by BUILD
-            out.__dict__.update({k: _plain(v) for k, v in vars(obj).items()})
-        return out
+        return list(obj.values())  # a state dict's _metadata (set by BUILD) is dropped, as torch's path drops it
     if type(obj) in (list, tuple):
-        return type(obj)(_plain(v) for v in obj)
+        return list(obj)
+    return None
+
+
+def _leaf(obj: Any) -> tuple[Any, bool]:
+    """Each tensor stand-in becomes its LazyTensor; anything but a plain value is _NotPlain."""
+    if isinstance(obj, _Tensor):
+        return obj.lazy, True
     if type(obj) in _PLAIN_LEAVES:
-        return obj
+        return obj, False
     raise _NotPlain(type(obj).__name__)
+
+
+def _build(obj: Any, results: list[tuple[Any, bool]]) -> Any:
+    values = [v for v, _ in results]
+    if isinstance(obj, dict):
+        for k, (_, held) in zip(obj, results, strict=False):
+            if held and isinstance(k, str) and not k.isascii():
+                k.encode("utf-8")  # a lone surrogate: torch's path refuses it with a message (UnicodeEncodeError)
+        return type(obj)(zip(obj, values, strict=True))
+    return type(obj)(values)
 
 
 class _Plain(pickle.Unpickler):

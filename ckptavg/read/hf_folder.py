@@ -3,17 +3,16 @@ with step, epoch, metrics and the logged learning rates from `trainer_state.json
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from ..errors import CheckpointFormatError
-from .checkpoint import Checkpoint, LoadOptions
+from ..errors import CheckpointFormatError, one_line
+from .checkpoint import Checkpoint, LoadOptions, Stamp, stamp
 from .files import open_file
 from .lazy import LazyTensor
 from .metadata import Meta, lr_history_from_trainer_state, meta_from_mapping, meta_from_name, metrics_from_trainer_state
 from .safetensors_file import sniff
+from .sidecars import parse_index, parse_trainer_state
 
 # Hugging Face folder layouts, most preferred first.
 HF_WEIGHT_FILES = (
@@ -28,52 +27,56 @@ def is_hf_folder(path: Path) -> bool:
 
 
 def open_hf_folder(path: Path, options: LoadOptions) -> Checkpoint:
+    """Open a Hugging Face checkpoint folder lazily: its weights (one file, or shards through an index) and
+    the step, epoch and metrics of its trainer_state.json; every sidecar is checked (see sidecars)."""
     weights = next(path / n for n in HF_WEIGHT_FILES if (path / n).is_file())
+    stamps = {weights: stamp(weights)}
     if weights.name.endswith(".index.json"):
-        tensors = _read_sharded(path, weights, options)
+        tensors = _read_sharded(path, weights, options, stamps)
         fmt = "hf-folder (sharded " + ("safetensors)" if "safetensors" in weights.name else "torch)")
     else:
         fmt_inner = sniff(weights)
         if fmt_inner is None:
             raise CheckpointFormatError(f"{weights}: not a checkpoint file.")
-        tensors = open_file(weights, fmt_inner, options).tensors
+        inner = open_file(weights, fmt_inner, options)
+        tensors, stamps = inner.tensors, inner.stamps
         fmt = f"hf-folder ({fmt_inner})"
     meta = Meta()
     state = path / "trainer_state.json"
     if state.is_file():
-        data = _read_json(state)
-        meta = meta_from_mapping({k: v for k, v in data.items() if k in ("global_step", "epoch")}, "trainer_state.json")
+        stamps[state] = stamp(state)
+        data = parse_trainer_state(state)
+        meta = meta_from_mapping(data, "trainer_state.json", state)
         meta = replace(meta, metrics=metrics_from_trainer_state(data)).fill(lr_history_from_trainer_state(data))
     meta = meta.fill(meta_from_name(path.name, folder=True))
-    return Checkpoint(path, fmt, tensors, weights.name, meta)
+    return Checkpoint(path, fmt, tensors, weights.name, meta, stamps=stamps)
 
 
-def _read_sharded(folder: Path, index: Path, options: LoadOptions) -> dict[str, LazyTensor]:
-    weight_map = _read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointFormatError(f"{index}: has no 'weight_map'.")
+def _read_sharded(folder: Path, index: Path, options: LoadOptions, stamps: dict[Path, Stamp]) -> dict[str, LazyTensor]:
+    weight_map = parse_index(folder, index)
     shards: dict[str, dict[str, LazyTensor]] = {}
     tensors: dict[str, LazyTensor] = {}
     for key, shard in weight_map.items():
         if shard not in shards:
             shard_path = folder / shard
-            if not shard_path.is_file():
-                raise CheckpointFormatError(f"{index}: names shard '{shard}', which is missing.")
+            if not _is_file(shard_path):
+                raise CheckpointFormatError(f"{index}: names shard '{one_line(shard, 120)}', which is missing.")
             fmt = sniff(shard_path)
             if fmt is None:
                 raise CheckpointFormatError(f"{shard_path}: not a checkpoint file.")
-            shards[shard] = open_file(shard_path, fmt, LoadOptions(trust_pickle=options.trust_pickle)).tensors
+            opened = open_file(shard_path, fmt, LoadOptions(trust_pickle=options.trust_pickle))
+            shards[shard] = opened.tensors
+            stamps.update(opened.stamps)
         if key not in shards[shard]:
-            raise CheckpointFormatError(f"{index}: says '{key}' is in '{shard}', but it is not there.")
+            raise CheckpointFormatError(
+                f"{index}: says '{one_line(key, 120)}' is in '{one_line(shard, 120)}', but it is not there."
+            )
         tensors[key] = shards[shard][key]
     return tensors
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _is_file(path: Path) -> bool:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointFormatError(f"{path}: unreadable JSON ({e}).") from None
-    if not isinstance(data, dict):
-        raise CheckpointFormatError(f"{path}: expected a JSON object.")
-    return data
+        return path.is_file()
+    except OSError:  # Path.is_file answers False only for some errors: a name past NAME_MAX raises
+        return False

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import CheckpointFormatError
+from ..errors import CheckpointFormatError, one_line
 from .checkpoint import Checkpoint, LoadOptions, PathLike
 from .dcp import is_dcp_folder, open_dcp_folder
 from .files import open_file
 from .hf_folder import is_hf_folder, open_hf_folder
+from .lazy import LazyTensor
 from .locate import strip_prefixes
 from .safetensors_file import sniff
 
@@ -46,4 +47,25 @@ def open_checkpoint(path: PathLike, options: LoadOptions = LoadOptions()) -> Che
         raise CheckpointFormatError(f"{path}: holds no tensors.")
     if not options.keep_prefix:
         ckpt.tensors, ckpt.stripped_prefix = strip_prefixes(ckpt.tensors)
+    _check_names(path, ckpt.tensors, ckpt.stripped_prefix)
     return ckpt
+
+
+def _check_names(path: Path, tensors: dict[str, LazyTensor], stripped: str) -> None:
+    """Names every output format can hold: valid Unicode (safetensors headers are UTF-8 JSON), and not
+    safetensors' reserved `__metadata__`, which would make the output unreadable."""
+    if "__metadata__" in tensors:
+        if stripped:
+            raise CheckpointFormatError(
+                f"{path}: without its prefix '{stripped}' a tensor is named '__metadata__', which safetensors "
+                "reserves for file metadata; pass keep_prefix, or rename it in the checkpoint.", params=("keep_prefix",)
+            )
+        raise CheckpointFormatError(
+            f"{path}: a tensor is named '__metadata__', which safetensors reserves for file metadata; "
+            "rename it in the checkpoint."
+        )
+    for name in tensors:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CheckpointFormatError(f"{path}: a tensor name is not valid Unicode ('{one_line(name, 120)}').") from None

@@ -6,6 +6,7 @@ asked for, so memory does not grow with the number or size of the inputs.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,9 +74,45 @@ class LazyTensor:
         return flat.as_strided(self.shape, self.stride).clone()
 
 
+# torch sizes, strides and element counts are int64; checks use Python's exact integers, so nothing wraps.
+MAX_INT64 = 2**63 - 1
+# A view that repeats elements (a stride of 0, overlapping rows) is materialised to be averaged; beyond this
+# many bytes, and more than the storage it reads, it is refused rather than grown from a few bytes of file.
+MAX_REPEATED_BYTES = 64 * 1024 * 1024
+
+
+def check_view(path: Path, dtype: torch.dtype, shape: tuple[int, ...], stride: tuple[int, ...]) -> None:
+    """Refuse a view torch could not hold (sizes or strides past int64, element count past int64 even with a
+    0 among the sizes), or one that repeats a few stored elements into a huge tensor."""
+    if len(shape) != len(stride) or any(not 0 <= v <= MAX_INT64 for v in (*shape, *stride)):
+        raise CheckpointFormatError(
+            f"{path}: a tensor has shape {_short(shape)} and strides {_short(stride)}, which torch cannot hold; "
+            "the file is corrupt."
+        )
+    count = 1
+    for s in shape:
+        count *= max(s, 1)
+    if count > MAX_INT64:
+        raise CheckpointFormatError(f"{path}: a tensor has shape {_short(shape)}, too large for a tensor; the file is corrupt.")
+    numel = math.prod(shape)
+    span = sum((s - 1) * st for s, st in zip(shape, stride, strict=True)) + 1 if numel else 0
+    if numel > span and numel * dtype.itemsize > MAX_REPEATED_BYTES:
+        raise CheckpointFormatError(
+            f"{path}: a tensor of shape {_short(shape)} repeats {span} stored elements (strides {_short(stride)}) "
+            f"into {numel * dtype.itemsize} bytes; save it with .contiguous() (or .clone()) first."
+        )
+
+
+def _short(values: tuple[int, ...]) -> str:
+    text = "[" + ", ".join(map(str, values[:8])) + (", ...]" if len(values) > 8 else "]")
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 def lazy_view(path: Path, dtype: torch.dtype, shape: tuple[int, ...], stride: tuple[int, ...], start: int) -> LazyTensor:
     """A LazyTensor for a view whose first element lies at byte `start`: plain when the view is contiguous
-    (any range of it can then be read with pread), else with its strides and the span of storage it covers."""
+    (any range of it can then be read with pread), else with its strides and the span of storage it covers.
+    Raises CheckpointFormatError for a view `check_view` refuses."""
+    check_view(path, dtype, shape, stride)
     if _contiguous(shape, stride):
         return LazyTensor(path, dtype, shape, start)
     last = sum((s - 1) * st for s, st in zip(shape, stride, strict=True) if s > 0)
@@ -114,8 +151,9 @@ def pread_exact(fd: int, path: Path, offset: int, view: memoryview) -> None:
         except OSError as e:
             raise CheckpointFormatError(f"{path}: cannot read ({e.strerror}).") from None
         if n == 0:
+            # every offset was checked against the file's size when it was opened: it has shrunk since
             raise CheckpointFormatError(
-                f"{path}: file is truncated (needed {want} bytes at offset {offset}, "
-                f"found {done}); re-copy or re-save the checkpoint."
+                f"{path}: file is truncated: changed while being read (needed {want} bytes at offset {offset}, "
+                f"found {done}); nothing was written."
             )
         done += n

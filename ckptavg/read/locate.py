@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import CheckpointFormatError, CkptavgWarning, listing
+from ..errors import CheckpointFormatError, CkptavgWarning, listing, one_line
 from .lazy import LazyTensor
 
 # Where the weights usually hide inside training checkpoints, in the order we look.
@@ -23,19 +23,20 @@ def locate_weights(path: Path, obj: Any, key: str | None) -> tuple[dict[str, Laz
     top-level entries (for `inspect`).
     """
     top = obj if isinstance(obj, dict) else {}
+    holds = TensorFinder()
     if key is not None:
         node = _walk(path, obj, key)
-        tensors = dict(flatten(node))
+        tensors = flatten(path, node, holds)
         if not tensors:
-            raise CheckpointFormatError(f"{path}: '{key}' holds no tensors.")
-        return tensors, key, [k for k in map(str, top) if k != key.split(".")[0]]
+            raise CheckpointFormatError(f"{path}: '{one_line(key, 120)}' holds no tensors.")
+        return tensors, key, [t for t in map(_key_text, top) if t != key.split(".")[0]]
     if not isinstance(obj, dict):
         raise CheckpointFormatError(
             f"{path}: holds a {type(obj).__name__}, not a dict of tensors; save model.state_dict() instead."
         )
     for name in WEIGHT_KEYS:
         if isinstance(obj.get(name), dict):
-            tensors = dict(flatten(obj[name]))
+            tensors = flatten(path, obj[name], holds)
             if tensors:
                 if name == "state_dict" and "current_model_state" in obj:
                     warnings.warn(
@@ -44,37 +45,115 @@ def locate_weights(path: Path, obj: Any, key: str | None) -> tuple[dict[str, Laz
                         CkptavgWarning,
                         stacklevel=2,
                     )
-                return tensors, name, [str(k) for k in obj if k != name]
-    tensors = dict(flatten(obj))
+                return tensors, name, [_key_text(k) for k in obj if k != name]
+    tensors = flatten(path, obj, holds)
     if not tensors:
-        keys = ", ".join(map(str, list(obj)[:12])) or "none"
+        keys = one_line(", ".join(map(_key_text, list(obj)[:12])), 300) or "none"
         raise CheckpointFormatError(
             f"{path}: no tensors found (top-level keys: {keys}); pass --key to say where the weights are."
         )
-    return tensors, "(top level)", [str(k) for k, v in obj.items() if not _holds_tensors(v)]
+    return tensors, "(top level)", [_key_text(k) for k, v in obj.items() if not holds(v)]
 
 
 def _walk(path: Path, obj: Any, key: str) -> Any:
     node = obj
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            have = ", ".join(map(str, list(node)[:12])) if isinstance(node, dict) else type(node).__name__
-            raise CheckpointFormatError(f"{path}: no entry '{key}' (at '{part}', found: {have}).")
+            have = ", ".join(map(_key_text, list(node)[:12])) if isinstance(node, dict) else type(node).__name__
+            raise CheckpointFormatError(
+                f"{path}: no entry '{one_line(key, 120)}' (at '{one_line(part, 120)}', found: {one_line(have, 300)})."
+            )
         node = node[part]
     return node
 
 
-def flatten(node: Any, prefix: str = "") -> Iterable[tuple[str, LazyTensor]]:
-    """Yield (dotted name, tensor) for every tensor in nested dicts; other leaves are skipped."""
-    if isinstance(node, LazyTensor):
-        yield prefix, node
-    elif isinstance(node, dict):
-        for k, v in node.items():
-            yield from flatten(v, f"{prefix}.{k}" if prefix else str(k))
+class TensorFinder:
+    """Whether a node holds a tensor in its nested dicts, each dict judged once (shared ones included)."""
+
+    def __init__(self) -> None:
+        self._memo: dict[int, bool] = {}
+
+    def __call__(self, node: Any) -> bool:
+        if isinstance(node, LazyTensor):
+            return True
+        if not isinstance(node, dict):
+            return False
+        active: set[int] = set()  # a dict that holds itself (through others) adds nothing to its own answer
+        stack: list[tuple[dict[Any, Any], bool]] = [(node, False)]
+        while stack:
+            d, expanded = stack.pop()
+            if id(d) in self._memo:
+                continue
+            if expanded:
+                active.discard(id(d))
+                self._memo[id(d)] = any(isinstance(v, LazyTensor) or self._memo.get(id(v), False) for v in d.values())
+                continue
+            active.add(id(d))
+            stack.append((d, True))
+            stack.extend((v, False) for v in d.values()
+                         if isinstance(v, dict) and id(v) not in self._memo and id(v) not in active)
+        return self._memo[id(node)]
 
 
-def _holds_tensors(node: Any) -> bool:
-    return next(iter(flatten(node)), None) is not None
+# Dicts holding tensors nested deeper than this are refused (real checkpoints nest a few levels).
+MAX_DEPTH = 1000
+# A sub-dict referred to from several places is flattened once per reference; more visits than this many
+# per distinct dict, plus an allowance, can only come from shared references nested in shared references,
+# which multiply (2**45 names from a 2 KiB pickle).
+_VISITS_PER_NODE = 4
+_VISIT_ALLOWANCE = 100_000
+
+
+def flatten(path: Path, node: Any, holds: TensorFinder | None = None) -> dict[str, LazyTensor]:
+    """Every tensor in nested dicts by dotted name, in order; other leaves are skipped.
+
+    Raises CheckpointFormatError when two entries give the same name (``{"a.b": t, "a": {"b": u}}``), for
+    dicts nested past MAX_DEPTH, and for shared references that multiply the names past any real checkpoint.
+    """
+    holds = holds or TensorFinder()
+    out: dict[str, LazyTensor] = {}
+    origin: dict[str, tuple[str, ...]] = {}
+    seen: set[int] = set()
+    visits = 0
+    stack: list[tuple[tuple[str, ...], Any]] = [((), node)]
+    while stack:
+        keys, n = stack.pop()
+        visits += 1
+        seen.add(id(n))
+        if visits > _VISITS_PER_NODE * len(seen) + _VISIT_ALLOWANCE:
+            raise CheckpointFormatError(
+                f"{path}: the same entries are referred to from so many places, references nested in references, "
+                "that the tensor names would not fit in memory; the file is corrupt or crafted."
+            )
+        if isinstance(n, LazyTensor):
+            name = ".".join(keys)
+            if name in out:
+                raise CheckpointFormatError(
+                    f"{path}: entries {_origin(origin[name])} and {_origin(keys)} both give the tensor name "
+                    f"'{one_line(name, 120)}'; rename one of them."
+                )
+            out[name], origin[name] = n, keys
+        elif isinstance(n, dict) and holds(n):
+            if len(keys) >= MAX_DEPTH:
+                raise CheckpointFormatError(
+                    f"{path}: tensors are nested more than {MAX_DEPTH} dicts deep; the file is corrupt or crafted."
+                )
+            stack.extend((keys + (_key_text(k),), v) for k, v in reversed(n.items()))
+    return out
+
+
+def _key_text(key: Any) -> str:
+    """A dict key as part of a dotted name (an integer key of a ModuleList gives '0')."""
+    if isinstance(key, str):
+        return key
+    try:
+        return str(key)
+    except ValueError:  # an integer past Python's digit limit
+        return f"<integer of {key.bit_length() if isinstance(key, int) else '?'} bits>"
+
+
+def _origin(keys: tuple[str, ...]) -> str:
+    return one_line(" > ".join(f"'{k}'" for k in keys), 160) if keys else "(top level)"
 
 
 def select_prefix(path: Path, tensors: Mapping[str, T], key: str, tops: Sequence[str] | None = None) -> dict[str, T]:

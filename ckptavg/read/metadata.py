@@ -7,8 +7,10 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
+from ..errors import CheckpointFormatError
 from .lazy import LazyTensor
 
 STEP_KEYS = ("global_step", "step", "num_updates", "iteration")
@@ -87,7 +89,13 @@ class Meta:
         return out
 
 
+# Steps and epochs beyond this are refused: no run takes 2**63 steps, and larger values overflow int64 and
+# float conversions downstream.
+MAX_COUNT = 2**63 - 1
+
+
 def _number(value: Any) -> Number | None:
+    """A finite int or float, or None; ints too large for a float are None (a seed, a hash: not a metric)."""
     if isinstance(value, LazyTensor):
         if value.numel != 1 or value.dtype.is_complex:
             return None
@@ -100,27 +108,50 @@ def _number(value: Any) -> Number | None:
         except ValueError:
             return None
     if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value == value:  # not NaN
+        return value if value.bit_length() <= 1000 else None
+    if isinstance(value, float) and math.isfinite(value):
         return int(value) if value.is_integer() else value
     return None
 
 
-def meta_from_mapping(obj: Mapping[Any, Any], source: str) -> Meta:
-    """Read step and epoch from the top level of a checkpoint dict or trainer_state.json."""
+def _finite(value: Number) -> float | None:
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
+def meta_from_mapping(obj: Mapping[Any, Any], source: str, path: Path | None = None) -> Meta:
+    """Read step and epoch from the top level of a checkpoint dict or trainer_state.json (`path`: the file,
+    for messages). A step or epoch past MAX_COUNT is a CheckpointFormatError."""
     step = epoch = None
     step_src = epoch_src = None
     for key in STEP_KEYS:
         n = _number(obj.get(key))
         if isinstance(n, int) and n >= 0:
+            _count(n, path, source, key)
             step, step_src = n, f"{source} '{key}'"
             break
     for key in EPOCH_KEYS:
         n = _number(obj.get(key))
         if n is not None and n >= 0:
-            epoch, epoch_src = n, f"{source} '{key}'"
+            epoch, epoch_src = _count(n, path, source, key), f"{source} '{key}'"
             break
     return Meta(step, step_src, epoch, epoch_src, _numeric_entries(obj, source))
+
+
+def _count(n: Number, path: Path | None, source: str, key: str) -> Number:
+    if n > MAX_COUNT:
+        where = f"{path}: " if path is not None else ""
+        raise CheckpointFormatError(
+            f"{where}{source} '{key}' is {_digits(n)}, too large for a step or epoch; fix or remove that entry."
+        )
+    return n
+
+
+def _digits(n: Number) -> str:
+    text = f"{n:.3g}" if isinstance(n, float) else (str(n) if n.bit_length() < 200 else f"a {len(str(n))}-digit number")
+    return text
 
 
 def _numeric_entries(obj: Mapping[Any, Any], source: str) -> dict[str, tuple[float, str]]:
@@ -130,8 +161,9 @@ def _numeric_entries(obj: Mapping[Any, Any], source: str) -> dict[str, tuple[flo
         # tensors at the top level are weights of a bare state dict, never metrics
         if isinstance(k, str) and k not in skip and not isinstance(v, dict | list | LazyTensor):
             n = _number(v)
-            if n is not None:
-                found[k] = (float(n), f"{source} '{k}'")
+            f = _finite(n) if n is not None else None
+            if f is not None:
+                found[k] = (f, f"{source} '{k}'")
     return found
 
 
@@ -149,8 +181,9 @@ def metrics_from_checkpoint(obj: Mapping[Any, Any], file_name: str) -> dict[str,
         if score is None and isinstance(state.get("best_k_models"), dict):
             score = next((_number(v) for k, v in state["best_k_models"].items()
                           if str(k).replace("\\", "/").rsplit("/", 1)[-1] == file_name), None)
-        if score is not None:
-            found[state["monitor"]] = (float(score), "Lightning ModelCheckpoint")
+        value = _finite(score) if score is not None else None
+        if value is not None:
+            found[state["monitor"]] = (value, "Lightning ModelCheckpoint")
     return found
 
 
@@ -247,8 +280,8 @@ def meta_from_name(name: str, folder: bool = False) -> Meta:
     if m is None:
         m = next((found for p in _STEP_NAME if (found := p.search(name))), None)
     e = next((found for p in _EPOCH_NAME if (found := p.search(name))), None)
-    step = int(m.group(1)) if m else None
-    epoch = int(e.group(1)) if e else None
+    step = int(m.group(1)) if m and len(m.group(1)) < 19 else None  # longer digit runs are no step (a hash?)
+    epoch = int(e.group(1)) if e and len(e.group(1)) < 19 else None
     metrics = {k: (float(v), "file name") for k, v in _NAME_METRIC.findall(name)
-               if k.lower() not in ("step", "global_step", "epoch", "iter", "iteration")}
-    return Meta(step, "file name" if m else None, epoch, "file name" if e else None, metrics)
+               if k.lower() not in ("step", "global_step", "epoch", "iter", "iteration") and math.isfinite(float(v))}
+    return Meta(step, "file name" if step is not None else None, epoch, "file name" if epoch is not None else None, metrics)

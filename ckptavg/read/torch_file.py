@@ -4,24 +4,26 @@ only the structure is read and each tensor becomes a LazyTensor pointing at its 
 from __future__ import annotations
 
 import argparse
-import os
+import mmap
 import pickle
 import re
-import struct
 import warnings
-import zipfile
+import zipfile  # noqa: F401 - tests/test_fastpickle.py reaches zipfile through this module
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import CheckpointFormatError, CkptavgWarning, first_line
+from ..errors import CheckpointFormatError, CkptavgWarning, first_line, one_line
 from .fastpickle import load_plain
-from .lazy import LazyTensor, lazy_view
+from .lazy import LazyTensor, check_view, lazy_view
+from .pickle_scan import TORCH_WEIGHTS_ONLY, BadPickle, scan
 from .safe_pickle import refusal
+from .torch_zip import _data_records as _data_records  # tests check records with it
+from .torch_zip import check_torch_zip
+from .walk import Cycle, rebuild
 
 
 class _AttributeDict(dict):  # type: ignore[type-arg]
@@ -40,12 +42,13 @@ _SAFE_EXTRAS: list[Any] = [
 def load_torch(path: Path, fmt: str, trust_pickle: bool) -> Any:
     """Unpickle a torch checkpoint; zip archives come back with lazy tensors (no data read)."""
     lazy = fmt == "torch-zip"
-    archive = _check_torch_zip(path) if lazy else None
+    archive = check_torch_zip(path) if lazy else None
     if archive is not None and not trust_pickle:
         plain = load_plain(path, archive.pickled, archive.prefix, archive.records)
         if plain is not None:  # the common case, read by the C unpickler; anything else goes to torch's
-            return _lazify(path, plain, _eager)[0]
+            return plain
     records = {start: size for start, size in archive.records.values()} if archive else {}
+    _scan_pickles(path, archive.pickled if archive else None, None if trust_pickle else TORCH_WEIGHTS_ONLY)
     try:
         # An open file, not a path: torch.load hands paths ending in .safetensors to safetensors.
         with open(path, "rb") as f, warnings.catch_warnings(), torch.serialization.safe_globals(_SAFE_EXTRAS):
@@ -55,7 +58,7 @@ def load_torch(path: Path, fmt: str, trust_pickle: bool) -> Any:
         m = re.search(r"GLOBAL ([\w.]+)", str(e))
         if m and not trust_pickle:
             raise refusal(path, m.group(1)) from None
-        raise CheckpointFormatError(f"{path}: cannot unpickle ({first_line(e)}).") from None
+        raise CheckpointFormatError(f"{path}: cannot unpickle ({_torch_reason(e)}); the file is corrupt.") from None
     except (ImportError, AttributeError) as e:
         raise CheckpointFormatError(
             f"{path}: unpickling needs code that is not importable here ({first_line(e)})."
@@ -64,7 +67,8 @@ def load_torch(path: Path, fmt: str, trust_pickle: bool) -> Any:
         raise
     except Exception as e:  # noqa: BLE001 - torch's loaders raise many types on corrupt bytes
         raise CheckpointFormatError(
-            f"{path}: unreadable torch checkpoint ({type(e).__name__}: {first_line(e)}); the file may be truncated."
+            f"{path}: unreadable torch checkpoint ({type(e).__name__}: {one_line(first_line(e), 200)}); the file is "
+            "corrupt or truncated."
         ) from None
     if not lazy:
         _check_legacy_storages(path)
@@ -75,6 +79,31 @@ def load_torch(path: Path, fmt: str, trust_pickle: bool) -> Any:
             stacklevel=2,
         )
     return _lazify(path, obj, partial(_lazy_from_meta, records) if lazy else _eager)[0]
+
+
+def _scan_pickles(path: Path, pickled: bytes | None, allowed: frozenset[int] | None) -> None:
+    """Check the pickles' opcodes before any unpickler reads them (see pickle_scan): an archive's data.pkl,
+    or the five pickles that open a legacy file (magic number, protocol, system info, object, storage keys)."""
+    try:
+        if pickled is not None:
+            scan(pickled, 0, allowed)
+            return
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            at = 0
+            for _ in range(5):
+                at = scan(data, at, allowed)
+    except BadPickle as e:
+        raise CheckpointFormatError(f"{path}: not a pickle torch.save writes ({e}); the file is corrupt.") from None
+    except (OSError, ValueError) as e:  # ValueError: mmap of an empty file (it shrank since it was sniffed)
+        raise CheckpointFormatError(f"{path}: cannot read ({first_line(e)}).") from None
+
+
+def _torch_reason(e: BaseException) -> str:
+    """The line of torch's weights-only refusal that says what was refused (its first is the same for all)."""
+    text = str(e)
+    _, found, rest = text.partition("WeightsUnpickler error:")
+    lines = [ln.strip() for ln in rest.splitlines() if ln.strip()] if found else []
+    return one_line(lines[0] if lines else first_line(e), 200)
 
 
 class _Anything:
@@ -149,105 +178,42 @@ def _check_legacy_storages(path: Path) -> None:
             )
 
 
-# A compressed record that inflates to more than this is refused (torch never compresses; a "zip bomb" would).
-MAX_INFLATED_BYTES = 256 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class _Archive:
-    records: dict[str, tuple[int, int]]  # tensor data record name: (byte offset in the file, size)
-    pickled: bytes  # data.pkl
-    prefix: str  # the archive's top folder, "archive/" for torch.save
-
-
-def _check_torch_zip(path: Path) -> _Archive:
-    """Check the archive's directory; return where each tensor data record lies, and the pickle."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-            _check_compression(path, z.infolist())
-            if any(n.endswith("/constants.pkl") for n in names):
-                raise CheckpointFormatError(
-                    f"{path}: this is a TorchScript archive; save the model's state_dict() instead."
-                )
-            pickles = [n for n in names if n.endswith("/data.pkl")]
-            if not pickles:
-                raise CheckpointFormatError(f"{path}: zip file without data.pkl, not a torch checkpoint.")
-            order = [n for n in names if n.endswith("/byteorder")]
-            if order and z.read(order[0]).strip() != b"little":
-                raise CheckpointFormatError(
-                    f"{path}: big-endian torch checkpoints are not supported; re-save on a little-endian machine."
-                )
-            return _Archive(_data_records(path, z.infolist()), z.read(pickles[0]), pickles[0][: -len("data.pkl")])
-    except CheckpointFormatError:  # a ValueError too: keep the message as it is
-        raise
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as e:
-        # ValueError/EOFError/NotImplementedError: zipfile's answers to corrupt fields and unknown compressions;
-        # RuntimeError: a record flagged as encrypted (found by fuzzing)
-        raise CheckpointFormatError(f"{path}: broken zip archive ({e}); the file may be truncated.") from None
-
-
-def _check_compression(path: Path, infos: list[zipfile.ZipInfo]) -> None:
-    for info in infos:
-        if info.compress_type == zipfile.ZIP_STORED:
-            continue
-        if "/data/" in info.filename:  # tensors are read in place with pread: compressed bytes would be garbage
-            raise CheckpointFormatError(
-                f"{path}: tensor data is compressed in the archive ('{info.filename}'); re-save it with torch.save."
-            )
-        if info.file_size > MAX_INFLATED_BYTES:
-            raise CheckpointFormatError(
-                f"{path}: '{info.filename}' would inflate to {info.file_size} bytes; refusing a likely zip bomb."
-            )
-
-
-def _data_records(path: Path, infos: list[zipfile.ZipInfo]) -> dict[str, tuple[int, int]]:
-    """Where each tensor record's bytes start (after its local header), and how many there are.
-
-    torch (on the meta device) computes each storage's offset from the sizes declared in the pickle; a
-    corrupt or hand-made archive can make those point anywhere, so they are checked against these.
-    """
-    size = path.stat().st_size
-    records: dict[str, tuple[int, int]] = {}
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for info in infos:
-            if not re.fullmatch(r"[^/]+/data/\d+", info.filename):
-                continue
-            if info.external_attr & 0x10:  # the MS-DOS directory bit: torch's reader then returns no bytes
-                raise CheckpointFormatError(f"{path}: broken zip archive ('{info.filename}' is marked as a directory).")
-            local = os.pread(fd, 30, info.header_offset)
-            if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                raise CheckpointFormatError(f"{path}: broken zip archive (bad local header of '{info.filename}').")
-            name_len, extra_len = struct.unpack("<HH", local[26:30])
-            start = info.header_offset + 30 + name_len + extra_len
-            if start + info.file_size > size:
-                raise CheckpointFormatError(
-                    f"{path}: record '{info.filename}' ends past the end of the file; the file is truncated."
-                )
-            records[info.filename] = (start, info.file_size)
-    finally:
-        os.close(fd)
-    return records
-
-
 def _lazify(path: Path, obj: Any, wrap: Callable[[Path, torch.Tensor], LazyTensor]) -> tuple[Any, bool]:
     """Replace every tensor in an unpickled checkpoint by a LazyTensor made by `wrap`; also say whether
-    `obj` held any tensor."""
-    if isinstance(obj, torch.Tensor):
-        return wrap(path, obj), True
-    if isinstance(obj, LazyTensor):  # from the fast path
-        return obj, True
-    if isinstance(obj, dict):  # dict, OrderedDict and dict subclasses rebuild from pairs
-        pairs = [(k, *_lazify(path, v, wrap)) for k, v in obj.items()]
-        for k, _, held in pairs:
-            if held and isinstance(k, str):
-                _check_name(path, k)
-        return type(obj)((k, v) for k, v, _ in pairs), any(held for *_, held in pairs)
-    if isinstance(obj, list | tuple) and not hasattr(obj, "_fields"):
-        items = [_lazify(path, v, wrap) for v in obj]
-        return type(obj)(v for v, _ in items), any(held for _, held in items)
-    return obj, False
+    `obj` held any tensor. Shared references stay shared: each tensor and container is mapped once."""
+
+    def leaf(node: Any) -> tuple[Any, bool]:
+        if isinstance(node, torch.Tensor):
+            return wrap(path, node), True
+        return node, isinstance(node, LazyTensor)  # a LazyTensor comes from the fast path
+
+    def build(node: Any, results: list[tuple[Any, bool]]) -> Any:
+        values = [v for v, _ in results]
+        if isinstance(node, dict):  # dict, OrderedDict and dict subclasses rebuild from pairs
+            for k, (_, held) in zip(node, results, strict=True):
+                if held and isinstance(k, str):
+                    _check_name(path, k)
+            try:
+                return type(node)(zip(node, values, strict=True))
+            except TypeError:  # a subclass that is not built from pairs (defaultdict): a plain dict will do
+                return dict(zip(node, values, strict=True))
+        return type(node)(values)
+
+    try:
+        return rebuild(obj, _children, leaf, build)
+    except Cycle:
+        raise CheckpointFormatError(
+            f"{path}: the pickle holds a container that contains itself, which torch.save never writes; "
+            "the file is corrupt or crafted."
+        ) from None
+
+
+def _children(node: Any) -> list[Any] | None:
+    if isinstance(node, dict):
+        return list(node.values())
+    if isinstance(node, list | tuple) and not hasattr(node, "_fields"):
+        return list(node)
+    return None
 
 
 def _check_name(path: Path, key: str) -> None:
@@ -262,6 +228,7 @@ def _check_name(path: Path, key: str) -> None:
 def _eager(path: Path, t: torch.Tensor) -> LazyTensor:
     if t.layout != torch.strided or t.is_quantized:
         raise CheckpointFormatError(f"{path}: sparse or quantized tensors are not supported.")
+    check_view(path, t.dtype, tuple(t.shape), tuple(t.stride()))
     return LazyTensor(path, t.dtype, tuple(t.shape), eager=t.detach())
 
 

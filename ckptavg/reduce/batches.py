@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import resource
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -18,38 +19,71 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointFormatError
 from ..layout import Sink, TensorSpec, byte_view
 from ..read.checkpoint import Checkpoint
 from ..read.lazy import LazyTensor, pread_exact
 from .tensor import uniform_divisor
 
 POOL_BUFFERS = 3  # read-ahead depth, in buffers of one checkpoint's block each (3 and 4 measure the same)
-MAX_OPEN_FILES = 256
+MAX_OPEN_FILES = 256  # per pool
+FD_HEADROOM = 64  # descriptors left to everything but the pools (at least; a quarter of the limit when larger)
 
 WeightsFor = Callable[[TensorSpec], Sequence[float]]
 RowsFor = Callable[[TensorSpec], Sequence[Sequence[float]]]  # one weight per checkpoint, for each output row
 
 
+def open_file_budget() -> int:
+    """How many files all FileHandles pools together may hold open: the process's soft RLIMIT_NOFILE less
+    headroom for everything else (the output, torch, Python, the terminal), and never over MAX_OPEN_FILES
+    per pool times a few pools."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(4, min(soft - max(FD_HEADROOM, soft // 4), 4 * MAX_OPEN_FILES))
+
+
 class FileHandles:
-    """Open files once and keep them open (up to MAX_OPEN_FILES, least recently used closed first)."""
+    """Open files once and keep them open, least recently used closed first.
+
+    Every pool of the process (one per reader thread) draws on one budget, `open_file_budget()`, so
+    thousands of inputs work under a low open-file limit (``ulimit -n 256``, macOS's default): past the
+    budget, a pool closes its own oldest file before opening another. A pool always keeps at least the
+    file it is reading, so the total is at most the budget plus one per pool.
+    """
+
+    _lock = threading.Lock()
+    _open_total = 0  # files held by every pool of the process
 
     def __init__(self, limit: int = MAX_OPEN_FILES) -> None:
         self._fds: OrderedDict[Path, int] = OrderedDict()
         self._limit = limit
+        self._budget = open_file_budget()
 
     def fd(self, path: Path) -> int:
+        """An open descriptor of `path` (opened now, or kept from before)."""
         fd = self._fds.get(path)
         if fd is None:
-            if len(self._fds) >= self._limit:
-                os.close(self._fds.popitem(last=False)[1])
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            with FileHandles._lock:
+                while self._fds and (len(self._fds) >= self._limit or FileHandles._open_total >= self._budget):
+                    os.close(self._fds.popitem(last=False)[1])
+                    FileHandles._open_total -= 1
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as e:
+                    raise CheckpointFormatError(f"{path}: cannot open ({e.strerror}).") from None
+                self._fds[path] = fd
+                FileHandles._open_total += 1
         self._fds.move_to_end(path)
         return fd
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        """Close every file of this pool."""
+        with FileHandles._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            FileHandles._open_total -= len(self._fds)
+            self._fds.clear()
 
 
 @dataclass(frozen=True)
