@@ -276,7 +276,7 @@ NAME_CASES: dict[str, tuple[Build, list[str], list[str]]] = {  # build, message 
     "tensor-named-metadata-legacy": (_saved("meta_name_legacy.pt", lambda: {"__metadata__": torch.ones(2)}, True),
                                      ["meta_name_legacy.pt", "'__metadata__'"], []),
     "metadata-after-prefix": (_saved("meta_prefix.pt", lambda: {"module.__metadata__": torch.ones(2), "module.w": torch.ones(2)}),
-                              ["meta_prefix.pt", "'module.'", "keep_prefix"], []),
+                              ["meta_prefix.pt", "'module.'", "--keep-prefix"], []),
     "metadata-after-key": (_st("meta_key.safetensors", {"ema.__metadata__": torch.ones(2), "ema.w": torch.ones(2)}),
                            ["meta_key.safetensors", "'__metadata__'"], ["--key", "ema"]),
     "dotted-vs-nested": (_saved("collide.pt", lambda: {"a.b": torch.ones(2), "a": {"b": torch.zeros(2)}}),
