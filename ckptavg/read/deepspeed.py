@@ -142,7 +142,7 @@ def open_deepspeed(path: Path, options: LoadOptions = LoadOptions()) -> Checkpoi
     stage = osd0.get("zero_stage") if optims else _config_stage(states, files)
     if options.key == "module" or (not optims and stage == 0):
         tensors, location, stage = _module(files, states, stage), "module (model states)", stage or 0
-    elif type(stage) is not int or not 1 <= stage <= 3:
+    elif not optims or type(stage) is not int or not 1 <= stage <= 3:
         raise _no_partitions(files, stage)
     else:
         tensors, location = _rebuild(files, states, optims, stage, options.trust_pickle), "fp32 master partitions"
