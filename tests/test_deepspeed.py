@@ -341,6 +341,9 @@ def test_missing_zero3_model_states_are_refused(tmp_path: Path) -> None:
     (tag / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
     with pytest.raises(CheckpointFormatError, match=r"without the model states of rank\(s\) 1"):
         open_deepspeed(tag, LoadOptions())
+    (tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").rename(tag / "zero_pp_rank_1_mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointFormatError, match="without rank 0's model states"):
+        open_deepspeed(tag, LoadOptions())
 
 
 def test_pickle_in_the_allow_list_gives_inert_records() -> None:

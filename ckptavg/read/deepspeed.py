@@ -86,9 +86,9 @@ def deepspeed_step(path: Path) -> int | None:
     step = meta_from_name(path.name, folder=True).step
     if step is not None:
         return step
-    files = _Files(path)
-    if files.model is None:
+    if not is_deepspeed_tag(path):
         return None
+    files = _Files(path)
     steps = load_deepspeed_file(files.model, optimizer=False).get("global_steps")
     return steps if type(steps) is int and steps >= 0 else None
 
@@ -100,7 +100,7 @@ class _Files:
         self.tag = tag
         self.zero3_models: dict[int, Path] = {}
         self.optims: dict[int, Path] = {}
-        self.model: Path | None = None
+        model: Path | None = None
         for p in sorted(tag.iterdir()):
             if _EXPERTS.fullmatch(p.name):
                 raise CheckpointFormatError(f"{p}: a mixture-of-experts DeepSpeed checkpoint, which ckptavg cannot "
@@ -117,9 +117,12 @@ class _Files:
             elif m.re is _ZERO3_MODEL:
                 self.zero3_models[int(m.group(1))] = p
             else:
-                self.model = p
-        if self.model is None and 0 in self.zero3_models:
-            self.model = self.zero3_models[0]
+                model = p
+        model = model or self.zero3_models.get(0)
+        if model is None:
+            raise CheckpointFormatError(f"{tag}: DeepSpeed tag without rank 0's model states "
+                                        "(*mp_rank_00_model_states.pt); copy the whole tag folder.")
+        self.model: Path = model
 
 
 def open_deepspeed(path: Path, options: LoadOptions = LoadOptions()) -> Checkpoint:
@@ -135,7 +138,6 @@ def open_deepspeed(path: Path, options: LoadOptions = LoadOptions()) -> Checkpoi
                                         "checkpoints (its global_stepN/ tags) or pass one tag folder.")
         raise CheckpointFormatError(f"{path}: not a DeepSpeed tag folder (no *_model_states.pt).")
     files = _Files(path)
-    assert files.model is not None
     states = _mapping(files.model, load_deepspeed_file(files.model, False, options.trust_pickle))
     optims = {r: _mapping(p, load_deepspeed_file(p, True, options.trust_pickle)) for r, p in files.optims.items()}
     osd0 = _mapping(files.optims[min(optims)], optims[min(optims)].get("optimizer_state_dict")) if optims else {}
@@ -181,7 +183,6 @@ def _config_stage(states: Mapping[Any, Any], files: _Files) -> Any:
 
 
 def _no_partitions(files: _Files, stage: Any) -> CheckpointFormatError:
-    assert files.model is not None
     if files.optims:
         return CheckpointFormatError(
             f"{files.optims[min(files.optims)]}: DeepSpeed optimizer state without a ZeRO stage (its BF16_Optimizer, "
@@ -199,7 +200,6 @@ def _no_partitions(files: _Files, stage: Any) -> CheckpointFormatError:
 
 def _module(files: _Files, states: Mapping[Any, Any], stage: Any) -> dict[str, LazyTensor]:
     """The model states' module state dict, refused when it holds ZeRO-3's 0-element placeholders."""
-    assert files.model is not None
     module = states.get("module")
     if not isinstance(module, dict):
         raise CheckpointFormatError(f"{files.model}: no 'module' state dict in the DeepSpeed model states.")
@@ -233,7 +233,6 @@ def _shape(path: Path, name: Any, value: Any) -> tuple[int, ...]:
 def _rebuild(files: _Files, states: Mapping[Any, Any], optims: Mapping[int, Mapping[Any, Any]], stage: int,
              trust: bool) -> dict[str, LazyTensor]:
     """The weights as zero_to_fp32 returns them: buffers, frozen params, trainable params, tied names."""
-    assert files.model is not None
     osds = {r: _mapping(files.optims[r], o.get("optimizer_state_dict")) for r, o in optims.items()}
     count = osds[min(osds)].get("partition_count")
     world = max(count) if isinstance(count, list) and count else count
