@@ -26,7 +26,14 @@ import ckptavg.read.discover
 from ckptavg import CheckpointFormatError
 from ckptavg.layout import check_layout
 from ckptavg.read.checkpoint import Checkpoint, LoadOptions
-from ckptavg.read.deepspeed import deepspeed_step, deepspeed_tags, is_deepspeed_run, is_deepspeed_tag, open_deepspeed
+from ckptavg.read.deepspeed import (
+    deepspeed_step,
+    deepspeed_tag_of,
+    deepspeed_tags,
+    is_deepspeed_run,
+    is_deepspeed_tag,
+    open_deepspeed,
+)
 from ckptavg.read.deepspeed_zero import GatheredTensor
 from ckptavg.reduce.tensor import reduce_tensor
 
@@ -141,6 +148,14 @@ def test_metadata_step_and_format() -> None:
             assert "lr_scheduler" in ckpt.other_entries and "module" not in ckpt.other_entries
         assert is_deepspeed_run(ROOT / f"zero{stage}") and not is_deepspeed_tag(ROOT / f"zero{stage}")
         assert [p.name for p in deepspeed_tags(ROOT / f"zero{stage}")] == TAGS
+
+
+def test_files_of_a_tag_point_at_the_tag() -> None:
+    tag = ROOT / "zero3" / "global_step2"
+    for f in tag.iterdir():
+        assert deepspeed_tag_of(f) == tag
+    assert deepspeed_tag_of(ROOT / "zero3" / "latest") is None
+    assert deepspeed_tag_of(ROOT / "expected" / "zero3" / "global_step2.safetensors") is None
 
 
 def test_step_from_global_steps_when_the_tag_has_another_name(tmp_path: Path) -> None:

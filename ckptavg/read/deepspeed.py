@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import CheckpointFormatError, listing
 from .checkpoint import Checkpoint, LoadOptions
-from .deepspeed_pickle import load_deepspeed_file
+from .deepspeed_pickle import entry, load_deepspeed_file, mapping, paddings, shape, shape_groups
 from .deepspeed_zero import as_float32, zero3_frozen, zero3_weights, zero12_weights
 from .lazy import LazyTensor
 from .locate import select_prefix
@@ -33,7 +33,7 @@ LATEST = "latest"
 _OPTIM = re.compile(r"(?:(?:bf16|fp16)_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
 _ZERO3_MODEL = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt")
 _MODEL = re.compile(r"mp_rank_(\d+)_model_states\.pt")
-_EXPERTS = re.compile(r"(expp_rank_\d+_mp_rank_\d+_optim_states|layer_\d+_expert_\d+_mp_rank_\d+_model_states)\.pt")
+_EXPERTS = re.compile(r"(?:expp_rank_\d+_mp_rank_\d+_optim_states|layer_\d+_expert_\d+_mp_rank_\d+_model_states)\.pt")
 # model states entries that the rebuild uses; the others are listed as other entries
 _USED = ("module", "buffer_names", "param_shapes", "frozen_param_shapes", "frozen_param_fragments", "shared_params",
          "global_steps", "ds_version")
@@ -48,6 +48,15 @@ def is_deepspeed_tag(path: Path) -> bool:
         )
     except OSError:
         return False
+
+
+def deepspeed_tag_of(path: Path) -> Path | None:
+    """The tag folder of a file that DeepSpeed wrote into one (model states or optimizer partitions), else
+    None: such a file is never a checkpoint on its own (ZeRO-3 model states hold 0-element placeholders)."""
+    names = (_OPTIM, _ZERO3_MODEL, _MODEL, _EXPERTS)
+    if any(r.fullmatch(path.name) for r in names) and is_deepspeed_tag(path.parent):
+        return path.parent
+    return None
 
 
 def is_deepspeed_run(path: Path) -> bool:
@@ -138,9 +147,9 @@ def open_deepspeed(path: Path, options: LoadOptions = LoadOptions()) -> Checkpoi
                                         "checkpoints (its global_stepN/ tags) or pass one tag folder.")
         raise CheckpointFormatError(f"{path}: not a DeepSpeed tag folder (no *_model_states.pt).")
     files = _Files(path)
-    states = _mapping(files.model, load_deepspeed_file(files.model, False, options.trust_pickle))
-    optims = {r: _mapping(p, load_deepspeed_file(p, True, options.trust_pickle)) for r, p in files.optims.items()}
-    osd0 = _mapping(files.optims[min(optims)], optims[min(optims)].get("optimizer_state_dict")) if optims else {}
+    states = mapping(files.model, load_deepspeed_file(files.model, False, options.trust_pickle))
+    optims = {r: mapping(p, load_deepspeed_file(p, True, options.trust_pickle)) for r, p in files.optims.items()}
+    osd0 = mapping(files.optims[min(optims)], optims[min(optims)].get("optimizer_state_dict")) if optims else {}
     stage = osd0.get("zero_stage") if optims else _config_stage(states, files)
     if options.key == "module" or (not optims and stage == 0):
         tensors, location, stage = _module(files, states, stage), "module (model states)", stage or 0
@@ -161,13 +170,6 @@ def open_deepspeed(path: Path, options: LoadOptions = LoadOptions()) -> Checkpoi
     others += ["optimizer state in *_optim_states.pt"] if optims else []
     return Checkpoint(path, f"deepspeed (ZeRO-{stage})", tensors, location, meta,
                       file_metadata={"ds_version": version} if isinstance(version, str) else {}, other_entries=others)
-
-
-def _mapping(path: Path, obj: Any) -> dict[Any, Any]:
-    if not isinstance(obj, dict):
-        raise CheckpointFormatError(f"{path}: holds a {type(obj).__name__} where DeepSpeed writes a dict; not a "
-                                    "DeepSpeed checkpoint file, or a corrupt one.")
-    return obj
 
 
 def _config_stage(states: Mapping[Any, Any], files: _Files) -> Any:
@@ -204,7 +206,7 @@ def _module(files: _Files, states: Mapping[Any, Any], stage: Any) -> dict[str, L
     if not isinstance(module, dict):
         raise CheckpointFormatError(f"{files.model}: no 'module' state dict in the DeepSpeed model states.")
     tensors = {str(k): v for k, v in module.items() if isinstance(v, LazyTensor)}
-    shapes = {k: v for g in _shape_groups(files.model, states) for k, v in g.items()}
+    shapes = {k: v for g in shape_groups(files.model, states) for k, v in g.items()}
     empty = [k for k, t in tensors.items() if t.numel == 0 and math.prod(shapes.get(k, (0,))) > 0]
     if files.zero3_models or stage == 3 or empty:
         raise CheckpointFormatError(
@@ -215,25 +217,10 @@ def _module(files: _Files, states: Mapping[Any, Any], stage: Any) -> dict[str, L
     return tensors
 
 
-def _shape_groups(path: Path, states: Mapping[Any, Any]) -> list[dict[str, tuple[int, ...]]]:
-    """`param_shapes`: per param group, each trainable param's name and shape, in the order of the partitions."""
-    groups = states.get("param_shapes") or []
-    groups = [groups] if isinstance(groups, dict) else groups
-    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
-        raise CheckpointFormatError(f"{path}: bad 'param_shapes' in the DeepSpeed model states; the file is corrupt.")
-    return [{str(k): _shape(path, k, v) for k, v in g.items()} for g in groups]
-
-
-def _shape(path: Path, name: Any, value: Any) -> tuple[int, ...]:
-    if not isinstance(value, tuple | list) or not all(type(d) is int and d >= 0 for d in value):
-        raise CheckpointFormatError(f"{path}: bad shape for '{name}' in the DeepSpeed model states; the file is corrupt.")
-    return tuple(value)
-
-
 def _rebuild(files: _Files, states: Mapping[Any, Any], optims: Mapping[int, Mapping[Any, Any]], stage: int,
              trust: bool) -> dict[str, LazyTensor]:
     """The weights as zero_to_fp32 returns them: buffers, frozen params, trainable params, tied names."""
-    osds = {r: _mapping(files.optims[r], o.get("optimizer_state_dict")) for r, o in optims.items()}
+    osds = {r: mapping(files.optims[r], o.get("optimizer_state_dict")) for r, o in optims.items()}
     count = osds[min(osds)].get("partition_count")
     world = max(count) if isinstance(count, list) and count else count
     if type(world) is not int or world < 1:
@@ -246,13 +233,13 @@ def _rebuild(files: _Files, states: Mapping[Any, Any], optims: Mapping[int, Mapp
             "every rank's *_optim_states.pt is needed to rebuild the weights: copy the whole tag folder."
         )
     where = str(files.tag)
-    groups = _shape_groups(files.model, states)
+    groups = shape_groups(files.model, states)
     tensors: dict[str, LazyTensor] = {}
     buffers = states.get("buffer_names") or []
-    for k, v in _entry(files.model, states, "module").items():
+    for k, v in entry(files.model, states, "module").items():
         if k in buffers and isinstance(v, LazyTensor):
             tensors[str(k)] = as_float32(v)
-    frozen = {str(k): _shape(files.model, k, v) for k, v in _entry(files.model, states, "frozen_param_shapes").items()}
+    frozen = {str(k): shape(files.model, k, v) for k, v in entry(files.model, states, "frozen_param_shapes").items()}
     if stage == 3:
         models = [files.zero3_models.get(r) for r in range(world)]
         if None in models:
@@ -261,44 +248,23 @@ def _rebuild(files: _Files, states: Mapping[Any, Any], optims: Mapping[int, Mapp
                 f"{', '.join(str(r) for r, m in enumerate(models) if m is None)}; copy the whole tag folder."
             )
         if frozen:
-            fragments = [_entry(m, load_deepspeed_file(m, False, trust), "frozen_param_fragments") for m in models if m]
+            fragments = [entry(m, load_deepspeed_file(m, False, trust), "frozen_param_fragments") for m in models if m]
             tensors.update(zero3_frozen(frozen, fragments, where))
         ranks = [osds[r].get("fp32_flat_groups") for r in range(world)]
         tensors.update(zero3_weights(groups, [r if isinstance(r, list) else [None] for r in ranks], where))
     else:
-        whole = _entry(files.model, states, "frozen_param_fragments")
+        whole = entry(files.model, states, "frozen_param_fragments")
         for name in frozen:
             if not isinstance(whole.get(name), LazyTensor):
                 raise CheckpointFormatError(f"{files.model}: no fragment for the frozen param '{name}'; the file is corrupt.")
             tensors[name] = whole[name]
         ranks = [osds[r].get("single_partition_of_fp32_groups") for r in range(world)]
-        paddings = _paddings(files.optims[min(osds)], osds[min(osds)].get("param_alignment_paddings"))
-        tensors.update(zero12_weights(groups, [r if isinstance(r, list) else [None] for r in ranks], paddings, where))
-    for alias, target in _entry(files.model, states, "shared_params").items():
+        pads = paddings(files.optims[min(osds)], osds[min(osds)].get("param_alignment_paddings"))
+        tensors.update(zero12_weights(groups, [r if isinstance(r, list) else [None] for r in ranks], pads, where))
+    for alias, target in entry(files.model, states, "shared_params").items():
         if target in tensors:
             tensors[str(alias)] = tensors[target]
     return tensors
-
-
-def _entry(path: Path, states: Any, key: str) -> dict[Any, Any]:
-    """A dict entry of a DeepSpeed file; absent or None is empty."""
-    value = states.get(key) if isinstance(states, dict) else None
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise CheckpointFormatError(f"{path}: bad '{key}' in the DeepSpeed checkpoint; the file is corrupt.")
-    return value
-
-
-def _paddings(path: Path, value: Any) -> list[list[int]] | None:
-    """ZeRO-1/2's `param_alignment_paddings`: per group, the padding after each param (absent before 0.16)."""
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(
-        isinstance(g, list) and all(type(n) is int and n >= 0 for n in g) for g in value
-    ):
-        raise CheckpointFormatError(f"{path}: bad param_alignment_paddings; the file is corrupt.")
-    return value
 
 
 def _lr(osd: Mapping[Any, Any], files: _Files) -> Meta:

@@ -4,13 +4,15 @@
 files also pickle a loss scaler object, the ZeRO stage as an enum, `fragment_address` records and (ZeRO-3)
 the flat fp32 partitions through `torch._tensor._rebuild_from_type_v2`. This unpickler answers exactly those
 names, plus what a plain torch state dict needs (tensors become `LazyTensor`s, nothing of their data is read),
-and refuses every other global before anything from the file runs.
+and refuses every other global before anything from the file runs. The checked accessors at the end read the
+entries that the rebuild needs, refusing values of the wrong type as a corrupt file.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +141,50 @@ def load_deepspeed_file(path: Path, optimizer: bool, trust_pickle: bool = False)
             "the file may be truncated or corrupt, re-copy the checkpoint."
         ) from None
 
+
+# ---------------------------------------------------------------- checked entries of the unpickled dicts
+
+
+def mapping(path: Path, obj: Any) -> dict[Any, Any]:
+    """`obj`, which must be a dict (what DeepSpeed writes at the top of its files)."""
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError(f"{path}: holds a {type(obj).__name__} where DeepSpeed writes a dict; not a "
+                                    "DeepSpeed checkpoint file, or a corrupt one.")
+    return obj
+
+
+def shape_groups(path: Path, states: Mapping[Any, Any]) -> list[dict[str, tuple[int, ...]]]:
+    """`param_shapes`: per param group, each trainable param's name and shape, in the order of the partitions."""
+    groups = states.get("param_shapes") or []
+    groups = [groups] if isinstance(groups, dict) else groups
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise CheckpointFormatError(f"{path}: bad 'param_shapes' in the DeepSpeed model states; the file is corrupt.")
+    return [{str(k): shape(path, k, v) for k, v in g.items()} for g in groups]
+
+
+def shape(path: Path, name: Any, value: Any) -> tuple[int, ...]:
+    """A shape of `param_shapes` or `frozen_param_shapes`: a tuple of counts."""
+    if not isinstance(value, tuple | list) or not all(type(d) is int and d >= 0 for d in value):
+        raise CheckpointFormatError(f"{path}: bad shape for '{name}' in the DeepSpeed model states; the file is corrupt.")
+    return tuple(value)
+
+
+def entry(path: Path, states: Any, key: str) -> dict[Any, Any]:
+    """A dict entry of a DeepSpeed file; absent or None is empty."""
+    value = states.get(key) if isinstance(states, dict) else None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CheckpointFormatError(f"{path}: bad '{key}' in the DeepSpeed checkpoint; the file is corrupt.")
+    return value
+
+
+def paddings(path: Path, value: Any) -> list[list[int]] | None:
+    """ZeRO-1/2's `param_alignment_paddings`: per group, the padding after each param (older DeepSpeed versions write none)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(g, list) and all(type(n) is int and n >= 0 for n in g) for g in value
+    ):
+        raise CheckpointFormatError(f"{path}: bad param_alignment_paddings; the file is corrupt.")
+    return value
