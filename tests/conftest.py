@@ -32,3 +32,7 @@ def cli() -> Callable[..., Result]:
         return runner.invoke(app, [str(a) for a in args], env={"CKPTAVG_DEBUG": None, **(env or {})})
 
     return invoke
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "interop: compares with a training library's own loader; skipped where it is not installed")
