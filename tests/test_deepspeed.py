@@ -21,11 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import ckptavg.api
-import ckptavg.read.discover
 from ckptavg import CheckpointFormatError
 from ckptavg.layout import check_layout
-from ckptavg.read.checkpoint import Checkpoint, LoadOptions
+from ckptavg.read.checkpoint import LoadOptions
 from ckptavg.read.deepspeed import (
     deepspeed_step,
     deepspeed_tag_of,
@@ -99,24 +97,16 @@ def test_extras_hold_buffers_frozen_and_tied_weights() -> None:
         assert_bits_equal(ckpt.tensors["0.bias"].load(), expected(run, "global_step6")["0.bias"], "0.bias")
 
 
-@pytest.fixture
-def deepspeed_layout(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A local stand-in for the layout rule that the layouts module will get: tags open with open_deepspeed."""
-    plain_open = ckptavg.api.open_checkpoint
-    plain_folder = ckptavg.read.discover.is_checkpoint_folder
+@pytest.mark.parametrize("run", RUNS)
+def test_the_run_folder_averages_to_the_mean_of_zero_to_fp32(run: str, tmp_path: Path) -> None:
+    """`ckptavg swa ds_out/ -o avg.safetensors`: the run folder means its tags (from `latest`'s folder)."""
+    from typer.testing import CliRunner
 
-    def open_any(path: Any, options: LoadOptions = LoadOptions()) -> Checkpoint:
-        return open_deepspeed(Path(path), options) if is_deepspeed_tag(Path(path)) else plain_open(path, options)
+    from ckptavg.cli.app import app
 
-    monkeypatch.setattr(ckptavg.api, "open_checkpoint", open_any)
-    monkeypatch.setattr(ckptavg.read.discover, "is_checkpoint_folder", lambda p: is_deepspeed_tag(p) or plain_folder(p))
-
-
-@pytest.mark.parametrize("run", ["zero3", "zero2-extras", "zero3-extras"])
-@pytest.mark.usefixtures("deepspeed_layout")
-def test_average_writes_the_mean_of_zero_to_fp32(run: str, tmp_path: Path) -> None:
     out = tmp_path / "avg.safetensors"
-    ckptavg.api.average([ROOT / run / tag for tag in TAGS], out)
+    result = CliRunner().invoke(app, ["swa", str(ROOT / run), "-o", str(out)])
+    assert result.exit_code == 0, result.output
     got, wants = load_file(out), [expected(run, tag) for tag in TAGS]
     assert set(got) == set(wants[0])
     for name, t in got.items():

@@ -18,8 +18,9 @@ from typing import Any
 
 from ..errors import CheckpointFormatError, first_line
 from .fastpickle import _NotPlain, _Plain, _Tensor
+from .pickle_scan import scan
 from .safe_pickle import Refused, refusal
-from .torch_file import _check_torch_zip
+from .torch_zip import check_torch_zip
 
 
 class Record:
@@ -120,8 +121,10 @@ def load_deepspeed_file(path: Path, optimizer: bool, trust_pickle: bool = False)
     A refused class in an optimizer file is reported as training state: the file holds the fp32 master
     partitions beside the Adam moments, never a model to load, so `--trust-pickle` is not the way out.
     """
-    archive = _check_torch_zip(path)
+    archive = check_torch_zip(path)
     try:
+        if not trust_pickle:
+            scan(archive.pickled, 0)  # memo and size bombs are refused before the C unpickler allocates for them
         obj = _Unpickler(io.BytesIO(archive.pickled), path, archive.prefix, archive.records, trust_pickle).load()
         return unwrap(obj)
     except Refused as e:

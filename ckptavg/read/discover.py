@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import CheckpointFormatError, SelectionError
 from .checkpoint import PathLike
+from .deepspeed import deepspeed_tags, is_deepspeed_run
 from .layouts import is_checkpoint_folder
 from .safetensors_file import sniff
 
@@ -45,6 +46,8 @@ def _expand_existing(path: Path, explicit: bool) -> list[Path]:
     if path.is_dir():
         if is_checkpoint_folder(path):
             return [path]
+        if is_deepspeed_run(path):  # global_stepN/ tags beside a `latest` file; checks that `latest` is sound
+            return deepspeed_tags(path)
         inside = sorted(
             p for p in path.iterdir() if (p.is_dir() and is_checkpoint_folder(p)) or _is_checkpoint_file(p)
         )

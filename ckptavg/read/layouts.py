@@ -1,4 +1,4 @@
-"""Which layout a path is (a file, a Hugging Face folder, a DCP folder), and opening it as a `Checkpoint`.
+"""Which layout a path is (a file, a Hugging Face, DCP or DeepSpeed folder), and opening it as a `Checkpoint`.
 
 A new layout is one module in `read/` plus a rule here.
 """
@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import CheckpointFormatError, one_line
 from .checkpoint import Checkpoint, LoadOptions, PathLike
 from .dcp import is_dcp_folder, open_dcp_folder
+from .deepspeed import deepspeed_tag_of, is_deepspeed_tag, open_deepspeed
 from .files import open_file
 from .hf_folder import is_hf_folder, open_hf_folder
 from .lazy import LazyTensor
@@ -18,8 +19,8 @@ from .safetensors_file import sniff
 
 
 def is_checkpoint_folder(path: Path) -> bool:
-    """A folder that is one checkpoint (Hugging Face or DCP), not a folder of checkpoints."""
-    return is_hf_folder(path) or is_dcp_folder(path)
+    """A folder that is one checkpoint (Hugging Face, DCP or a DeepSpeed tag), not a folder of checkpoints."""
+    return is_hf_folder(path) or is_dcp_folder(path) or is_deepspeed_tag(path)
 
 
 def open_checkpoint(path: PathLike, options: LoadOptions = LoadOptions()) -> Checkpoint:
@@ -32,10 +33,15 @@ def open_checkpoint(path: PathLike, options: LoadOptions = LoadOptions()) -> Che
             ckpt = open_hf_folder(path, options)
         elif is_dcp_folder(path):
             ckpt = open_dcp_folder(path, options)
+        elif is_deepspeed_tag(path):
+            ckpt = open_deepspeed(path, options)
         else:
             raise CheckpointFormatError(
                 f"{path}: is a directory, not a checkpoint folder (no model.safetensors, pytorch_model.bin or .metadata)."
             )
+    elif (tag := deepspeed_tag_of(path)) is not None:
+        raise CheckpointFormatError(f"{path}: one file of the DeepSpeed checkpoint {tag}; give the folder {tag} "
+                                    "(or the run folder) instead: its weights are spread over the tag's files.")
     else:
         fmt = sniff(path)
         if fmt is None:
