@@ -31,7 +31,7 @@ from .reduce.stream import resolve_device, stream_rows
 from .reduce.tensor import CheckpointData, check_finite, work_bytes
 from .results import AverageResult, PlanReport, provenance
 from .select import Selection, order_checkpoints, select_checkpoints
-from .write.options import WriteOptions
+from .write.options import WriteOptions, output_format
 from .write.output import OpenOutput, Output, is_folder_output, plan_output, row_targets
 from .write.safetensors import check_output
 
@@ -130,7 +130,10 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
     paths = find_checkpoints(inputs)
     single = not is_folder_output(output) and "{" not in os.fspath(output)
     if single and not (write.max_bytes is not None or write.shards_like_input or parts > 1):
-        check_output(Path(output), paths, write.force)  # fail fast, before a graft or soup plan reads tensors
+        # fail fast, before a graft or soup plan reads tensors; a file of an input folder is an input too
+        inside = [f for p in paths if p.is_dir() for f in p.iterdir() if f.is_file()]
+        check_output(Path(output), [*paths, *inside], write.force)
+        output_format(Path(output), write.format)
     if bn is not None:
         bn.check()
     report = _plan(paths, plan, select, load, write.dtype)
@@ -143,7 +146,8 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
         # one output: an existing directory means a folder; a row's output is a folder only when asked (DIR/)
         to_folder = sharded or (is_folder_output(target) if targets == [os.fspath(output)] else target.endswith(os.sep))
         out = plan_output(target, report.specs, report.checkpoints, to_folder=to_folder, max_bytes=write.max_bytes,
-                          like_input=write.shards_like_input, parts=parts, make_parent=target != os.fspath(output))
+                          like_input=write.shards_like_input, parts=parts, make_parent=target != os.fspath(output),
+                          fmt=write.format)
         out.check(_files_read(report.considered), write.force)  # unselected inputs are still inputs
         outs.append(out)
     extra = {"ckptavg_bn": json.dumps(bn.params(), sort_keys=True)} if bn else {}

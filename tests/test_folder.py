@@ -145,7 +145,7 @@ def test_verify_catches_a_bad_write_before_it_appears(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(SafetensorsWriter, "write_part", corrupting)
     kw = {"max_shard_size": "2KB"} if folder else {}
-    unchecked, checked = (tmp_path / "a", tmp_path / "b") if folder else (tmp_path / "a.st", tmp_path / "b.st")
+    unchecked, checked = (tmp_path / "a", tmp_path / "b") if folder else (tmp_path / "a.safetensors", tmp_path / "b.safetensors")
     ckptavg.average_checkpoints(str(SHARDED), unchecked, **kw)  # without verify the bad file lands
     assert unchecked.exists()
     with pytest.raises(OutputError, match="NaN or Inf") as info:

@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import PlanError
 from ..layout import ACCUM_DTYPES, OUT_DTYPES
 from .hf_folder import parse_size
+
+FORMATS = {"safetensors": (".safetensors",), "torch": (".pt", ".pth", ".bin", ".ckpt", ".tar")}
+
+
+def output_format(path: Path, fmt: str | None) -> str:
+    """The format of a file output: `fmt` when given, else the one its extension names."""
+    if fmt is not None:
+        return fmt
+    for name, suffixes in FORMATS.items():
+        if path.name.endswith(suffixes):
+            return name
+    choices = "; ".join(f"{' '.join(s)} for {n}" for n, s in FORMATS.items())
+    raise PlanError(f"output {path}: cannot tell the format from the name; end it with {choices}, or pass format.",
+                    params=("output", "format"))
 
 
 @dataclass(frozen=True)
@@ -23,8 +38,11 @@ class WriteOptions:
             host either way).
         max_shard_size: write a folder of shards of at most this size ("5GB", "500MiB"), with an index.
         shards_like_input: write a folder sharded like the first input (a sharded Hugging Face folder).
-        verify: re-open every written file (with ckptavg's reader and with safetensors) and check each
-            tensor's name, shape, dtype and (unless allow_nonfinite) finiteness before renaming it into place.
+        verify: re-open every written file (with ckptavg's reader and with the format's own: safetensors, or
+            ``torch.load(weights_only=True)``) and check each tensor's name, shape, dtype and (unless
+            allow_nonfinite) finiteness before renaming it into place.
+        format: ``safetensors`` or ``torch`` (a ``torch.save`` state dict); None follows the output's
+            extension (``.safetensors``; ``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.tar``).
     """
 
     dtype: str | None = None
@@ -35,8 +53,14 @@ class WriteOptions:
     max_shard_size: str | None = None
     shards_like_input: bool = False
     verify: bool = False
+    format: str | None = None
 
     def __post_init__(self) -> None:
+        if self.format is not None and self.format not in FORMATS:
+            raise PlanError(f"format must be one of {', '.join(FORMATS)}, not {self.format!r}.", params=("format",))
+        if self.format == "torch" and (self.max_shard_size is not None or self.shards_like_input):
+            raise PlanError("format torch writes one file; max_shard_size and shards_like_input write a folder of "
+                            "safetensors shards.", params=("format", "max_shard_size", "shards_like_input"))
         if self.accum_dtype not in ACCUM_DTYPES:
             raise PlanError(f"accum_dtype must be one of {', '.join(ACCUM_DTYPES)}, not {self.accum_dtype!r}.",
                             params=("accum_dtype",))

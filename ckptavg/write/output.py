@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Protocol
 
 import torch
@@ -21,8 +22,34 @@ from ..errors import OutputError, PlanError
 from ..layout import TensorSpec
 from ..read.checkpoint import Checkpoint
 from .hf_folder import INDEX, Shard, check_folder, copy_temp, index_json, plan_shards, sidecars, write_text_temp
+from .options import output_format
 from .safetensors import SafetensorsWriter, check_output
+from .torch_file import TorchWriter, verify_torch_file
 from .verify import verify_output
+
+
+class Writer(Protocol):
+    """What an open output needs of a file writer (`SafetensorsWriter`, `TorchWriter`)."""
+
+    path: Path
+    done: Path | None
+    order: list[TensorSpec]
+
+    def __init__(self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str], rename: bool = True
+                 ) -> None: ...
+
+    def __enter__(self) -> Writer: ...
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None: ...
+
+    def write_part(self, block: torch.Tensor) -> None: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    @property
+    def sha256(self) -> str: ...
 
 
 class _Discarded(Exception):
@@ -56,6 +83,7 @@ class Output:
     shards: tuple[Shard, ...]  # every weights file
     copies: tuple[Path, ...] = ()  # sidecar files copied from the newest input folder
     make_parent: bool = False  # one of several outputs in a folder that `open` creates
+    format: str = "safetensors"  # of a single file; folders are safetensors shards
 
     def check(self, inputs: Sequence[Path], force: bool) -> None:
         """Refuse an output that is an input, would overwrite something (without `force`), or cannot be made."""
@@ -83,7 +111,7 @@ class Output:
 
 def plan_output(output: str | os.PathLike[str], specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], *,
                 to_folder: bool, max_bytes: int | None = None, like_input: bool = False, parts: int = 1,
-                make_parent: bool = False) -> Output:
+                make_parent: bool = False, fmt: str | None = None) -> Output:
     """The files that `-o output` means for tensors `specs` from `ckpts` (the newest last).
 
     A folder is sharded by `max_bytes`, like the first input (`like_input`), or into `parts` files of
@@ -91,7 +119,11 @@ def plan_output(output: str | os.PathLike[str], specs: Sequence[TensorSpec], ckp
     """
     out = Path(output)
     if not to_folder:
-        return Output(out, out.parent, False, (Shard(out.name, tuple(specs)),), make_parent=make_parent)
+        return Output(out, out.parent, False, (Shard(out.name, tuple(specs)),), make_parent=make_parent,
+                      format=output_format(out, fmt))
+    if fmt == "torch":
+        raise PlanError(f"output {out}: format torch writes one file, but a folder was asked for; give a file "
+                        "name ending in .pt, or leave out format.", params=("output", "format"))
     shards = plan_shards(specs, max_bytes, ckpts[0] if like_input else None, parts=parts)
     return Output(out, out, True, tuple(shards), tuple(sidecars(ckpts)), make_parent)
 
@@ -103,15 +135,15 @@ class OpenOutput:
     output: Output
     shards: list[Shard]
     metadata: dict[str, str]
-    writers: list[SafetensorsWriter] = field(default_factory=list)
+    writers: list[Writer] = field(default_factory=list)
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
-    _owner: dict[str, SafetensorsWriter] = field(default_factory=dict)
+    _owner: dict[str, Writer] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        kind: type[Writer] = TorchWriter if self.output.format == "torch" else SafetensorsWriter
         try:
             for sh in self.shards:
-                w = self._stack.enter_context(SafetensorsWriter(self.output.folder / sh.name, sh.specs, self.metadata,
-                                                                rename=False))
+                w = self._stack.enter_context(kind(self.output.folder / sh.name, sh.specs, self.metadata, rename=False))
                 self.writers.append(w)
         except BaseException:
             self._stack.close()  # no temp file is left
@@ -134,7 +166,8 @@ class OpenOutput:
             for w in self.writers:
                 if w.done is not None:
                     try:
-                        verify_output(w.done, w.order, check_finite)
+                        check = verify_torch_file if self.output.format == "torch" else verify_output
+                        check(w.done, w.order, check_finite)
                     except OutputError as e:  # name the file the user asked for, not its temp name
                         raise OutputError(str(e).replace(str(w.done), str(w.path)) + " Nothing was written.") from None
 
