@@ -229,8 +229,8 @@ def note_extra_state(path: Path, names: list[str]) -> None:
     so averaging them means nothing, and the outputs (safetensors, torch state dicts of tensors) cannot hold them."""
     warnings.warn(CkptavgWarning(
         f"{path}: {len(names)} '_extra_state' entries ({listing([one_line(n, 80) for n in names], 2)}: serialized "
-        "module extra state, such as Transformer Engine's FP8 scaling state) are not weights; they are not averaged and the output does not hold them. "
-        "Load the average with strict=False, or copy them from the newest checkpoint."
+        "module extra state, such as Transformer Engine's FP8 scaling state) are not weights; they are not averaged "
+        "and the output does not hold them. Load the average with strict=False, or copy them from the newest checkpoint."
     ), stacklevel=3)
 
 

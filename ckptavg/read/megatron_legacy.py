@@ -163,9 +163,8 @@ def _extra_state(model: Any) -> list[str]:
             name = f"{prefix}{k}"
             if isinstance(v, dict):
                 stack.append((name + ".", v))
-            elif k == "_extra_state" or str(k).endswith("._extra_state"):
-                if not isinstance(v, _Tensor | LazyTensor):
-                    out.append(name)
+            elif str(k).rsplit(".", 1)[-1] == "_extra_state" and not isinstance(v, _Tensor | LazyTensor):
+                out.append(name)
     return sorted(out)
 
 
