@@ -16,12 +16,13 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, TypeGuard
 
 import torch
 
-from ..errors import CheckpointFormatError, one_line
+from ..errors import CheckpointFormatError, CkptavgWarning, listing, one_line
 from .checkpoint import Checkpoint, LoadOptions, Stamp, stamp
 from .dcp_chunks import BytesEntry, Chunk, DcpTensor, Stored, all_ints
 from .dcp_chunks import assemble as assemble  # re-exported: tests build tensors from blocks with it
@@ -197,6 +198,10 @@ def open_dcp_folder(path: Path, options: LoadOptions) -> Checkpoint:
     entries = _entries(meta_path, md, _storage(path, meta_path, md, stamps))
     tree = _nest(entries, getattr(md, "planner_data", None))
     tensors, location, others = _locate(path, tree, entries, options.key)
+    extra = extra_state_entries(entries, options.key)
+    if extra:
+        note_extra_state(path, extra)
+        others = others + [f"{len(extra)} _extra_state entries (bytes, not averaged, left out)"]
     meta = meta_from_mapping(_scalars(tree, options.trust_pickle), "DCP checkpoint", path)
     if isinstance(tree.get("train_state"), dict):  # torchtitan keeps the step there
         meta = meta.fill(meta_from_mapping(_scalars(tree["train_state"], options.trust_pickle), "DCP 'train_state'", path))
@@ -206,6 +211,27 @@ def open_dcp_folder(path: Path, options: LoadOptions) -> Checkpoint:
         file_metadata={"dcp_version": version} if isinstance(version, str) else {}, other_entries=others,
         stamps=stamps,
     )
+
+
+def extra_state_entries(entries: dict[str, Any], key: str | None) -> list[str]:
+    """The non-tensor `_extra_state` entries among the weights (under `key` when given): the module extra state of
+    Transformer Engine layers, which Megatron saves as `<module>._extra_state/shard_<i>_<n>` bytes."""
+    head = "" if key is None else key + "."
+    return [
+        fqn for fqn, v in entries.items()
+        if isinstance(v, BytesEntry) and fqn.startswith(head) and fqn.split("/")[0].rsplit(".", 1)[-1] == "_extra_state"
+        and fqn.split(".")[0] not in TRAINING_ENTRIES
+    ]
+
+
+def note_extra_state(path: Path, names: list[str]) -> None:
+    """Say that `_extra_state` entries are left out: they are serialized objects (FP8 scaling state), not weights,
+    so averaging them means nothing, and the outputs (safetensors, torch state dicts of tensors) cannot hold them."""
+    warnings.warn(CkptavgWarning(
+        f"{path}: {len(names)} '_extra_state' entries ({listing([one_line(n, 80) for n in names], 2)}: serialized "
+        "module extra state, such as Transformer Engine's FP8 scaling state) are not weights; they are not averaged "
+        "and the output does not hold them. Load the average with strict=False, or copy them from the newest checkpoint."
+    ), stacklevel=3)
 
 
 def _nest(entries: dict[str, Any], planner_data: Any) -> dict[str, Any]:

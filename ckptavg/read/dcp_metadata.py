@@ -52,14 +52,31 @@ def _enum_value(value: Any) -> Any:
     return value
 
 
+def _write_item_type(value: Any) -> int:
+    """Replaces `WriteItemType(value)` (TENSOR, SHARD, BYTE_IO are 1, 2, 3): the value as a plain int."""
+    if type(value) is not int or not 1 <= value <= 3:
+        raise pickle.UnpicklingError("bad WriteItemType")
+    return value
+
+
 _DCP = "torch.distributed.checkpoint.metadata"
 _OLD_DCP = "torch.distributed._shard.sharded_tensor.metadata"  # TensorProperties' home before torch 2.1
+_PLANNER = "torch.distributed.checkpoint.planner"
+_MCORE = "megatron.core.dist_checkpointing.strategies.torch"
 _ALLOWED: dict[tuple[str, str], Any] = {
     **{(_DCP, n): _record(n) for n in (
         "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
         "MetadataIndex", "StorageMeta",
     )},
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _record("_StorageInfo"),
+    # The writers' save plans: Megatron's torch_dist keeps every rank's plan in `Metadata.all_local_plans`, to
+    # check that the next save may reuse it. Read as records, never used.
+    **{(_PLANNER, n): _record(n) for n in ("SavePlan", "WriteItem", "TensorWriteData", "BytesIOWriteData")},
+    (_PLANNER, "WriteItemType"): _write_item_type,
+    ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"): _record("_StoragePrefix"),
+    # Megatron-core before 0.15 pickled its own subclasses of Metadata and SavePlan (0.16 keeps empty classes
+    # of these names so that such files still load).
+    **{(_MCORE, n): _record(n) for n in ("MCoreMetadata", "MCoreSavePlan")},
     (_DCP, "TensorProperties"): _TensorProperties,
     (_OLD_DCP, "TensorProperties"): _TensorProperties,
     (_DCP, "_MEM_FORMAT_ENCODING"): _enum_value,
@@ -98,7 +115,7 @@ def read_metadata(path: Path, trust_pickle: bool = False) -> Any:
         f = io.BytesIO(data)
         return pickle.load(f) if trust_pickle else _SafeUnpickler(f).load()
     except Refused as e:
-        raise refusal(path, str(e), "DCP metadata needs only DCP's own classes; ") from None
+        raise refusal(path, str(e), "DCP metadata needs only DCP's and Megatron's own classes; ") from None
     except CheckpointFormatError:
         raise
     except OSError as e:
