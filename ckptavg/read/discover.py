@@ -11,6 +11,7 @@ from ..errors import CheckpointFormatError, SelectionError
 from .checkpoint import PathLike
 from .deepspeed import deepspeed_tags, is_deepspeed_run
 from .layouts import is_checkpoint_folder
+from .megatron import is_megatron_run, megatron_iterations
 from .safetensors_file import sniff
 
 
@@ -48,6 +49,8 @@ def _expand_existing(path: Path, explicit: bool) -> list[Path]:
             return [path]
         if is_deepspeed_run(path):  # global_stepN/ tags beside a `latest` file; checks that `latest` is sound
             return deepspeed_tags(path)
+        if is_megatron_run(path):  # iter_N/ folders beside latest_checkpointed_iteration.txt
+            return megatron_iterations(path)
         inside = sorted(
             p for p in path.iterdir() if (p.is_dir() and is_checkpoint_folder(p)) or _is_checkpoint_file(p)
         )

@@ -15,6 +15,8 @@ from .files import open_file
 from .hf_folder import is_hf_folder, open_hf_folder
 from .lazy import LazyTensor
 from .locate import strip_prefixes
+from .megatron import is_torch_dist, megatron_step, open_megatron_folder
+from .megatron_legacy import open_megatron_legacy
 from .safetensors_file import sniff
 
 
@@ -31,6 +33,8 @@ def open_checkpoint(path: PathLike, options: LoadOptions = LoadOptions()) -> Che
     if path.is_dir():
         if is_hf_folder(path):
             ckpt = open_hf_folder(path, options)
+        elif is_torch_dist(path):  # a Megatron iter_N/ folder: DCP, with Megatron's step and backend check
+            ckpt = open_megatron_folder(path, options)
         elif is_dcp_folder(path):
             ckpt = open_dcp_folder(path, options)
         elif is_deepspeed_tag(path):
@@ -39,6 +43,8 @@ def open_checkpoint(path: PathLike, options: LoadOptions = LoadOptions()) -> Che
             raise CheckpointFormatError(
                 f"{path}: is a directory, not a checkpoint folder (no model.safetensors, pytorch_model.bin or .metadata)."
             )
+    elif path.name == "model_optim_rng.pt" and megatron_step(path) is not None:
+        ckpt = open_megatron_legacy(path, options)
     elif (tag := deepspeed_tag_of(path)) is not None:
         raise CheckpointFormatError(f"{path}: one file of the DeepSpeed checkpoint {tag}; give the folder {tag} "
                                     "(or the run folder) instead: its weights are spread over the tag's files.")
