@@ -49,6 +49,10 @@ class TensorAccess(Protocol):
         """The uniform average of the checkpoints at `members`, in the output dtypes, as a state dict."""
         ...
 
+    def progress(self, phase: str, done: int, total: int) -> None:
+        """Report how far a long pass over the data has come (graft's entropies, soup's evaluations)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Weights:

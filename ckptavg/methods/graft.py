@@ -72,7 +72,12 @@ class Graft(Plan):
         self.check_count(len(ckpts))
         assert data is not None, "graft reads tensors: pass a TensorAccess"
         n = len(ckpts)
-        groups = [self._group(ckpts, data, lead, members) for lead, members in self._partition(data.specs)]
+        parts = self._partition(data.specs)
+        leading = sum(1 for lead, _ in parts if lead is not None)
+        groups = []
+        for lead, members in parts:
+            groups.append(self._group(ckpts, data, lead, members))
+            data.progress("entropies", sum(1 for g in groups if g.tensor is not None), leading)
         sizes = {s.name: math.prod(s.shape) for s in data.specs}
         group_sizes = [sum(sizes[m] for m in g.members) for g in groups]
         total = sum(group_sizes)

@@ -61,17 +61,17 @@ class Soup(Plan):
         if self.uniform:
             scores: list[dict[str, Any]] = []
             if self.evaluate is not None:
-                scores.append(self._record(ckpts, data, range(n), "uniform", accepted=True))
+                scores.append(self._record(ckpts, data, range(n), "uniform", accepted=True, done=(1, 1)))
             return WeightMatrix.single([1.0 / n] * n, details={"scores": scores} if scores else None)
-        singles = [self._record(ckpts, data, [i], "single", accepted=False) for i in range(n)]
+        singles = [self._record(ckpts, data, [i], "single", accepted=False, done=(i + 1, 2 * n - 1)) for i in range(n)]
         sign = 1.0 if self.mode == "max" else -1.0
         ranked = sorted(range(n), key=lambda i: -sign * singles[i]["score"])  # stable: ties keep checkpoint order
         soup = [ranked[0]]
         singles[ranked[0]]["accepted"] = True
         best = singles[ranked[0]]["score"]
         trials: list[dict[str, Any]] = []
-        for i in ranked[1:]:
-            trial = self._record(ckpts, data, sorted(soup + [i]), "candidate", accepted=False)
+        for j, i in enumerate(ranked[1:]):
+            trial = self._record(ckpts, data, sorted(soup + [i]), "candidate", accepted=False, done=(n + j + 1, 2 * n - 1))
             gain = sign * (trial["score"] - best)
             if gain > 0 or (gain == 0 and not self.strict):
                 soup.append(i)
@@ -82,11 +82,14 @@ class Soup(Plan):
         return WeightMatrix.single(weights, details={"scores": singles + trials})
 
     def _record(self, ckpts: Sequence[Entry], data: TensorAccess | None, members: Sequence[int], kind: str,
-                accepted: bool) -> dict[str, Any]:
+                accepted: bool, done: tuple[int, int]) -> dict[str, Any]:
+        """Evaluate the uniform average of `members`; `done` is (evaluations so far, of how many) for progress."""
         assert data is not None
-        return {"kind": kind, "members": [str(ckpts[i].path) for i in members],
-                "score": self._score(data.average(members), " + ".join(ckpts[i].name for i in members)),
-                "accepted": accepted}
+        record = {"kind": kind, "members": [str(ckpts[i].path) for i in members],
+                  "score": self._score(data.average(members), " + ".join(ckpts[i].name for i in members)),
+                  "accepted": accepted}
+        data.progress("evaluations", *done)
+        return record
 
     def _score(self, state: dict[str, torch.Tensor], label: str) -> float:
         assert self.evaluate is not None

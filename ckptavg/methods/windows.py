@@ -36,6 +36,9 @@ class _WindowAccess:
     def average(self, members: Sequence[int]) -> dict[str, torch.Tensor]:
         return self._data.average([self._offset + m for m in members])
 
+    def progress(self, phase: str, done: int, total: int) -> None:
+        self._data.progress(phase, done, total)
+
 
 def _placed(row: Weights, offset: int, n: int, name: str, params: Mapping[str, Any]) -> Weights:
     """`row`, computed over checkpoints ``offset ..``, as a row over all n checkpoints (zeros elsewhere)."""

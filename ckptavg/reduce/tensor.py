@@ -147,8 +147,9 @@ def check_finite(spec: TensorSpec, result: torch.Tensor, ckpts: Sequence[Checkpo
 class CheckpointData:
     """Tensor data of the selected checkpoints for the plans that need it (`methods.base.TensorAccess`)."""
 
-    def __init__(self, ckpts: Sequence[Checkpoint], specs: Sequence[TensorSpec]) -> None:
-        self._ckpts, self._specs = ckpts, specs
+    def __init__(self, ckpts: Sequence[Checkpoint], specs: Sequence[TensorSpec],
+                 on_progress: Callable[[str, int, int], None] | None = None) -> None:
+        self._ckpts, self._specs, self._on_progress = ckpts, specs, on_progress
 
     @property
     def specs(self) -> Sequence[TensorSpec]:
@@ -156,6 +157,10 @@ class CheckpointData:
 
     def load(self, index: int, key: str) -> torch.Tensor:
         return self._ckpts[index].tensors[key].load()
+
+    def progress(self, phase: str, done: int, total: int) -> None:
+        if self._on_progress is not None:
+            self._on_progress(phase, done, total)
 
     def average(self, members: Sequence[int]) -> dict[str, torch.Tensor]:
         """The uniform mean of some checkpoints, each tensor in its input dtype (what a soup evaluates)."""
