@@ -140,7 +140,7 @@ class Job:
     """A prepared average: its plan, where each output row goes, and how."""
 
     report: PlanReport
-    outputs: tuple[Output, ...]  # one per row written (all rows, or the one an evaluation keeps)
+    outputs: tuple[Output, ...]  # one per row, or one plain file for the row an evaluation keeps
     metadata: tuple[dict[str, str], ...]
     write: WriteOptions
     bn: BatchNormOptions | None
@@ -166,8 +166,10 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
         bn.check()
     report = _plan(paths, plan, select, load, write.dtype)
     rows = report.matrix.rows
-    kept = rows[:1] if evaluation is not None and evaluation.keep == "best" else rows
-    targets = [os.fspath(output)] if len(kept) == 1 and single else row_targets(output, kept)
+    best_only = evaluation is not None and evaluation.keep == "best"
+    # keeping the best row: a plain -o is its file; a template or folder is planned for every row, as the
+    # name of the one written comes from the row that wins
+    targets = [os.fspath(output)] if single and (len(rows) == 1 or best_only) else row_targets(output, rows)
     sharded = write.max_bytes is not None or write.shards_like_input or parts > 1
     outs = []
     for target in targets:
@@ -177,22 +179,39 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
                           like_input=write.shards_like_input, parts=parts, make_parent=target != os.fspath(output))
         out.check(_files_read(report.considered), write.force)  # unselected inputs are still inputs
         outs.append(out)
-    extra = {"ckptavg_bn": json.dumps(bn.params(), sort_keys=True)} if bn else {}
-    metadata = tuple(provenance(report, r) | extra for r in range(len(kept)))
+    metadata = tuple(row_metadata(report, r, bn) for r in range(len(outs)))
     return Job(report, tuple(outs), metadata, write, bn, evaluation)
 
 
-def produce(job: Job, into: Sequence[OpenOutput], progress: Progress | None = None) -> list[dict[str, Any]]:
+def row_metadata(report: PlanReport, row: int, bn: BatchNormOptions | None,
+                 scores: Sequence[dict[str, Any]] = ()) -> dict[str, str]:
+    """The __metadata__ of row `row`'s output: its provenance, the BatchNorm options, and the rows' scores."""
+    extra = {"ckptavg_bn": json.dumps(bn.params(), sort_keys=True)} if bn else {}
+    if scores:
+        extra["ckptavg_scores"] = json.dumps(list(scores), sort_keys=True)
+    return provenance(report, row) | extra
+
+
+def produce(job: Job, into: Sequence[OpenOutput], progress: Progress | None = None) -> None:
     """Compute the average of every output row and hand each to its open output, tensor by tensor in its order,
-    reading each block once for all rows (one block per row in memory at a time). BatchNorm recalibration and
-    row evaluation build the averages in memory first, since they run the model. Returns the rows' scores."""
-    report, write = job.report, job.write
-    ckpts, rows = report.checkpoints, report.matrix.rows
-    in_memory = job.bn is not None or job.evaluation is not None
+    reading each block once for all rows (one block per row in memory at a time). BatchNorm recalibration
+    builds the averages in memory first, since it runs the model; an evaluation goes through `evaluate_rows`."""
+    if job.evaluation is not None:
+        raise AssertionError("evaluated rows are computed by evaluate_rows, then written by write_rows")
     order = into[0].order
     if any(o.order != order for o in into):  # the same tensors everywhere, so one write order
         raise AssertionError("outputs of one plan disagree on their tensors")
-    specs = report.specs if in_memory else order
+    if job.bn is None:
+        _reduce(job, order, [o.sink for o in into], progress)
+        return
+    write_rows(into, _states(job, progress), range(len(into)))
+
+
+def _reduce(job: Job, specs: Sequence[TensorSpec], sinks: Sequence[Callable[[TensorSpec, int, torch.Tensor], None]],
+            progress: Progress | None) -> None:
+    """Stream every row of the plan into its sink, in the order of `specs`, reading each block once."""
+    report, write = job.report, job.write
+    ckpts, rows = report.checkpoints, report.matrix.rows
     total = sum(work_bytes(s, ckpts, [r.for_tensor(s.name) for r in rows]) for s in specs)
     done = 0
 
@@ -209,29 +228,43 @@ def produce(job: Job, into: Sequence[OpenOutput], progress: Progress | None = No
             sink(spec, start, block)
         return check_then_write
 
-    def reduce(sinks: Sequence[Callable[[TensorSpec, int, torch.Tensor], None]]) -> None:
-        stream_rows(specs, ckpts, lambda s: [r.for_tensor(s.name) for r in rows], [checked(s) for s in sinks],
-                    accum_dtype=ACCUM_DTYPES[write.accum_dtype], device=write.device, on_read=on_read)
+    stream_rows(specs, ckpts, lambda s: [r.for_tensor(s.name) for r in rows], [checked(s) for s in sinks],
+                accum_dtype=ACCUM_DTYPES[write.accum_dtype], device=write.device, on_read=on_read)
 
-    if not in_memory:
-        reduce([o.sink for o in into])
-        return []
-    states = [{s.name: torch.empty(s.shape, dtype=s.out_dtype) for s in report.specs} for _ in rows]
+
+def _states(job: Job, progress: Progress | None) -> list[dict[str, torch.Tensor]]:
+    """Every row's average as a state dict in memory, BatchNorm statistics recomputed if asked."""
+    specs = job.report.specs
+    states = [{s.name: torch.empty(s.shape, dtype=s.out_dtype) for s in specs} for _ in job.report.matrix.rows]
 
     def keeper(state: dict[str, torch.Tensor]) -> Callable[[TensorSpec, int, torch.Tensor], None]:
         def keep(spec: TensorSpec, start: int, block: torch.Tensor) -> None:
             state[spec.name].view(-1)[start : start + block.numel()] = block
         return keep
 
-    reduce([keeper(state) for state in states])
+    _reduce(job, specs, [keeper(state) for state in states], progress)
     if job.bn is not None:
         for state in states:
-            state.update(recalibrate(state, job.bn, resolve_device(write.device)))
-    scores, chosen = _evaluate(job.evaluation, rows, states) if job.evaluation else ([], list(range(len(rows))))
-    for target, r in zip(into, chosen, strict=True):
+            state.update(recalibrate(state, job.bn, resolve_device(job.write.device)))
+    return states
+
+
+def evaluate_rows(job: Job, progress: Progress | None = None
+                  ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, Any]], list[int]]:
+    """Average every row in memory and score it with the job's evaluation: the state dicts, the scores, and the
+    rows to write (the best, or all)."""
+    if job.evaluation is None:
+        raise AssertionError("evaluate_rows needs a job with an evaluation")
+    states = _states(job, progress)
+    scores, chosen = _evaluate(job.evaluation, job.report.matrix.rows, states)
+    return states, scores, chosen
+
+
+def write_rows(into: Sequence[OpenOutput], states: Sequence[dict[str, torch.Tensor]], rows: Sequence[int]) -> None:
+    """Hand row `rows[i]`'s state dict to output `into[i]`, tensor by tensor in its order."""
+    for target, r in zip(into, rows, strict=True):
         for spec in target.order:
             target.sink(spec, 0, states[r][spec.name].reshape(-1))
-    return scores
 
 
 def _evaluate(evaluation: RowEvaluation, rows: Sequence[Weights], states: Sequence[dict[str, torch.Tensor]]
@@ -292,10 +325,21 @@ def average(
     job = prepare(inputs, output, plan or Swa(), select=select, load=load, write=write, bn=bn, evaluation=evaluation)
     opened: list[OpenOutput] = []
     committed: list[OpenOutput] = []
+    outputs, metadata, rows = list(job.outputs), list(job.metadata), list(range(len(job.outputs)))
+    scores: list[dict[str, Any]] = []
+    states: list[dict[str, torch.Tensor]] = []
     try:
-        for out, metadata in zip(job.outputs, job.metadata, strict=True):
-            opened.append(out.open(metadata))
-        scores = produce(job, opened, progress)
+        if job.evaluation is not None:  # the headers name the rows kept and hold the scores: open after scoring
+            states, scores, rows = evaluate_rows(job, progress)
+            if len(outputs) > 1:  # one per row (a template or folder): the kept rows' only
+                outputs = [outputs[r] for r in rows]
+            metadata = [row_metadata(job.report, r, bn, scores) for r in rows]
+        for out, meta in zip(outputs, metadata, strict=True):
+            opened.append(out.open(meta))
+        if job.evaluation is not None:
+            write_rows(opened, states, rows)
+        else:
+            produce(job, opened, progress)
         for into in opened:  # before the rename: a file that fails never appears
             into.finish(write.verify, not write.allow_nonfinite)
         for into in opened:
@@ -309,7 +353,7 @@ def average(
         raise
     files = [f for into in opened for f in into.files]
     return AverageResult(Path(output), job.report, files, time.perf_counter() - started,
-                         [o.path for o in job.outputs], scores)
+                         [o.path for o in outputs], scores, rows)
 
 
 def average_checkpoints(

@@ -53,6 +53,8 @@ class PlanReport:
             "residual": self.weights.residual,
             "tensors": len(self.specs),
             "bytes": self.nbytes,
+            "outputs": [{"name": r.name, "params": dict(r.params), "weights": list(r.values), "residual": r.residual}
+                        for r in self.matrix.rows],
         } | self.details()
 
     def metric_of(self, c: Checkpoint) -> float | None:
@@ -79,6 +81,14 @@ class AverageResult:
     seconds: float
     outputs: list[Path] = field(default_factory=list)
     scores: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # the matrix row of each of `outputs`
+
+    def written(self) -> list[tuple[Path, Weights]]:
+        """Each output written, with its row of the plan's matrix."""
+        rows = self.report.matrix.rows
+        if not self.outputs:  # a torchrun job: one output, the plan's only row
+            return [(self.output, rows[0])]
+        return [(p, rows[r]) for p, r in zip(self.outputs, self.rows or range(len(self.outputs)), strict=True)]
 
     @property
     def nbytes(self) -> int:
@@ -97,8 +107,8 @@ class AverageResult:
         }
         if self.sha256 is None:
             out["files"] = [{"path": str(f.path), "bytes": f.nbytes, "sha256": f.sha256} for f in self.files]
-        if len(self.outputs) > 1:
-            out["outputs"] = [str(p) for p in self.outputs]
+        if len(self.report.matrix.rows) > 1 or self.scores:
+            out["outputs"] = [{"path": str(p), "name": w.name, "params": dict(w.params)} for p, w in self.written()]
         if self.scores:
             out["scores"] = self.scores
         return out

@@ -17,6 +17,7 @@ from .progress import ProgressBar
 from .text import format_plan, format_summary
 
 if TYPE_CHECKING:
+    from ..api import RowEvaluation
     from ..bn import BatchNormOptions
     from ..methods.base import Plan
     from ..read.checkpoint import LoadOptions
@@ -76,9 +77,9 @@ def lead() -> bool:
 
 
 def average(inputs: list[str], plan: Plan, select: Selection, load: LoadOptions, dest: Destination,
-            bn: BatchNormOptions | None) -> None:
+            bn: BatchNormOptions | None, evaluation: RowEvaluation | None = None) -> None:
     """Run one average (under torchrun, this rank's share of it) and print the summary."""
-    from .. import api, dist  # noqa: F401 - api: imported before the freeze below, as dist imports it late
+    from .. import api, dist
 
     if gc.get_freeze_count():
         # main() froze what it had imported before torch; freeze torch's ~500k objects too, so that no
@@ -87,12 +88,10 @@ def average(inputs: list[str], plan: Plan, select: Selection, load: LoadOptions,
         gc.freeze()
     bar = ProgressBar(sys.stderr) if not dest.quiet and sys.stderr.isatty() and lead() else None
     try:
-        result: AverageResult = dist.average_checkpoints(
-            inputs, dest.output, plan, select=select, load=load, dtype=dest.dtype.value if dest.dtype else None,
-            accum_dtype=dest.accum_dtype.value, allow_nonfinite=dest.allow_nonfinite, force=dest.force,
-            progress=bar, bn=bn, device=dest.device, max_shard_size=dest.max_shard_size,
-            shards_like_input=dest.shards is not None, verify=dest.verify,
-        )
+        write = api.WriteOptions(dest.dtype.value if dest.dtype else None, dest.accum_dtype.value, dest.allow_nonfinite,
+                                 dest.force, dest.device, dest.max_shard_size, dest.shards is not None, dest.verify)
+        result: AverageResult = dist.average(inputs, dest.output, plan, select=select, load=load, write=write, bn=bn,
+                                             progress=bar, evaluation=evaluation)
     finally:
         if bar:
             bar.close()
@@ -101,9 +100,15 @@ def average(inputs: list[str], plan: Plan, select: Selection, load: LoadOptions,
 
 
 def show_plan(inputs: list[str], plan: Plan, select: Selection, load: LoadOptions, dtype: OutDtype | None,
-              json_out: bool) -> None:
-    """Print the checkpoints, order and weights that `plan` gives, as a table or as JSON."""
+              json_out: bool, plot: str | None = None) -> None:
+    """Print the checkpoints, order and weights that `plan` gives, as a table or as JSON; with `plot`, draw the
+    weights of every output into that file too."""
     from ..api import plan_checkpoints
+    from .plot import check_plot, plot_weights
 
+    if plot is not None:
+        check_plot(plot)  # before any work: a missing matplotlib or a bad suffix
     report = plan_checkpoints(inputs, plan, select=select, load=load, dtype=dtype.value if dtype else None)
+    if plot is not None:
+        plot_weights(report, plot)
     print(json.dumps(report.to_json(), indent=2) if json_out else format_plan(report))

@@ -93,6 +93,7 @@ class Plan:
     method: ClassVar[str]
     summary: ClassVar[str] = ""  # one line for `--help` and the README
     paper: ClassVar[str] = ""  # where the method comes from (arXiv id or URL)
+    command: ClassVar[str] = ""  # the command that reaches the method when it has none of its own (lr: linear)
     min_checkpoints: ClassVar[int] = 1
 
     def params(self) -> dict[str, Any]:
