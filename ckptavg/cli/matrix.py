@@ -48,5 +48,10 @@ def format_matrix(report: PlanReport) -> list[str]:
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     body = ["  ".join(c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
                       ).rstrip() for line in table]
-    sums = "  ".join(f"[{i + 1}] {sum(r.values):.4f}" for i, r in enumerate(shown[:6]))
-    return [*legend, "", *body, "", f"sum of weights: {sums}" + (" ..." if len(shown) > 6 else "")]
+    sums = [sum(r.values) for r in rows]
+    if all(abs(x - sums[0]) < 5e-7 for x in sums):
+        total = f"sum of weights: {sums[0]:.6f} in every output"
+    else:
+        total = "sum of weights: " + "  ".join(f"[{i + 1}] {x:.4f}" for i, x in enumerate(sums[:5])) + \
+            (" ..." if len(sums) > 5 else "")
+    return [*legend, "", *body, "", total]

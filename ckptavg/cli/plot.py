@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 FORMATS = (".png", ".svg")
 MAX_LEGEND = 12  # more outputs than this: no legend, the lines alone show the family
+MAX_TICKS = 24
 
 
 def check_plot(path: str) -> None:
@@ -37,6 +38,8 @@ def plot_weights(report: PlanReport, path: str) -> None:
     """Draw the weight of each checkpoint against its step (its index when a step is unknown), one line per output."""
     import matplotlib
 
+    from .text import describe
+
     matplotlib.use("Agg")  # a file, never a window
     import matplotlib.pyplot as plt
 
@@ -51,9 +54,11 @@ def plot_weights(report: PlanReport, path: str) -> None:
             ax.plot(xs, row.values, marker="o", markersize=3, linewidth=1.2, label=label if i < MAX_LEGEND else None)
         ax.axhline(0.0, color="grey", linewidth=0.6)
         ax.set_xlabel("step" if by_step else "checkpoint (oldest first)")
+        if not by_step and len(xs) <= MAX_TICKS:  # steps unknown or shared (one per EMA profile): name each
+            ax.set_xticks(xs, [c.path.name for c in report.checkpoints], rotation=45, ha="right", fontsize="small")
         ax.set_ylabel("weight")
         n = len(rows)
-        ax.set_title(f"{report.plan.method}: {n} output{'s' if n != 1 else ''}, {len(xs)} checkpoints")
+        ax.set_title(f"{describe(report.plan)[0]}: {n} output{'s' if n != 1 else ''}, {len(xs)} checkpoints")
         if n > 1 or rows[0].name:
             ax.legend(fontsize="small", title=None if n <= MAX_LEGEND else f"first {MAX_LEGEND} of {n}")
         fig.tight_layout()
