@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -20,14 +19,15 @@ import torch
 from .bn import BatchNormOptions, recalibrate
 from .errors import BatchNormError, PlanError
 from .layout import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout
-from .methods.base import Plan, Weights
+from .methods.base import Plan
 from .methods.uniform import Swa
 from .read.checkpoint import Checkpoint, LoadOptions, PathLike
 from .read.discover import find_checkpoints
 from .read.layouts import open_checkpoint
 from .reduce.stream import resolve_device, stream_rows
 from .reduce.tensor import CheckpointData, check_finite, work_bytes
-from .results import AverageResult, PlanReport, provenance
+from .results import AverageResult, PlanReport, provenance, score_rows
+from .results import RowEvaluation as RowEvaluation  # the argument of `average`, importable from here too
 from .select import Selection, order_checkpoints, select_checkpoints
 from .write.hf_folder import parse_size
 from .write.output import OpenOutput, Output, is_folder_output, plan_output, row_targets
@@ -113,29 +113,6 @@ def _plan(paths: list[Path], plan: Plan, select: Selection, load: LoadOptions, d
 
 
 @dataclass(frozen=True)
-class RowEvaluation:
-    """Score every output row of a plan with a function of its state dict, and keep the best (or all).
-
-    Attributes:
-        evaluate: ``fn(state_dict) -> float``, as for soups.
-        mode: ``max`` if a higher score is better, ``min`` for losses.
-        keep: ``best`` (write the best row to the output) or ``all`` (write every row, scores in each).
-        name: how `evaluate` is recorded in the output metadata (``evals.py:score``).
-    """
-
-    evaluate: Callable[[dict[str, torch.Tensor]], float]
-    mode: str = "max"
-    keep: str = "best"
-    name: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("max", "min"):
-            raise PlanError(f"mode must be max or min, not {self.mode!r}.", params=("mode",))
-        if self.keep not in ("best", "all"):
-            raise PlanError(f"keep must be best or all, not {self.keep!r}.", params=("keep",))
-
-
-@dataclass(frozen=True)
 class Job:
     """A prepared average: its plan, where each output row goes, and how."""
 
@@ -187,24 +164,20 @@ def row_metadata(report: PlanReport, row: int, bn: BatchNormOptions | None,
                  scores: Sequence[dict[str, Any]] = ()) -> dict[str, str]:
     """The __metadata__ of row `row`'s output: its provenance, the BatchNorm options, and the rows' scores."""
     extra = {"ckptavg_bn": json.dumps(bn.params(), sort_keys=True)} if bn else {}
-    if scores:
-        extra["ckptavg_scores"] = json.dumps(list(scores), sort_keys=True)
-    return provenance(report, row) | extra
+    return provenance(report, row) | extra | ({"ckptavg_scores": json.dumps(list(scores), sort_keys=True)} if scores else {})
 
 
 def produce(job: Job, into: Sequence[OpenOutput], progress: Progress | None = None) -> None:
     """Compute the average of every output row and hand each to its open output, tensor by tensor in its order,
     reading each block once for all rows (one block per row in memory at a time). BatchNorm recalibration
-    builds the averages in memory first, since it runs the model; an evaluation goes through `evaluate_rows`."""
-    if job.evaluation is not None:
-        raise AssertionError("evaluated rows are computed by evaluate_rows, then written by write_rows")
+    builds the averages in memory first, since it runs the model. (`average` scores a job's evaluation itself.)"""
     order = into[0].order
     if any(o.order != order for o in into):  # the same tensors everywhere, so one write order
         raise AssertionError("outputs of one plan disagree on their tensors")
     if job.bn is None:
         _reduce(job, order, [o.sink for o in into], progress)
         return
-    write_rows(into, _states(job, progress), range(len(into)))
+    _write_states(into, _states(job, progress), range(len(into)))
 
 
 def _reduce(job: Job, specs: Sequence[TensorSpec], sinks: Sequence[Callable[[TensorSpec, int, torch.Tensor], None]],
@@ -249,44 +222,11 @@ def _states(job: Job, progress: Progress | None) -> list[dict[str, torch.Tensor]
     return states
 
 
-def evaluate_rows(job: Job, progress: Progress | None = None
-                  ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, Any]], list[int]]:
-    """Average every row in memory and score it with the job's evaluation: the state dicts, the scores, and the
-    rows to write (the best, or all)."""
-    if job.evaluation is None:
-        raise AssertionError("evaluate_rows needs a job with an evaluation")
-    states = _states(job, progress)
-    scores, chosen = _evaluate(job.evaluation, job.report.matrix.rows, states)
-    return states, scores, chosen
-
-
-def write_rows(into: Sequence[OpenOutput], states: Sequence[dict[str, torch.Tensor]], rows: Sequence[int]) -> None:
+def _write_states(into: Sequence[OpenOutput], states: Sequence[dict[str, torch.Tensor]], rows: Sequence[int]) -> None:
     """Hand row `rows[i]`'s state dict to output `into[i]`, tensor by tensor in its order."""
     for target, r in zip(into, rows, strict=True):
         for spec in target.order:
             target.sink(spec, 0, states[r][spec.name].reshape(-1))
-
-
-def _evaluate(evaluation: RowEvaluation, rows: Sequence[Weights], states: Sequence[dict[str, torch.Tensor]]
-              ) -> tuple[list[dict[str, Any]], list[int]]:
-    """Score each row's state dict; the rows to write: the best one (`keep="best"`) or all of them."""
-    scores: list[dict[str, Any]] = []
-    values: list[float] = []
-    for i, (row, state) in enumerate(zip(rows, states, strict=True)):
-        label = row.name or f"output {i}"
-        try:
-            value = float(evaluation.evaluate(state))
-        except Exception as e:  # noqa: BLE001 - the user's function failed: report it as one line
-            raise PlanError(f"evaluate failed on {label}: {type(e).__name__}: {e}", params=("evaluate",)) from e
-        if not math.isfinite(value):
-            raise PlanError(f"evaluate returned {value} for {label}; scores must be finite.", params=("evaluate",))
-        values.append(value)
-        scores.append({"row": i, "name": row.name, "params": dict(row.params), "score": value})
-    sign = 1.0 if evaluation.mode == "max" else -1.0
-    best = max(range(len(rows)), key=lambda i: (sign * values[i], -i))  # ties: the earlier row
-    for s in scores:
-        s["kept"] = evaluation.keep == "all" or s["row"] == best
-    return scores, [best] if evaluation.keep == "best" else list(range(len(rows)))
 
 
 def average(
@@ -330,14 +270,15 @@ def average(
     states: list[dict[str, torch.Tensor]] = []
     try:
         if job.evaluation is not None:  # the headers name the rows kept and hold the scores: open after scoring
-            states, scores, rows = evaluate_rows(job, progress)
+            states = _states(job, progress)
+            scores, rows = score_rows(job.evaluation, job.report.matrix.rows, states)
             if len(outputs) > 1:  # one per row (a template or folder): the kept rows' only
                 outputs = [outputs[r] for r in rows]
             metadata = [row_metadata(job.report, r, bn, scores) for r in rows]
         for out, meta in zip(outputs, metadata, strict=True):
             opened.append(out.open(meta))
         if job.evaluation is not None:
-            write_rows(opened, states, rows)
+            _write_states(opened, states, rows)
         else:
             produce(job, opened, progress)
         for into in opened:  # before the rename: a file that fails never appears

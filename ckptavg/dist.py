@@ -30,7 +30,7 @@ from .methods.base import Plan
 from .methods.uniform import Swa
 from .read.checkpoint import LoadOptions, PathLike
 from .reduce.stream import resolve_device
-from .results import AverageResult
+from .results import AverageResult, RowEvaluation
 from .select import Selection
 from .write.hf_folder import balance
 
@@ -108,7 +108,7 @@ def agreed(group: Ranks | None, step: Callable[[], T]) -> T:
 def average(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan | None = None, *,
             select: Selection = Selection(), load: LoadOptions = LoadOptions(), write: WriteOptions = WriteOptions(),
             bn: BatchNormOptions | None = None, progress: Progress | None = None,
-            evaluation: api.RowEvaluation | None = None) -> AverageResult:
+            evaluation: RowEvaluation | None = None) -> AverageResult:
     """`api.average` on every rank of a torchrun job, or `api.average` itself when not launched by torchrun.
 
     Every rank plans the same folder of `world` balanced shards and writes the ones `balance` gives it; the

@@ -1,17 +1,24 @@
-"""What the library verbs return: the plan of an average, what an average wrote, and its provenance."""
+"""What the library verbs return: the plan of an average, what an average wrote, its provenance, and the scores
+of evaluated output rows (`RowEvaluation`, `score_rows`)."""
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+from .errors import PlanError
 from .layout import TensorSpec
 from .methods.base import Plan, WeightMatrix, Weights
 from .read.checkpoint import Checkpoint
 from .write.output import WrittenFile
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -133,3 +140,48 @@ def provenance(report: PlanReport, row: int = 0) -> dict[str, str]:
         "ckptavg_residual": repr(weights.residual),
         "ckptavg_inputs": json.dumps(inputs),
     } | named | ({"ckptavg_details": json.dumps(details)} if (details := report.details()) else {})
+
+
+@dataclass(frozen=True)
+class RowEvaluation:
+    """Score every output row of a plan with a function of its state dict, and keep the best (or all).
+
+    Attributes:
+        evaluate: ``fn(state_dict) -> float``, as for soups.
+        mode: ``max`` if a higher score is better, ``min`` for losses.
+        keep: ``best`` (write the best row to the output) or ``all`` (write every row, scores in each).
+        name: how `evaluate` is recorded in the output metadata (``evals.py:score``).
+    """
+
+    evaluate: Callable[[dict[str, torch.Tensor]], float]
+    mode: str = "max"
+    keep: str = "best"
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("max", "min"):
+            raise PlanError(f"mode must be max or min, not {self.mode!r}.", params=("mode",))
+        if self.keep not in ("best", "all"):
+            raise PlanError(f"keep must be best or all, not {self.keep!r}.", params=("keep",))
+
+
+def score_rows(evaluation: RowEvaluation, rows: Sequence[Weights], states: Sequence[dict[str, torch.Tensor]]
+              ) -> tuple[list[dict[str, Any]], list[int]]:
+    """Score each row's state dict; the rows to write: the best one (`keep="best"`) or all of them."""
+    scores: list[dict[str, Any]] = []
+    values: list[float] = []
+    for i, (row, state) in enumerate(zip(rows, states, strict=True)):
+        label = row.name or f"output {i}"
+        try:
+            value = float(evaluation.evaluate(state))
+        except Exception as e:  # noqa: BLE001 - the user's function failed: report it as one line
+            raise PlanError(f"evaluate failed on {label}: {type(e).__name__}: {e}", params=("evaluate",)) from e
+        if not math.isfinite(value):
+            raise PlanError(f"evaluate returned {value} for {label}; scores must be finite.", params=("evaluate",))
+        values.append(value)
+        scores.append({"row": i, "name": row.name, "params": dict(row.params), "score": value})
+    sign = 1.0 if evaluation.mode == "max" else -1.0
+    best = max(range(len(rows)), key=lambda i: (sign * values[i], -i))  # ties: the earlier row
+    for s in scores:
+        s["kept"] = evaluation.keep == "all" or s["row"] == best
+    return scores, [best] if evaluation.keep == "best" else list(range(len(rows)))

@@ -15,8 +15,8 @@ from .lists import Floats, Ints, Names
 from .options import Keep, Per, SoupMode
 
 if TYPE_CHECKING:
-    from ..api import RowEvaluation
     from ..methods.base import Plan
+    from ..results import RowEvaluation
 
 
 def _first(values: Sequence[Any] | None) -> Any:
@@ -57,8 +57,8 @@ def windowed(plan: Plan, window: int | None, stride: int | None) -> Plan:
 
 def evaluation(eval: str | None, eval_mode: SoupMode, keep: Keep | None) -> RowEvaluation | None:
     """The `RowEvaluation` of --eval, --eval-mode and --keep; None without --eval."""
-    from ..api import RowEvaluation
     from ..errors import PlanError
+    from ..results import RowEvaluation
     from ..userfn import load_callable
 
     if eval is None:
@@ -72,8 +72,8 @@ def evaluation(eval: str | None, eval_mode: SoupMode, keep: Keep | None) -> RowE
 
 def soup_evaluation(eval: str | None, mode: SoupMode, keep: Keep | None) -> RowEvaluation | None:
     """A soup's outputs scored by its own --eval and --mode, when --keep asks for it."""
-    from ..api import RowEvaluation
     from ..errors import PlanError
+    from ..results import RowEvaluation
     from ..userfn import load_callable
 
     if keep is None:

@@ -17,11 +17,10 @@ from .progress import ProgressBar
 from .text import format_plan, format_summary
 
 if TYPE_CHECKING:
-    from ..api import RowEvaluation
     from ..bn import BatchNormOptions
     from ..methods.base import Plan
     from ..read.checkpoint import LoadOptions
-    from ..results import AverageResult
+    from ..results import AverageResult, RowEvaluation
     from ..select import Selection
 
 
