@@ -54,8 +54,8 @@ class TensorAccess(Protocol):
 class Weights:
     """One output row: a weight per checkpoint, in checkpoint order, and the mass left on an initial value.
 
-    `by_tensor` holds per-tensor weights where a method has them (grafting); `values` is then the
-    parameter-count-weighted mean weight of each checkpoint. `name` and `params` tell the rows of a
+    `by_tensor` holds per-tensor weights where a method has them (grafting: `values` is then the
+    parameter-count-weighted mean weight of each checkpoint; phema: one-hot rows that copy counters). `name` and `params` tell the rows of a
     sweep apart (``sigma_rel=0.1``; empty for a single row).
     """
 

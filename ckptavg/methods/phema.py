@@ -134,7 +134,9 @@ class Phema(Plan):
     Each input must be a snapshot of a power-function EMA whose profile is known: from an EDM2 file name,
     from safetensors metadata, or from `snapshot_sigma_rel` (or `snapshot_gamma`) indexed by the profile index
     of ema-pytorch's ``{index}.{step}.pt`` names. Raw training checkpoints are not snapshots: average them with
-    ``Ema(sigma_rel=...)`` (§4.3) instead.
+    ``Ema(sigma_rel=...)`` (§4.3) instead. Counters stored as floats (`is_counter`: KarrasEMA's `step` and
+    `initted`, BatchNorm's `num_batches_tracked`) get one-hot `by_tensor` weights: copied from the newest
+    snapshot used, never combined.
 
     Attributes:
         sigma_rel: Target relative width(s) in (0, 0.288675); several give one output row each.
