@@ -4,6 +4,7 @@
     python bench/run.py scaling    # N = 2, 4, 8, 16 x 50, 100, 500 MiB (safetensors fp32)
     python bench/run.py memory     # peak RSS, 2 vs 16 checkpoints, 100 MiB and 500 MiB
     python bench/run.py distributed  # 4 x 2 GiB sharded transformer: 1 process vs torchrun with 2
+    python bench/run.py sweep      # 8 x 100 MiB: 1 output row, 5 rows from one read, 5 separate runs (issue 19)
 
 Checkpoints are generated once under --data (default /tmp/ckptavg-bench, about 20 GB for everything).
 Every command runs once to warm the page cache, then --reps times; the median wall time and peak RSS
@@ -30,7 +31,7 @@ MiB = 2**20
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
-def measure(cmd: list[str], reps: int, fresh: Path | None = None) -> dict[str, float]:
+def measure(cmd: list[str], reps: int, fresh: Path | list[Path] | None = None) -> dict[str, float]:
     """Median wall seconds and peak RSS (MiB) of `cmd` over `reps` runs, after one warm-up run.
 
     `fresh`: an output file removed (untimed) before each run, so that every tool writes a new file, as
@@ -38,8 +39,8 @@ def measure(cmd: list[str], reps: int, fresh: Path | None = None) -> dict[str, f
     """
     walls, rss, out = [], [], ""
     for i in range(reps + 1):
-        if fresh is not None:
-            fresh.unlink(missing_ok=True)
+        for path in [fresh] if isinstance(fresh, Path) else fresh or []:
+            path.unlink(missing_ok=True)
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -142,9 +143,50 @@ def distributed(a: argparse.Namespace) -> None:
         print(f"| {n} | {m['wall']:.2f} | {m['rss']:.0f} |", flush=True)
 
 
+DECAYS = ["0.9", "0.95", "0.99", "0.995", "0.999"]
+
+
+def sweep(a: argparse.Namespace) -> None:
+    """One output row against five rows from one read (`ema --decay` with a comma list and an `-o` template)
+    and against five separate runs, for each N; the reps are interleaved, so that drift on a shared machine
+    hits every variant alike (issue 19: five rows within 1.5 x one row, RSS above one row by the rows'
+    accumulator blocks, flat in N)."""
+    base = measure([PY, "-c", "import torch"], a.reps)
+    size = a.sizes[0]
+    d = dataset(a.data, a.mix, size, "float32", "safetensors", max(a.ns))
+    print("| N | variant | wall s (median) | wall s (min-max) | / one row | peak RSS MiB | RSS - import torch | "
+          "RSS - one row |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in a.ns:
+        view = first_n(d, n, a.data / "views")
+        one = a.data / "one.safetensors"
+        many = [a.data / f"sweep-{x}.safetensors" for x in DECAYS]
+        cli = [PY, "-m", "ckptavg", "ema", str(view), "--force", "-q", "--decay"]
+        separate = " && ".join(f"{PY} -m ckptavg ema {view} --force -q --decay {x} -o {a.data}/sep-{x}.safetensors"
+                               for x in DECAYS)
+        variants = {
+            "1 row": ([*cli, DECAYS[0], "-o", str(one)], [one]),
+            "5 rows, one read": ([*cli, ",".join(DECAYS), "-o", str(a.data / "sweep-{decay}.safetensors")], many),
+            "5 separate runs": (["sh", "-c", separate], [a.data / f"sep-{x}.safetensors" for x in DECAYS]),
+        }
+        runs: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
+        for _ in range(a.reps):
+            for name, (cmd, outs) in variants.items():
+                runs[name].append(measure(cmd, 1, fresh=outs))
+        ref = statistics.median(r["wall"] for r in runs["1 row"])
+        ref_rss = statistics.median(r["rss"] for r in runs["1 row"])
+        for name, ms in runs.items():
+            walls = [m["wall"] for m in ms]
+            wall, rss = statistics.median(walls), statistics.median(m["rss"] for m in ms)
+            record({"bench": "sweep", "mix": a.mix, "size": size, "n": n, "variant": name, "wall": wall, "rss": rss,
+                    "walls": walls, "import_wall": base["wall"], "import_rss": base["rss"]})
+            print(f"| {n} | {name} | {wall:.2f} | {min(walls):.2f}-{max(walls):.2f} | {wall / ref:.2f} | {rss:.0f} | "
+                  f"{rss - base['rss']:.1f} | {rss - ref_rss:+.1f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["speed", "scaling", "memory", "distributed"])
+    ap.add_argument("what", choices=["speed", "scaling", "memory", "distributed", "sweep"])
     ap.add_argument("--data", type=Path, default=Path("/tmp/ckptavg-bench"))
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--mix", choices=["resnet", "transformer"], default="resnet")
@@ -163,6 +205,9 @@ def main() -> None:
     elif a.what == "memory":
         a.sizes, a.ns = a.sizes or [100, 500], [2, 16]
         scaling(a)
+    elif a.what == "sweep":
+        a.sizes, a.ns = a.sizes or [100], a.ns if a.ns != [2, 4, 8, 16] else [8]
+        sweep(a)
     else:
         a.sizes = a.sizes or [2048]
         distributed(a)

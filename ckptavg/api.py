@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 import warnings
@@ -19,9 +18,9 @@ from typing import Any
 import torch
 
 from .bn import BatchNormOptions, recalibrate
-from .errors import BatchNormError, CheckpointFormatError, CkptavgError, CkptavgWarning, PlanError, listing
+from .errors import BatchNormError, CheckpointFormatError, CkptavgError, CkptavgWarning, listing
 from .layout import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout
-from .methods.base import Plan, Weights
+from .methods.base import Plan
 from .methods.uniform import Copy, Swa
 from .read.checkpoint import Checkpoint, LoadOptions, PathLike, check_unchanged
 from .read.describe import describe
@@ -29,7 +28,8 @@ from .read.discover import find_checkpoints
 from .read.layouts import is_checkpoint_folder, open_checkpoint
 from .reduce.stream import resolve_device, stream_rows
 from .reduce.tensor import CheckpointData, check_finite, work_bytes
-from .results import AverageResult, PlanReport, provenance
+from .results import AverageResult, PlanReport, provenance, score_rows
+from .results import RowEvaluation as RowEvaluation  # the argument of `average`, importable from here too
 from .select import Selection, order_checkpoints, select_checkpoints
 from .write.options import WriteOptions, output_format
 from .write.output import OpenOutput, Output, is_folder_output, plan_output, row_targets
@@ -81,34 +81,11 @@ def _plan(paths: list[Path], plan: Plan, select: Selection, load: LoadOptions, d
 
 
 @dataclass(frozen=True)
-class RowEvaluation:
-    """Score every output row of a plan with a function of its state dict, and keep the best (or all).
-
-    Attributes:
-        evaluate: ``fn(state_dict) -> float``, as for soups.
-        mode: ``max`` if a higher score is better, ``min`` for losses.
-        keep: ``best`` (write the best row to the output) or ``all`` (write every row, scores in each).
-        name: how `evaluate` is recorded in the output metadata (``evals.py:score``).
-    """
-
-    evaluate: Callable[[dict[str, torch.Tensor]], float]
-    mode: str = "max"
-    keep: str = "best"
-    name: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("max", "min"):
-            raise PlanError(f"mode must be max or min, not {self.mode!r}.", params=("mode",))
-        if self.keep not in ("best", "all"):
-            raise PlanError(f"keep must be best or all, not {self.keep!r}.", params=("keep",))
-
-
-@dataclass(frozen=True)
 class Job:
     """A prepared average: its plan, where each output row goes, and how."""
 
     report: PlanReport
-    outputs: tuple[Output, ...]  # one per row written (all rows, or the one an evaluation keeps)
+    outputs: tuple[Output, ...]  # one per row, or one plain file for the row an evaluation keeps
     metadata: tuple[dict[str, str], ...]
     write: WriteOptions
     bn: BatchNormOptions | None
@@ -138,8 +115,10 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
         bn.check()
     report = _plan(paths, plan, select, load, write.dtype)
     rows = report.matrix.rows
-    kept = rows[:1] if evaluation is not None and evaluation.keep == "best" else rows
-    targets = [os.fspath(output)] if len(kept) == 1 and single else row_targets(output, kept)
+    best_only = evaluation is not None and evaluation.keep == "best"
+    # keeping the best row: a plain -o is its file; a template or folder is planned for every row, as the
+    # name of the one written comes from the row that wins
+    targets = [os.fspath(output)] if single and (len(rows) == 1 or best_only) else row_targets(output, rows)
     sharded = write.max_bytes is not None or write.shards_like_input or parts > 1
     outs = []
     for target in targets:
@@ -150,22 +129,35 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
                           fmt=write.format)
         out.check(_files_read(report.considered), write.force)  # unselected inputs are still inputs
         outs.append(out)
-    extra = {"ckptavg_bn": json.dumps(bn.params(), sort_keys=True)} if bn else {}
-    metadata = tuple(provenance(report, r) | extra for r in range(len(kept)))
+    metadata = tuple(row_metadata(report, r, bn) for r in range(len(outs)))
     return Job(report, tuple(outs), metadata, write, bn, evaluation)
 
 
-def produce(job: Job, into: Sequence[OpenOutput], progress: Progress | None = None) -> list[dict[str, Any]]:
+def row_metadata(report: PlanReport, row: int, bn: BatchNormOptions | None,
+                 scores: Sequence[dict[str, Any]] = ()) -> dict[str, str]:
+    """The __metadata__ of row `row`'s output: its provenance, the BatchNorm options, and the rows' scores."""
+    extra = {"ckptavg_bn": json.dumps(bn.params(), sort_keys=True)} if bn else {}
+    return provenance(report, row) | extra | ({"ckptavg_scores": json.dumps(list(scores), sort_keys=True)} if scores else {})
+
+
+def produce(job: Job, into: Sequence[OpenOutput], progress: Progress | None = None) -> None:
     """Compute the average of every output row and hand each to its open output, tensor by tensor in its order,
-    reading each block once for all rows (one block per row in memory at a time). BatchNorm recalibration and
-    row evaluation build the averages in memory first, since they run the model. Returns the rows' scores."""
-    report, write = job.report, job.write
-    ckpts, rows = report.checkpoints, report.matrix.rows
-    in_memory = job.bn is not None or job.evaluation is not None
+    reading each block once for all rows (one block per row in memory at a time). BatchNorm recalibration
+    builds the averages in memory first, since it runs the model. (`average` scores a job's evaluation itself.)"""
     order = into[0].order
     if any(o.order != order for o in into):  # the same tensors everywhere, so one write order
         raise AssertionError("outputs of one plan disagree on their tensors")
-    specs = report.specs if in_memory else order
+    if job.bn is None:
+        _reduce(job, order, [o.sink for o in into], progress)
+        return
+    _write_states(into, _states(job, progress), range(len(into)))
+
+
+def _reduce(job: Job, specs: Sequence[TensorSpec], sinks: Sequence[Callable[[TensorSpec, int, torch.Tensor], None]],
+            progress: Progress | None) -> None:
+    """Stream every row of the plan into its sink, in the order of `specs`, reading each block once."""
+    report, write = job.report, job.write
+    ckpts, rows = report.checkpoints, report.matrix.rows
     total = sum(work_bytes(s, ckpts, [r.for_tensor(s.name) for r in rows]) for s in specs)
     done = 0
 
@@ -182,53 +174,34 @@ def produce(job: Job, into: Sequence[OpenOutput], progress: Progress | None = No
             sink(spec, start, block)
         return check_then_write
 
-    def reduce(sinks: Sequence[Callable[[TensorSpec, int, torch.Tensor], None]]) -> None:
-        stream_rows(specs, ckpts, lambda s: [r.for_tensor(s.name) for r in rows], [checked(s) for s in sinks],
-                    accum_dtype=ACCUM_DTYPES[write.accum_dtype], device=write.device, on_read=on_read)
+    stream_rows(specs, ckpts, lambda s: [r.for_tensor(s.name) for r in rows], [checked(s) for s in sinks],
+                accum_dtype=ACCUM_DTYPES[write.accum_dtype], device=write.device, on_read=on_read)
 
-    if not in_memory:
-        reduce([o.sink for o in into])
-        return []
-    states = [{s.name: torch.empty(s.shape, dtype=s.out_dtype) for s in report.specs} for _ in rows]
+
+def _states(job: Job, progress: Progress | None) -> list[dict[str, torch.Tensor]]:
+    """Every row's average as a state dict in memory, BatchNorm statistics recomputed if asked."""
+    specs = job.report.specs
+    states = [{s.name: torch.empty(s.shape, dtype=s.out_dtype) for s in specs} for _ in job.report.matrix.rows]
 
     def keeper(state: dict[str, torch.Tensor]) -> Callable[[TensorSpec, int, torch.Tensor], None]:
         def keep(spec: TensorSpec, start: int, block: torch.Tensor) -> None:
             state[spec.name].view(-1)[start : start + block.numel()] = block
         return keep
 
-    reduce([keeper(state) for state in states])
+    _reduce(job, specs, [keeper(state) for state in states], progress)
     if job.bn is not None:
         for state in states:
-            replaced, batches = recalibrate(state, job.bn, resolve_device(write.device))
+            replaced, batches = recalibrate(state, job.bn, resolve_device(job.write.device))
             state.update(replaced)
             job.bn_batches.append(batches)
-    scores, chosen = _evaluate(job.evaluation, rows, states) if job.evaluation else ([], list(range(len(rows))))
-    for target, r in zip(into, chosen, strict=True):
+    return states
+
+
+def _write_states(into: Sequence[OpenOutput], states: Sequence[dict[str, torch.Tensor]], rows: Sequence[int]) -> None:
+    """Hand row `rows[i]`'s state dict to output `into[i]`, tensor by tensor in its order."""
+    for target, r in zip(into, rows, strict=True):
         for spec in target.order:
             target.sink(spec, 0, states[r][spec.name].reshape(-1))
-    return scores
-
-
-def _evaluate(evaluation: RowEvaluation, rows: Sequence[Weights], states: Sequence[dict[str, torch.Tensor]]
-              ) -> tuple[list[dict[str, Any]], list[int]]:
-    """Score each row's state dict; the rows to write: the best one (`keep="best"`) or all of them."""
-    scores: list[dict[str, Any]] = []
-    values: list[float] = []
-    for i, (row, state) in enumerate(zip(rows, states, strict=True)):
-        label = row.name or f"output {i}"
-        try:
-            value = float(evaluation.evaluate(state))
-        except Exception as e:  # noqa: BLE001 - the user's function failed: report it as one line
-            raise PlanError(f"evaluate failed on {label}: {type(e).__name__}: {e}", params=("evaluate",)) from e
-        if not math.isfinite(value):
-            raise PlanError(f"evaluate returned {value} for {label}; scores must be finite.", params=("evaluate",))
-        values.append(value)
-        scores.append({"row": i, "name": row.name, "params": dict(row.params), "score": value})
-    sign = 1.0 if evaluation.mode == "max" else -1.0
-    best = max(range(len(rows)), key=lambda i: (sign * values[i], -i))  # ties: the earlier row
-    for s in scores:
-        s["kept"] = evaluation.keep == "all" or s["row"] == best
-    return scores, [best] if evaluation.keep == "best" else list(range(len(rows)))
 
 
 def average(
@@ -267,10 +240,22 @@ def average(
     job = prepare(inputs, output, plan or Swa(), select=select, load=load, write=write, bn=bn, evaluation=evaluation)
     opened: list[OpenOutput] = []
     committed: list[OpenOutput] = []
+    outputs, metadata, rows = list(job.outputs), list(job.metadata), list(range(len(job.outputs)))
+    scores: list[dict[str, Any]] = []
+    states: list[dict[str, torch.Tensor]] = []
     try:
-        for out, metadata in zip(job.outputs, job.metadata, strict=True):
-            opened.append(out.open(metadata))
-        scores = produce(job, opened, progress)
+        if job.evaluation is not None:  # the headers name the rows kept and hold the scores: open after scoring
+            states = _states(job, progress)
+            scores, rows = score_rows(job.evaluation, job.report.matrix.rows, states)
+            if len(outputs) > 1:  # one per row (a template or folder): the kept rows' only
+                outputs = [outputs[r] for r in rows]
+            metadata = [row_metadata(job.report, r, bn, scores) for r in rows]
+        for out, meta in zip(outputs, metadata, strict=True):
+            opened.append(out.open(meta))
+        if job.evaluation is not None:
+            _write_states(opened, states, rows)
+        else:
+            produce(job, opened, progress)
         check_unchanged(job.report.checkpoints)  # a file rewritten mid-run would mix two saves into the average
         for into in opened:  # before the rename: a file that fails never appears
             into.finish(write.verify, not write.allow_nonfinite)
@@ -285,7 +270,8 @@ def average(
         raise
     files = [f for into in opened for f in into.files]
     return AverageResult(Path(output), job.report, files, time.perf_counter() - started,
-                         [o.path for o in job.outputs], scores, job.bn_batches[0] if job.bn_batches else None)
+                         outputs=[o.path for o in outputs], scores=scores, rows=rows,
+                         bn_batches=job.bn_batches[0] if job.bn_batches else None)
 
 
 def average_checkpoints(

@@ -30,7 +30,7 @@ from .methods.base import Plan
 from .methods.uniform import Swa
 from .read.checkpoint import LoadOptions, PathLike, check_unchanged
 from .reduce.stream import resolve_device
-from .results import AverageResult
+from .results import AverageResult, RowEvaluation
 from .select import Selection
 from .write.hf_folder import balance
 from .write.options import WriteOptions
@@ -108,7 +108,8 @@ def agreed(group: Ranks | None, step: Callable[[], T]) -> T:
 
 def average(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan | None = None, *,
             select: Selection = Selection(), load: LoadOptions = LoadOptions(), write: WriteOptions = WriteOptions(),
-            bn: BatchNormOptions | None = None, progress: Progress | None = None) -> AverageResult:
+            bn: BatchNormOptions | None = None, progress: Progress | None = None,
+            evaluation: RowEvaluation | None = None) -> AverageResult:
     """`api.average` on every rank of a torchrun job, or `api.average` itself when not launched by torchrun.
 
     Every rank plans the same folder of `world` balanced shards and writes the ones `balance` gives it; the
@@ -117,10 +118,14 @@ def average(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan 
     """
     ranks = join(resolve_device(write.device))
     if ranks is None:
-        return api.average(inputs, output, plan, select=select, load=load, write=write, bn=bn, progress=progress)
+        return api.average(inputs, output, plan, select=select, load=load, write=write, bn=bn, progress=progress,
+                           evaluation=evaluation)
     started = time.perf_counter()
     if bn is not None:
         raise PlanError("BatchNorm recalibration needs the whole model in one process; run it without torchrun.")
+    if evaluation is not None:
+        raise PlanError("evaluate needs the whole model in one process; run it without torchrun.",
+                        params=("evaluate",))
     job = agreed(ranks, lambda: _prepared(inputs, output, plan or Swa(), select, load, write, ranks.world))
     owner = balance([sh.nbytes for sh in job.output.shards], ranks.world)
     into = agreed(ranks, lambda: job.output.open(job.metadata[0], [sh for sh, o in zip(job.output.shards, owner,

@@ -1,20 +1,25 @@
-"""What the library verbs return: the plan of an average, what an average wrote, and its provenance."""
+"""What the library verbs return: the plan of an average, what an average wrote, its provenance, and the scores
+of evaluated output rows (`RowEvaluation`, `score_rows`)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .errors import CkptavgWarning
+from .errors import CkptavgWarning, PlanError
 from .layout import TensorSpec
 from .methods.base import Plan, WeightMatrix, Weights
 from .read.checkpoint import Checkpoint
 from .select import find_metric
 from .write.output import WrittenFile
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -59,6 +64,8 @@ class PlanReport:
             "tensors": len(self.specs),
             "bytes": self.nbytes,
             "warnings": self.warning_texts(names),
+            "outputs": [{"name": r.name, "params": dict(r.params), "weights": list(r.values), "residual": r.residual}
+                        for r in self.matrix.rows],
         } | self.details()
 
     def warning_texts(self, names: Mapping[str, str] | None = None) -> list[str]:
@@ -94,7 +101,15 @@ class AverageResult:
     seconds: float
     outputs: list[Path] = field(default_factory=list)
     scores: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # the matrix row of each of `outputs`
     bn_batches: int | None = None  # batches the BatchNorm pass ran, when it ran
+
+    def written(self) -> list[tuple[Path, Weights]]:
+        """Each output written, with its row of the plan's matrix."""
+        rows = self.report.matrix.rows
+        if not self.outputs:  # a torchrun job: one output, the plan's only row
+            return [(self.output, rows[0])]
+        return [(p, rows[r]) for p, r in zip(self.outputs, self.rows or range(len(self.outputs)), strict=True)]
 
     @property
     def nbytes(self) -> int:
@@ -118,8 +133,8 @@ class AverageResult:
         }
         if self.sha256 is None:
             out["files"] = [{"path": str(f.path), "bytes": f.nbytes, "sha256": f.sha256} for f in self.files]
-        if len(self.outputs) > 1:
-            out["outputs"] = [str(p) for p in self.outputs]
+        if len(self.report.matrix.rows) > 1 or self.scores:
+            out["outputs"] = [{"path": str(p), "name": w.name, "params": dict(w.params)} for p, w in self.written()]
         if self.scores:
             out["scores"] = self.scores
         return out
@@ -144,3 +159,48 @@ def provenance(report: PlanReport, row: int = 0) -> dict[str, str]:
         "ckptavg_residual": repr(weights.residual),
         "ckptavg_inputs": json.dumps(inputs),
     } | named | ({"ckptavg_details": json.dumps(details)} if (details := report.details()) else {})
+
+
+@dataclass(frozen=True)
+class RowEvaluation:
+    """Score every output row of a plan with a function of its state dict, and keep the best (or all).
+
+    Attributes:
+        evaluate: ``fn(state_dict) -> float``, as for soups.
+        mode: ``max`` if a higher score is better, ``min`` for losses.
+        keep: ``best`` (write the best row to the output) or ``all`` (write every row, scores in each).
+        name: how `evaluate` is recorded in the output metadata (``evals.py:score``).
+    """
+
+    evaluate: Callable[[dict[str, torch.Tensor]], float]
+    mode: str = "max"
+    keep: str = "best"
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("max", "min"):
+            raise PlanError(f"mode must be max or min, not {self.mode!r}.", params=("mode",))
+        if self.keep not in ("best", "all"):
+            raise PlanError(f"keep must be best or all, not {self.keep!r}.", params=("keep",))
+
+
+def score_rows(evaluation: RowEvaluation, rows: Sequence[Weights], states: Sequence[dict[str, torch.Tensor]]
+              ) -> tuple[list[dict[str, Any]], list[int]]:
+    """Score each row's state dict; the rows to write: the best one (`keep="best"`) or all of them."""
+    scores: list[dict[str, Any]] = []
+    values: list[float] = []
+    for i, (row, state) in enumerate(zip(rows, states, strict=True)):
+        label = row.name or f"output {i}"
+        try:
+            value = float(evaluation.evaluate(state))
+        except Exception as e:  # noqa: BLE001 - the user's function failed: report it as one line
+            raise PlanError(f"evaluate failed on {label}: {type(e).__name__}: {e}", params=("evaluate",)) from e
+        if not math.isfinite(value):
+            raise PlanError(f"evaluate returned {value} for {label}; scores must be finite.", params=("evaluate",))
+        values.append(value)
+        scores.append({"row": i, "name": row.name, "params": dict(row.params), "score": value})
+    sign = 1.0 if evaluation.mode == "max" else -1.0
+    best = max(range(len(rows)), key=lambda i: (sign * values[i], -i))  # ties: the earlier row
+    for s in scores:
+        s["kept"] = evaluation.keep == "all" or s["row"] == best
+    return scores, [best] if evaluation.keep == "best" else list(range(len(rows)))

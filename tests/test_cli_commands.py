@@ -41,36 +41,61 @@ def _options(*path: str, panels: set[str] | None = None) -> dict[str, tuple[Any,
     return found
 
 
+def _reached_by(method: str) -> str:
+    """The command of a registered method: its own, or the one its plan names (lr: `linear --weights lr`)."""
+    return PLANS[method].command or method
+
+
+OWN = sorted(m for m in PLANS if not PLANS[m].command)  # the methods with a command of their own
+
+
 @pytest.mark.parametrize("method", sorted(PLANS))
 def test_every_registered_plan_has_a_command_and_a_plan_twin(method: str) -> None:
-    assert method in ROOT.commands  # type: ignore[attr-defined]
-    assert method in _command("plan").commands
+    assert _reached_by(method) in ROOT.commands  # type: ignore[attr-defined]
+    assert _reached_by(method) in _command("plan").commands
 
 
 def test_every_method_command_is_registered() -> None:
     commands = set(ROOT.commands) - {"bn", "inspect", "plan"}  # type: ignore[attr-defined]
-    assert commands == set(PLANS) == set(_command("plan").commands)
+    assert commands == set(OWN) == set(_command("plan").commands)
+    assert {_reached_by(m) for m in PLANS} == commands
 
 
 @pytest.mark.parametrize("method", sorted(PLANS))
 def test_help_comes_from_the_registry(method: str) -> None:
+    """A command's first paragraph is its plan's summary; a method reached through another command (lr) has
+    its summary in that command's help, after the option that reaches it."""
     plan = PLANS[method]
-    help_text = _command(method).help
-    assert help_text.split("\n\n")[0] == plan.summary
+    help_text = _command(_reached_by(method)).help
+    if plan.command:
+        assert f"With --weights {method}: {plan.summary}" in " ".join(help_text.split())
+    else:
+        assert help_text.split("\n\n")[0] == plan.summary
     if plan.paper:
         assert f"Paper: {plan.paper}" in help_text
 
 
-@pytest.mark.parametrize("method", sorted(PLANS))
+def test_linear_weights_lr_reaches_the_lr_plan() -> None:
+    import json
+
+    result = CliRunner().invoke(app, ["plan", "linear", str(RUNS / "hf"), "--weights", "lr", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["method"] == "lr"
+
+
+@pytest.mark.parametrize("method", OWN)
 def test_method_command_and_plan_twin_take_the_same_options(method: str) -> None:
     """Selection, loading and method options are identical (flags, type, default, help); the twin adds only
-    --dtype (which the command has too, for the output) and --json."""
+    --dtype (which the command has too, for the output), --json and --plot."""
     shaping = _options(method, panels=SHAPING)
     assert shaping == _options("plan", method, panels=SHAPING)
-    assert {o.split()[0] for o in shaping} >= {"--last", "--best", "--metric", "--order", "--key", "--trust-pickle"}
+    assert {o.split()[0] for o in shaping} >= {"--last", "--best", "--metric", "--order", "--key", "--trust-pickle",
+                                               "--window", "--stride"}
     rest = set(_options("plan", method)) - set(shaping)
-    assert rest == {"--dtype", "--json"}
+    assert rest == {"--dtype", "--json", "--plot"}
     assert _options("plan", method)["--dtype"] == _options(method)["--dtype"]
+    evaluation = set(_options(method, panels={options.EVALUATION}))
+    assert evaluation == ({"--keep"} if method == "soup" else {"--eval", "--eval-mode", "--keep"})
     arguments = [[(p.name, p.nargs, p.required) for p in c.params if p.param_type_name == "argument"]
                  for c in (_command(method), _command("plan", method))]
     assert arguments[0] == arguments[1] == [("inputs", -1, True)]
@@ -82,6 +107,7 @@ def test_method_command_and_plan_twin_take_the_same_options(method: str) -> None
     (options.Init, "ckptavg.methods.schedules:INITS"),
     (options.GraftMode, "ckptavg.methods.graft:MODES"),
     (options.GraftGroups, "ckptavg.methods.graft:GROUPINGS"),
+    (options.Schedule, "ckptavg.methods.wsm:SHAPES"),
     (options.OutDtype, "ckptavg.layout:OUT_DTYPES"),
     (options.AccumDtype, "ckptavg.layout:ACCUM_DTYPES"),
 ])

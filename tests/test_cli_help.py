@@ -57,7 +57,7 @@ def test_help_is_not_long(command: str) -> None:
 
 def test_panels_put_common_options_first() -> None:
     titles = re.findall(r"╭─ (\w+) ", _help("ema"))
-    assert titles == ["Arguments", "Options", "Selection", "Loading", "Output", "BatchNorm", "Method"]
+    assert titles == ["Arguments", "Options", "Selection", "Loading", "Output", "BatchNorm", "Method", "Evaluation"]
 
 
 def test_ema_examples_one_per_line() -> None:

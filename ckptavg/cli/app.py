@@ -20,7 +20,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from .._version import __version__
 from ..errors import CkptavgError, CkptavgWarning, one_line
-from . import average, plan
+from . import average, plan, posthoc
 from .bn import bn
 from .inspect import inspect
 from .options import PARAM_FLAGS
@@ -137,7 +137,8 @@ def root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    """Average PyTorch checkpoints after training (SWA, EMA, grafting, soups), streaming tensor by tensor.
+    """Average PyTorch checkpoints after training (SWA, EMA, WSM, post-hoc EMA, grafting, soups), streaming tensor
+    by tensor.
 
     Example:
       ckptavg swa runs/ --last 5 -o avg.safetensors
@@ -155,7 +156,7 @@ def plan_root(ctx: typer.Context) -> None:
         _print_help(ctx)
 
 
-for _name, _command in average.COMMANDS.items():
+for _name, _command in (average.COMMANDS | posthoc.COMMANDS).items():
     app.command(_name, cls=Command)(_command)
 app.command("bn", cls=Command)(bn)
 app.command("inspect", cls=Command)(inspect)

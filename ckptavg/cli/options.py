@@ -1,4 +1,6 @@
-"""Every command-line option, written once as an `Annotated` alias, and the parameter -> flag table.
+"""The common command-line options (inputs, selection, loading, output, BatchNorm), each written once as an
+`Annotated` alias, the choice lists, and the parameter -> flag table; the method options are in
+`method_options.py`.
 
 Commands are plain functions whose parameters use these aliases, so `ckptavg ema` and `ckptavg plan ema`
 declare `--decay` with the same text, range and panel. Nothing here imports torch: `--help` must stay
@@ -14,6 +16,7 @@ from typing import Annotated
 import typer
 
 SELECTION, LOADING, OUTPUT, BATCHNORM, METHOD = "Selection", "Loading", "Output", "BatchNorm", "Method"
+EVALUATION = "Evaluation"
 
 
 class Order(str, Enum):
@@ -93,10 +96,28 @@ class GraftGroups(str, Enum):
 
 
 class SoupMode(str, Enum):
-    """Direction of a soup's score."""
+    """Direction of a soup's score, and of --eval's (`--eval-mode`)."""
 
     MAX = "max"
     MIN = "min"
+
+
+class Keep(str, Enum):
+    """Which evaluated outputs to write."""
+
+    BEST = "best"
+    ALL = "all"
+
+
+class Schedule(str, Enum):
+    """`ckptavg.methods.wsm.SHAPES`."""
+
+    LINEAR = "linear"
+    MINUS_SQRT = "minus-sqrt"
+    COSINE = "cosine"
+    EXPONENTIAL = "exponential"
+    STEP = "step"
+    INVERSE_SQRT = "inverse-sqrt"
 
 
 # ---------------------------------------------------------------- inputs and selection
@@ -140,7 +161,8 @@ TrustPickleOpt = Annotated[bool, typer.Option(
 
 OutputOpt = Annotated[str, typer.Option(
     "--output", "-o", metavar="PATH", show_default=False, rich_help_panel=OUTPUT,
-    help="Safetensors file, or a folder (DIR/ or an existing directory) for a Hugging Face style folder.")]
+    help="Safetensors file, or a folder (DIR/ or an existing directory) for a Hugging Face style folder. "
+    "Several outputs (comma lists, --window): a template such as 'ema-{decay}.safetensors', or a folder.")]
 MaxShardSizeOpt = Annotated[str | None, typer.Option(
     metavar="SIZE", rich_help_panel=OUTPUT,
     help="Write a folder of safetensors shards of at most SIZE (5GB, 500MB, 2GiB) and their index.")]
@@ -185,67 +207,6 @@ BnForwardOpt = Annotated[str | None, typer.Option(
     metavar="MOD:FN", rich_help_panel=BATCHNORM,
     help="MODULE:FUNCTION called as fn(model, batch), for models that take dicts or several inputs.")]
 
-# ---------------------------------------------------------------- method options (each shared by a command and its plan twin)
-
-DecayOpt = Annotated[float | None, typer.Option(
-    min=0.0, max=1.0, metavar="B", rich_help_panel=METHOD,
-    help="EMA with this decay: one update per checkpoint, in checkpoint order (or per optimizer step with --per step).")]
-PerOpt = Annotated[Per | None, typer.Option(
-    metavar="UNIT", rich_help_panel=METHOD, help="What one --decay update stands for: checkpoint (the default) "
-    "or step (an optimizer step: the same as --step-decay B).")]
-StepDecayOpt = Annotated[float | None, typer.Option(
-    min=0.0, max=1.0, metavar="B", rich_help_panel=METHOD,
-    help="EMA per optimizer step with this decay (needs step metadata).")]
-SigmaRelOpt = Annotated[float | None, typer.Option(
-    metavar="S", rich_help_panel=METHOD, help="EDM2 power-function EMA of relative width S (0 < S < 0.289).")]
-WarmupOpt = Annotated[bool, typer.Option(
-    "--warmup", rich_help_panel=METHOD, help="Per-step EMA: timm ModelEmaV3 warmup, decay = 1-(1+k/gamma)^-power.")]
-WarmupGammaOpt = Annotated[float, typer.Option(metavar="G", rich_help_panel=METHOD, help="--warmup: gamma.")]
-WarmupPowerOpt = Annotated[float, typer.Option(
-    metavar="P", show_default="0.667", rich_help_panel=METHOD, help="--warmup: power (the default is exactly 2/3).")]
-MinDecayOpt = Annotated[float, typer.Option(
-    min=0.0, max=1.0, metavar="B", rich_help_panel=METHOD, help="--warmup: lower bound of the decay.")]
-UpdateAfterStepOpt = Annotated[int, typer.Option(
-    min=0, metavar="STEP", rich_help_panel=METHOD, help="Per-step EMA: the EMA copies the weights up to this step.")]
-HoldOpt = Annotated[Hold, typer.Option(
-    metavar="HOLD", rich_help_panel=METHOD, help="Steps a sparse checkpoint stands for: backward (since the previous save), "
-    "midpoint, or forward (until the next save).")]
-InitOpt = Annotated[Init, typer.Option(
-    metavar="INIT", rich_help_panel=METHOD, help="Initial mass: onto the first checkpoint (first), spread by renormalising "
-    "(bias-correct), or dropped (zero).")]
-
-GraftAOpt = Annotated[float, typer.Option(
-    "--a", min=0.0, max=1.0, metavar="A", rich_help_panel=METHOD,
-    help="Coefficient range: weights lie within 0.5 +- A/2 for two checkpoints.")]
-GraftCOpt = Annotated[float, typer.Option(
-    "--c", min=0.0, metavar="C", rich_help_panel=METHOD, help="Sharpness of the arctan in the entropy difference.")]
-GraftBinsOpt = Annotated[int, typer.Option(min=1, metavar="N", rich_help_panel=METHOD, help="Histogram bins of the layer entropy.")]
-GraftModeOpt = Annotated[GraftMode, typer.Option(
-    metavar="MODE", rich_help_panel=METHOD,
-    help="How N checkpoints are grafted: pairwise (mean of all pairs), cyclic (the paper's ring) or sequential.")]
-GraftGroupsOpt = Annotated[GraftGroups, typer.Option(
-    metavar="GROUPS", rich_help_panel=METHOD, help="auto: every 2+-D tensor has its own weights; conv: keys containing 'conv' "
-    "(the paper's code).")]
-RoundDigitsOpt = Annotated[str, typer.Option(
-    metavar="N", rich_help_panel=METHOD,
-    help="Decimals of each coefficient, as the paper's code rounds them; 'none' to keep all.")]
-
-WeightsOpt = Annotated[str, typer.Option(
-    metavar="W,W,...", show_default=False, rich_help_panel=METHOD,
-    help="Comma-separated weights, one per selected checkpoint in order.")]
-NormalizeOpt = Annotated[bool, typer.Option("--normalize", rich_help_panel=METHOD, help="Divide the weights by their sum.")]
-
-EvalOpt = Annotated[str | None, typer.Option(
-    metavar="MOD:FN", rich_help_panel=METHOD,
-    help="MODULE:FUNCTION or file.py:FUNCTION taking a state dict and returning a score.")]
-SoupModeOpt = Annotated[SoupMode, typer.Option(
-    rich_help_panel=METHOD, help="max if a higher score is better, min for losses.")]
-UniformOpt = Annotated[bool, typer.Option(
-    "--uniform", rich_help_panel=METHOD, help="Uniform soup of every selected checkpoint (no --eval needed).")]
-StrictOpt = Annotated[bool, typer.Option(
-    "--strict", rich_help_panel=METHOD, help="Add a checkpoint only if it improves the score (default: also on ties).")]
-
-
 PARAM_FLAGS: dict[str, str] = {
     # selection (ckptavg.select.Selection: its `mode` is --metric-mode; graft's and soup's `mode` is --mode)
     "inputs": "INPUTS", "last": "--last", "best": "--best", "metric": "--metric", "metric_mode": "--metric-mode",
@@ -271,5 +232,15 @@ PARAM_FLAGS: dict[str, str] = {
     "weights": "--weights", "values": "--weights", "normalize": "--normalize",
     # soup (Soup.evaluate is --eval)
     "eval": "--eval", "evaluate": "--eval", "uniform": "--uniform", "strict": "--strict",
+    # wsm
+    "schedule": "--schedule", "final": "--final", "factor": "--factor", "milestones": "--milestones",
+    "gamma": "--gamma", "timescale": "--timescale", "reverse": "--reverse", "by_step": "--by-step",
+    # linear --weights lr (LrWeighted)
+    "lr_power": "--lr-power",
+    # phema (Phema.normalize is the opposite of --raw)
+    "snapshot_sigma_rel": "--snapshot-sigma-rel", "snapshot_gamma": "--snapshot-gamma", "at_step": "--at-step",
+    "raw": "--raw",
+    # windows, evaluation of the outputs (RowEvaluation), plan --plot
+    "window": "--window", "stride": "--stride", "eval_mode": "--eval-mode", "keep": "--keep", "plot": "--plot",
 }
 """Library parameter name -> the flag that sets it; error messages name parameters, the CLI shows flags."""

@@ -1,31 +1,74 @@
 """`ckptavg plan METHOD`: the checkpoints, order and weights an averaging command would use; writes nothing.
 
-Each twin takes the options of its command in `average.py` that shape the weights (method, selection,
-loading, `--dtype`) and none that only shape the output; `tests/test_cli_commands.py` checks that.
+Each twin takes the options of its command (`average.py`, `posthoc.py`) that shape the weights (method,
+selection, loading, `--window`, `--dtype`) and none that only shape the output, but `--plot`;
+`tests/test_cli_commands.py` checks that.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from .average import ema_plan, graft_plan, soup_plan
-from .options import (
-    BestOpt,
+from . import builders
+from .method_options import (
+    GRAFT_A,
+    GRAFT_BINS,
+    GRAFT_C,
+    GRAFT_GROUPS,
+    GRAFT_MODE,
+    HOLD,
+    INIT,
+    MIN_DECAY,
+    SCHEDULE,
+    UPDATE_AFTER_STEP,
+    WARMUP_GAMMA,
+    WARMUP_POWER,
+    AtStepOpt,
+    ByStepOpt,
     DecayOpt,
-    DtypeOpt,
     EvalOpt,
-    EveryOpt,
+    FactorOpt,
+    FinalOpt,
+    GammaOpt,
     GraftAOpt,
     GraftBinsOpt,
     GraftCOpt,
-    GraftGroups,
     GraftGroupsOpt,
-    GraftMode,
     GraftModeOpt,
-    Hold,
     HoldOpt,
-    Init,
     InitOpt,
+    LrHoldOpt,
+    LrPowerOpt,
+    MilestonesOpt,
+    MinDecayOpt,
+    NormalizeOpt,
+    PerOpt,
+    PlotOpt,
+    RawOpt,
+    ReverseOpt,
+    RoundDigitsOpt,
+    ScheduleOpt,
+    SigmaRelOpt,
+    SnapshotGammaOpt,
+    SnapshotSigmaRelOpt,
+    SoupModeOpt,
+    StepDecayOpt,
+    StrictOpt,
+    StrideOpt,
+    TargetSigmaRelOpt,
+    TimescaleOpt,
+    UniformOpt,
+    UpdateAfterStepOpt,
+    WarmupGammaOpt,
+    WarmupOpt,
+    WarmupPowerOpt,
+    WeightsOpt,
+    WindowOpt,
+)
+from .options import (
+    BestOpt,
+    DtypeOpt,
+    EveryOpt,
     InputsArg,
     JsonOpt,
     KeepPrefixOpt,
@@ -34,32 +77,19 @@ from .options import (
     MetricModeOnlyOpt,
     MetricModeOpt,
     MetricOpt,
-    MinDecayOpt,
-    NormalizeOpt,
     Order,
     OrderOpt,
-    PerOpt,
-    RoundDigitsOpt,
-    SigmaRelOpt,
     SoupMode,
-    SoupModeOpt,
     StartOpt,
-    StepDecayOpt,
-    StrictOpt,
     TrustPickleOpt,
-    UniformOpt,
-    UpdateAfterStepOpt,
     UptoOpt,
-    WarmupGammaOpt,
-    WarmupOpt,
-    WarmupPowerOpt,
-    WeightsOpt,
 )
 from .values import loading, selection, show_plan
 
 HELP = ("Show which checkpoints a method would use, in which order, with which weights, without writing "
-        "anything.\n\nswa, ema and linear read only metadata; graft and soup read tensor data to compute "
-        "their weights (graft: layer entropies; soup: your --eval on candidate averages).")
+        "anything.\n\nswa, ema, linear, wsm and phema read only metadata; graft and soup read tensor data to "
+        "compute their weights (graft: layer entropies; soup: your --eval on candidate averages). Several "
+        "outputs (comma lists, --window) show as a matrix: one column of weights per output.")
 
 
 def swa(
@@ -67,13 +97,15 @@ def swa(
     last: LastOpt = None, best: BestOpt = None, metric: MetricOpt = None, metric_mode: MetricModeOpt = None,
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
     key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
-    dtype: DtypeOpt = None, json_out: JsonOpt = False,
+    dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
+    window: WindowOpt = None, stride: StrideOpt = None,
 ) -> None:
     """Weights of `ckptavg swa`, without doing the work (reads metadata only)."""
     from ..methods.uniform import Swa
 
-    show_plan(inputs, Swa(), selection(last, best, metric, metric_mode, start, every, upto, order),
-              loading(key, keep_prefix, trust_pickle), dtype, json_out)
+    show_plan(inputs, builders.windowed(Swa(), window, stride),
+              selection(last, best, metric, metric_mode, start, every, upto, order),
+              loading(key, keep_prefix, trust_pickle), dtype, json_out, plot)
 
 
 def ema(
@@ -81,17 +113,19 @@ def ema(
     last: LastOpt = None, best: BestOpt = None, metric: MetricOpt = None, metric_mode: MetricModeOpt = None,
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
     key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
-    dtype: DtypeOpt = None, json_out: JsonOpt = False,
+    dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
     decay: DecayOpt = None, per: PerOpt = None, step_decay: StepDecayOpt = None, sigma_rel: SigmaRelOpt = None,
-    warmup: WarmupOpt = False, warmup_gamma: WarmupGammaOpt = 1.0, warmup_power: WarmupPowerOpt = 2 / 3,
-    min_decay: MinDecayOpt = 0.0, update_after_step: UpdateAfterStepOpt = 0, hold: HoldOpt = Hold.BACKWARD,
-    init: InitOpt = Init.FIRST,
+    warmup: WarmupOpt = False, warmup_gamma: WarmupGammaOpt = WARMUP_GAMMA,
+    warmup_power: WarmupPowerOpt = WARMUP_POWER, min_decay: MinDecayOpt = MIN_DECAY,
+    update_after_step: UpdateAfterStepOpt = UPDATE_AFTER_STEP, hold: HoldOpt = HOLD,
+    init: InitOpt = INIT, window: WindowOpt = None, stride: StrideOpt = None,
 ) -> None:
     """Weights of `ckptavg ema`, without doing the work (reads metadata only)."""
-    plan = ema_plan(decay, per, step_decay, sigma_rel, warmup, warmup_gamma, warmup_power, min_decay,
-                    update_after_step, hold, init)
-    show_plan(inputs, plan, selection(last, best, metric, metric_mode, start, every, upto, order),
-              loading(key, keep_prefix, trust_pickle), dtype, json_out)
+    plan = builders.ema_plan(decay, per, step_decay, sigma_rel, warmup, warmup_gamma, warmup_power, min_decay,
+                             update_after_step, hold, init)
+    show_plan(inputs, builders.windowed(plan, window, stride),
+              selection(last, best, metric, metric_mode, start, every, upto, order),
+              loading(key, keep_prefix, trust_pickle), dtype, json_out, plot)
 
 
 def graft(
@@ -99,14 +133,15 @@ def graft(
     last: LastOpt = None, best: BestOpt = None, metric: MetricOpt = None, metric_mode: MetricModeOnlyOpt = None,
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
     key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
-    dtype: DtypeOpt = None, json_out: JsonOpt = False,
-    a: GraftAOpt = 0.4, c: GraftCOpt = 500.0, bins: GraftBinsOpt = 10, mode: GraftModeOpt = GraftMode.PAIRWISE,
-    groups: GraftGroupsOpt = GraftGroups.AUTO, round_digits: RoundDigitsOpt = "2",
+    dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
+    a: GraftAOpt = GRAFT_A, c: GraftCOpt = GRAFT_C, bins: GraftBinsOpt = GRAFT_BINS,
+    mode: GraftModeOpt = GRAFT_MODE, groups: GraftGroupsOpt = GRAFT_GROUPS, round_digits: RoundDigitsOpt = "2",
+    window: WindowOpt = None, stride: StrideOpt = None,
 ) -> None:
     """Weights of `ckptavg graft`, without writing anything (reads every tensor for its entropy)."""
-    show_plan(inputs, graft_plan(a, c, bins, mode, groups, round_digits),
+    show_plan(inputs, builders.windowed(builders.graft_plan(a, c, bins, mode, groups, round_digits), window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
-              loading(key, keep_prefix, trust_pickle), dtype, json_out)
+              loading(key, keep_prefix, trust_pickle), dtype, json_out, plot)
 
 
 def linear(
@@ -114,15 +149,15 @@ def linear(
     last: LastOpt = None, best: BestOpt = None, metric: MetricOpt = None, metric_mode: MetricModeOpt = None,
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
     key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
-    dtype: DtypeOpt = None, json_out: JsonOpt = False,
-    weights: WeightsOpt, normalize: NormalizeOpt = False,
+    dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
+    weights: WeightsOpt, normalize: NormalizeOpt = False, lr_power: LrPowerOpt = None, hold: LrHoldOpt = None,
+    window: WindowOpt = None, stride: StrideOpt = None,
 ) -> None:
-    """Weights of `ckptavg linear`, without doing the work (reads metadata only)."""
-    from ..methods.linear import Linear, parse_weights
-
-    show_plan(inputs, Linear(parse_weights(weights), normalize),
+    """Weights of `ckptavg linear` (with --weights lr: each checkpoint's learning rate and its source), without
+    doing the work (reads metadata only)."""
+    show_plan(inputs, builders.windowed(builders.linear_plan(weights, normalize, lr_power, hold), window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
-              loading(key, keep_prefix, trust_pickle), dtype, json_out)
+              loading(key, keep_prefix, trust_pickle), dtype, json_out, plot)
 
 
 def soup(
@@ -130,14 +165,52 @@ def soup(
     last: LastOpt = None, best: BestOpt = None, metric: MetricOpt = None, metric_mode: MetricModeOnlyOpt = None,
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
     key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
-    dtype: DtypeOpt = None, json_out: JsonOpt = False,
+    dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
     eval: EvalOpt = None, mode: SoupModeOpt = SoupMode.MAX, uniform: UniformOpt = False, strict: StrictOpt = False,
+    window: WindowOpt = None, stride: StrideOpt = None,
 ) -> None:
     """Weights of `ckptavg soup`, without writing anything (runs --eval on the candidate averages)."""
-    show_plan(inputs, soup_plan(eval, mode, uniform, strict),
+    show_plan(inputs, builders.windowed(builders.soup_plan(eval, mode, uniform, strict), window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
-              loading(key, keep_prefix, trust_pickle), dtype, json_out)
+              loading(key, keep_prefix, trust_pickle), dtype, json_out, plot)
 
 
-COMMANDS: dict[str, Callable[..., None]] = {"swa": swa, "ema": ema, "graft": graft, "linear": linear, "soup": soup}
-"""The `plan` twin of each averaging command in `average.COMMANDS`."""
+def wsm(
+    inputs: InputsArg, *,
+    last: LastOpt = None, best: BestOpt = None, metric: MetricOpt = None, metric_mode: MetricModeOpt = None,
+    start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
+    key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
+    dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
+    schedule: ScheduleOpt = SCHEDULE, final: FinalOpt = None, factor: FactorOpt = None,
+    milestones: MilestonesOpt = None, gamma: GammaOpt = None, timescale: TimescaleOpt = None,
+    reverse: ReverseOpt = False, by_step: ByStepOpt = False, window: WindowOpt = None, stride: StrideOpt = None,
+) -> None:
+    """Weights of `ckptavg wsm`, and the positions its shape is evaluated at, without doing the work (reads
+    metadata only)."""
+    plan = builders.wsm_plan(schedule, final, factor, milestones, gamma, timescale, reverse, by_step)
+    show_plan(inputs, builders.windowed(plan, window, stride),
+              selection(last, best, metric, metric_mode, start, every, upto, order),
+              loading(key, keep_prefix, trust_pickle), dtype, json_out, plot)
+
+
+def phema(
+    inputs: InputsArg, *,
+    last: LastOpt = None, best: BestOpt = None, metric: MetricOpt = None, metric_mode: MetricModeOpt = None,
+    start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
+    key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
+    dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
+    sigma_rel: TargetSigmaRelOpt, snapshot_sigma_rel: SnapshotSigmaRelOpt = None,
+    snapshot_gamma: SnapshotGammaOpt = None, at_step: AtStepOpt = None, raw: RawOpt = False,
+    window: WindowOpt = None, stride: StrideOpt = None,
+) -> None:
+    """Weights of `ckptavg phema`, and each snapshot's profile and its source, without doing the work (reads
+    metadata only)."""
+    plan = builders.phema_plan(sigma_rel, snapshot_sigma_rel, snapshot_gamma, at_step, raw)
+    show_plan(inputs, builders.windowed(plan, window, stride),
+              selection(last, best, metric, metric_mode, start, every, upto, order),
+              loading(key, keep_prefix, trust_pickle), dtype, json_out, plot)
+
+
+COMMANDS: dict[str, Callable[..., None]] = {"swa": swa, "ema": ema, "graft": graft, "linear": linear, "soup": soup,
+                                            "wsm": wsm, "phema": phema}
+"""The `plan` twin of each averaging command in `average.COMMANDS` and `posthoc.COMMANDS`."""

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from .matrix import bar, format_matrix
+
 if TYPE_CHECKING:
+    from ..methods.base import Plan
     from ..results import AverageResult, PlanReport
 
 
@@ -28,24 +32,94 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def format_plan(report: PlanReport) -> str:
-    """The `ckptavg plan` table."""
-    params = ", ".join(f"{k}={v}" for k, v in report.plan.params().items()) or "none"
-    metric = [report.metric] if report.metric else []
-    rows = [["#", "checkpoint", "step", "epoch", *metric, "weight"]]
-    for i, (c, w) in enumerate(zip(report.checkpoints, report.weights.values, strict=True), 1):
-        value = [f"{report.metric_of(c):.6g}"] if report.metric else []
-        rows.append([str(i), str(c.path), _value(c.meta.step, c.meta.step_source),
-                     _value(c.meta.epoch, c.meta.epoch_source), *value, f"{w:.6f}"])
+    """The `ckptavg plan` table: one weight column (with a bar) per output, and what each method adds."""
+    method, params, notes = describe(report.plan)
+    rows = report.matrix.rows
     lines = [
-        f"method: {report.plan.method} (params: {params})",
+        f"method: {method} (params: {', '.join(f'{k}={v}' for k, v in params.items()) or 'none'})",
+        *notes,
         f"order: {report.order}; {len(report.checkpoints)} checkpoints selected",
         "",
-        _table(rows),
-        "",
-        f"sum of weights: {sum(report.weights.values):.6f}; residual: {report.weights.residual:.6f}",
-        f"output: {len(report.specs)} tensors, {human_bytes(report.nbytes)}",
     ]
-    return "\n".join(lines + _groups(report) + _scores(report))
+    if len(rows) == 1:
+        lines += [_table(_single(report)), "",
+                  f"sum of weights: {sum(report.weights.values):.6f}; residual: {report.weights.residual:.6f}"]
+    else:
+        lines += format_matrix(report)
+        extra = _per_checkpoint(report)
+        if extra:
+            table = [["#", "checkpoint", *extra]] + [[str(i + 1), str(c.path), *[col[i] for col in extra.values()]]
+                                                      for i, c in enumerate(report.checkpoints)]
+            lines += ["", _table(table), ""]
+    lines.append(f"output: {len(report.specs)} tensors, {human_bytes(report.nbytes)}"
+                 + (f" each, {len(rows)} outputs" if len(rows) > 1 else ""))
+    return "\n".join(lines + _method_lines(report) + _groups(report) + _scores(report))
+
+
+def describe(plan: Plan) -> tuple[str, dict[str, Any], list[str]]:
+    """The method inside sweeps and windows, its parameters (without the swept one), and a line per wrapper."""
+    from ..methods.windows import Sweep, Windows
+
+    if isinstance(plan, Windows):
+        method, params, notes = describe(plan.plan)
+        return method, params, [*notes, f"windows: {plan.window} checkpoints each, stride {plan.stride}"]
+    if isinstance(plan, Sweep):
+        method, params, notes = describe(plan.plans[0])
+        params.pop(plan.field, None)
+        return method, params, [f"sweep over {plan.field}: {', '.join(str(v) for v in plan.values)}", *notes]
+    return plan.method, plan.params(), []
+
+
+def _single(report: PlanReport) -> list[list[str]]:
+    """The one-output table: each checkpoint with its step, epoch, metric, what the method read, and its weight."""
+    metric = [report.metric] if report.metric else []
+    extra = _per_checkpoint(report)
+    top = max((abs(w) for w in report.weights.values), default=0.0)
+    rows = [["#", "checkpoint", "step", "epoch", *metric, *extra, "weight", ""]]
+    for i, (c, w) in enumerate(zip(report.checkpoints, report.weights.values, strict=True)):
+        value = [f"{report.metric_of(c):.6g}"] if report.metric else []
+        rows.append([str(i + 1), str(c.path), _value(c.meta.step, c.meta.step_source),
+                     _value(c.meta.epoch, c.meta.epoch_source), *value, *[col[i] for col in extra.values()],
+                     f"{w:.6f}", bar(w, top)])
+    return rows
+
+
+def _inner(report: PlanReport) -> Mapping[str, Any]:
+    """The details that hold for every output: the plan's own, or those of the first plan of a sweep."""
+    details = report.matrix.details
+    if "sweep" in details and details.get("details"):
+        return details["details"][0]  # type: ignore[no-any-return]
+    return details
+
+
+def _per_checkpoint(report: PlanReport) -> dict[str, list[str]]:
+    """Columns of what a method read per checkpoint: WSM's positions, learning rates, snapshot profiles."""
+    d = _inner(report)
+    cols: dict[str, list[str]] = {}
+    if "positions" in d:
+        cols["x"] = [f"{x:.4f}" for x in d["positions"]]
+    if "lr_source" in d:
+        cols["lr (source)"] = [_value(None if lr is None else f"{lr:.6g}", src) for lr, src in zip(d["lr"], d["lr_source"],
+                                                                                                   strict=True)]
+    if "snapshots" in d:
+        cols["profile (source)"] = [f"sigma_rel {s['sigma_rel']:.4g} ({s['source']})" for s in d["snapshots"]]
+    return cols
+
+
+def _method_lines(report: PlanReport) -> list[str]:
+    """What a method says about its weights as a whole (WSM's spacing, lr integration, the phema target step)."""
+    d = _inner(report)
+    lines = []
+    if "spacing" in d:
+        lines.append(f"positions: {d['spacing']}")
+    if "integration" in d:
+        lines.append(f"learning rate: {d['integration']}, power {d['lr_power']}")
+    if "at_step" in d:
+        sums = ", ".join(f"{v:.4g}" for v in d["sum_abs"])
+        lines.append(f"synthesised at step {d['at_step']:g}; sum of |weights|: {sums}")
+    if "copied" in d:
+        lines.append(f"copied from the newest snapshot used, not combined: {', '.join(d['copied']['entries'])}")
+    return [""] + lines if lines else []
 
 
 def _groups(report: PlanReport) -> list[str]:
@@ -80,7 +154,7 @@ def _what(result: AverageResult) -> str:
     n = len(r.checkpoints)
     if result.bn_batches is not None and r.plan.method == "copy":
         return f"recomputed BatchNorm statistics of {r.checkpoints[0].name} over {_count(result.bn_batches, 'batch')}"
-    text = f"{r.plan.method} of {_count(n, 'checkpoint')}"
+    text = f"{describe(r.plan)[0]} of {_count(n, 'checkpoint')}"
     kept = [c.name for c, w in zip(r.checkpoints, r.weights.values, strict=True) if w != 0]
     if r.plan.method == "soup" and len(kept) < n:
         accepted = [s for s in r.matrix.details.get("scores", []) if s.get("accepted")]
@@ -92,15 +166,25 @@ def _what(result: AverageResult) -> str:
 
 
 def format_summary(result: AverageResult) -> str:
-    """The one-line success message."""
+    """The success message: one line, then for several outputs or scores one line per output or score."""
     r = result.report
-    return (
-        f"wrote {result.output}: {_what(result)}, "
-        f"{_count(len(r.specs), 'tensor')}, "
-        f"{human_bytes(result.nbytes)}, "
-        + (f"sha256 {result.sha256}" if result.sha256 else _count(len(result.files), "weight file"))
-        + f", {result.seconds:.2f} s"
-    )
+    what = f"{_what(result)}, {_count(len(r.specs), 'tensor')}"
+    written = result.written()
+    if len(written) == 1:
+        head = (f"wrote {result.outputs[0] if result.outputs else result.output}: {what}, {human_bytes(result.nbytes)}, "
+                + (f"sha256 {result.sha256}" if result.sha256 else _count(len(result.files), "weight file"))
+                + f", {result.seconds:.2f} s")
+    else:
+        head = f"wrote {len(written)} outputs: {what} each, {human_bytes(result.nbytes)} in all, {result.seconds:.2f} s"
+    scores = {s["row"]: s["score"] for s in result.scores}
+    rows = [[str(path), w.name or "-", f"score {scores[i]:.6g}" if i in scores else ""]
+            for (path, w), i in zip(written, result.rows or range(len(written)), strict=False)] if len(written) > 1 else []
+    lines = [head] + (["  " + line for line in _table(rows).splitlines()] if rows else [])
+    if result.scores and (len(written) == 1 or len(written) < len(r.matrix.rows)):  # --keep best: every row's
+        lines.append("scores:")
+        table = [[s["name"] or f"output {s['row']}", f"{s['score']:.6g}", "kept" if s["kept"] else ""] for s in result.scores]
+        lines += ["  " + line for line in _table(table).splitlines()]
+    return "\n".join(lines)
 
 
 def format_inspect(info: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ..bn import BatchNormOptions
     from ..methods.base import Plan
     from ..read.checkpoint import LoadOptions
-    from ..results import AverageResult
+    from ..results import AverageResult, RowEvaluation
     from ..select import Selection
 
 
@@ -76,7 +76,7 @@ def lead() -> bool:
 
 
 def average(inputs: list[str], plan: Plan, select: Selection, load: LoadOptions, dest: Destination,
-            bn: BatchNormOptions | None) -> None:
+            bn: BatchNormOptions | None, evaluation: RowEvaluation | None = None) -> None:
     """Run one average (under torchrun, this rank's share of it) and print the summary."""
     from .. import api, dist  # noqa: F401 - api: imported before the freeze below, as dist imports it late
     from ..write.options import WriteOptions
@@ -90,8 +90,8 @@ def average(inputs: list[str], plan: Plan, select: Selection, load: LoadOptions,
     try:
         write = WriteOptions(dest.dtype.value if dest.dtype else None, dest.accum_dtype.value, dest.allow_nonfinite,
                              dest.force, dest.device, dest.max_shard_size, dest.shards is not None, dest.verify)
-        result: AverageResult = dist.average(inputs, dest.output, plan, select=select, load=load, write=write,
-                                             bn=bn, progress=bar)
+        result: AverageResult = dist.average(inputs, dest.output, plan, select=select, load=load, write=write, bn=bn,
+                                             progress=bar, evaluation=evaluation)
     finally:
         if bar:
             bar.close()
@@ -100,9 +100,15 @@ def average(inputs: list[str], plan: Plan, select: Selection, load: LoadOptions,
 
 
 def show_plan(inputs: list[str], plan: Plan, select: Selection, load: LoadOptions, dtype: OutDtype | None,
-              json_out: bool) -> None:
-    """Print the checkpoints, order and weights that `plan` gives, as a table or as JSON."""
+              json_out: bool, plot: str | None = None) -> None:
+    """Print the checkpoints, order and weights that `plan` gives, as a table or as JSON; with `plot`, draw the
+    weights of every output into that file too."""
     from ..api import plan_checkpoints
+    from .plot import check_plot, plot_weights
 
+    if plot is not None:
+        check_plot(plot)  # before any work: a missing matplotlib or a bad suffix
     report = plan_checkpoints(inputs, plan, select=select, load=load, dtype=dtype.value if dtype else None)
+    if plot is not None:
+        plot_weights(report, plot)
     print(json.dumps(report.to_json(PARAM_FLAGS), indent=2) if json_out else format_plan(report))

@@ -7,7 +7,7 @@ from typing import Any
 
 def __getattr__(name: str) -> Any:
     if name == "PLANS":  # the registry is full once every method module is imported
-        from . import ema, graft, linear, soup, uniform  # noqa: F401 - wsm, lr, phema join once they have commands
+        from . import ema, graft, linear, lr, phema, soup, uniform, wsm  # noqa: F401
         from .base import PLANS
 
         return PLANS

@@ -58,8 +58,8 @@ class TensorAccess(Protocol):
 class Weights:
     """One output row: a weight per checkpoint, in checkpoint order, and the mass left on an initial value.
 
-    `by_tensor` holds per-tensor weights where a method has them (grafting); `values` is then the
-    parameter-count-weighted mean weight of each checkpoint. `name` and `params` tell the rows of a
+    `by_tensor` holds per-tensor weights where a method has them (grafting: `values` is then the
+    parameter-count-weighted mean weight of each checkpoint; phema: one-hot rows that copy counters). `name` and `params` tell the rows of a
     sweep apart (``sigma_rel=0.1``; empty for a single row).
     """
 
@@ -97,6 +97,7 @@ class Plan:
     method: ClassVar[str]
     summary: ClassVar[str] = ""  # one line for `--help` and the README
     paper: ClassVar[str] = ""  # where the method comes from (arXiv id or URL)
+    command: ClassVar[str] = ""  # the command that reaches the method when it has none of its own (lr: linear)
     min_checkpoints: ClassVar[int] = 1
 
     def params(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from ..errors import PlanError, listing
 from ..read.metadata import LR_PLACES
 from . import schedules
-from .base import Entry, Plan, TensorAccess, WeightMatrix
+from .base import Entry, Plan, TensorAccess, WeightMatrix, register
 
 
 def lr_bounds(steps: Sequence[int], hold: str = "backward") -> list[int]:
@@ -98,7 +98,7 @@ def lr_weights(steps: Sequence[int], lrs: Sequence[float] | None = None,
     return [s / total for s in sums]
 
 
-# @register: once `ckptavg wsm|lr|phema` exist (the registry lists exactly the methods with commands)
+@register
 @dataclass(frozen=True)
 class LrWeighted(Plan):
     """Average in which each checkpoint counts as the sum of ``lr ** lr_power`` over its block of steps (§11).
@@ -116,6 +116,7 @@ class LrWeighted(Plan):
     method: ClassVar[str] = "lr"
     summary: ClassVar[str] = "Average weighted by each checkpoint's learning rate, summed over its block of steps."
     paper: ClassVar[str] = "Nemirovski et al. 2009 (step-size-weighted averaging); arXiv:2405.15682 (schedule-free, lr^2)"
+    command: ClassVar[str] = "linear"  # `ckptavg linear --weights lr`
     lr_power: float = 1.0
     hold: str = "backward"
 

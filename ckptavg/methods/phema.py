@@ -20,8 +20,13 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import PlanError, listing
-from .base import Entry, Plan, TensorAccess, WeightMatrix, Weights
+from .base import Entry, Plan, TensorAccess, WeightMatrix, Weights, register
 from .schedules import SIGMA_REL_MAX, sigma_rel_to_gamma
+
+# ema-pytorch's KarrasEMA saves its own counters beside the weights, and PostHocEMA stores every entry as float16,
+# BatchNorm's num_batches_tracked included: these are counters, not EMA'd weights, so a snapshot combination with
+# negative coefficients must not mix them (at step 12, the raw solution would give step 16).
+TOP_COUNTERS = ("step", "initted")
 
 PROFILE_PLACES = ("EDM2 file names network-snapshot-{kimg}-{sigma_rel}.pkl",
                   "safetensors metadata sigma_rel, ema_sigma_rel, gamma or ema_gamma",
@@ -98,6 +103,21 @@ def phema_coefficients(times: Sequence[float], gammas: Sequence[float], target_g
     return out
 
 
+def is_counter(name: str) -> bool:
+    """Whether an entry of a snapshot is a counter, copied rather than combined: KarrasEMA's top-level `step` and
+    `initted`, or a BatchNorm `num_batches_tracked`."""
+    return name in TOP_COUNTERS or name.rsplit(".", 1)[-1] == "num_batches_tracked"
+
+
+def _copying(row: Weights, counters: Sequence[str]) -> Weights:
+    """`row` with each counter copied from the newest snapshot it uses, as ckptavg copies integer tensors."""
+    if not counters:
+        return row
+    newest = max(i for i, x in enumerate(row.values) if x != 0)
+    onehot = tuple(1.0 if i == newest else 0.0 for i in range(len(row.values)))
+    return Weights(row.values, row.residual, {name: onehot for name in counters}, row.name, row.params)
+
+
 def _target_gamma(name: str, value: float) -> float:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and 0.0 < value < SIGMA_REL_MAX
     if not ok:
@@ -106,7 +126,7 @@ def _target_gamma(name: str, value: float) -> float:
     return sigma_rel_to_gamma(value)
 
 
-# @register: once `ckptavg wsm|lr|phema` exist (the registry lists exactly the methods with commands)
+@register
 @dataclass(frozen=True)
 class Phema(Plan):
     """EDM2's post-hoc EMA: combine stored power-EMA snapshots into the EMA of another width (§4.2, §14).
@@ -114,7 +134,9 @@ class Phema(Plan):
     Each input must be a snapshot of a power-function EMA whose profile is known: from an EDM2 file name,
     from safetensors metadata, or from `snapshot_sigma_rel` (or `snapshot_gamma`) indexed by the profile index
     of ema-pytorch's ``{index}.{step}.pt`` names. Raw training checkpoints are not snapshots: average them with
-    ``Ema(sigma_rel=...)`` (§4.3) instead.
+    ``Ema(sigma_rel=...)`` (§4.3) instead. Counters stored as floats (`is_counter`: KarrasEMA's `step` and
+    `initted`, BatchNorm's `num_batches_tracked`) get one-hot `by_tensor` weights: copied from the newest
+    snapshot used, never combined.
 
     Attributes:
         sigma_rel: Target relative width(s) in (0, 0.288675); several give one output row each.
@@ -211,16 +233,20 @@ class Phema(Plan):
             if 0 < t <= end and seen.setdefault((t, g), c.name) != c.name:
                 raise PlanError(f"{seen[(t, g)]} and {c.name} are snapshots of the same profile at the same step "
                                 f"({t:g}), so the least squares has no unique solution; select one of them.")
+        counters = [s.name for s in data.specs if s.averaged and is_counter(s.name)] if data is not None else []
         rows = []
         for target in self.targets:
             x = phema_coefficients(times, gammas, sigma_rel_to_gamma(target), end, normalize=self.normalize)
-            rows.append(Weights(tuple(x), name=f"sigma_rel={target}", params={"sigma_rel": target}))
-        details = {
+            rows.append(_copying(Weights(tuple(x), name=f"sigma_rel={target}", params={"sigma_rel": target}), counters))
+        details: dict[str, Any] = {
             "at_step": end,
             "snapshots": [{"step": t, "gamma": g, "sigma_rel": gamma_to_sigma_rel(g), "source": src}
                           for t, (g, src) in zip(times, profiles, strict=True)],
             "sum_abs": [math.fsum(abs(v) for v in r.values) for r in rows],
         }
+        if counters:
+            details["copied"] = {"entries": counters, "why": "counters (step, initted, num_batches_tracked) are copied "
+                                 "from the newest snapshot used, not combined"}
         if len(rows) == 1:
-            return WeightMatrix.single(rows[0].values, details=details)
+            return WeightMatrix((Weights(rows[0].values, by_tensor=rows[0].by_tensor),), details)
         return WeightMatrix(tuple(rows), details)

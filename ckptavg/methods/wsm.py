@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import PlanError, listing
-from .base import Entry, Plan, TensorAccess, WeightMatrix, Weights
+from .base import Entry, Plan, TensorAccess, WeightMatrix, Weights, register
 
 SHAPES = ("linear", "minus-sqrt", "cosine", "exponential", "step", "inverse-sqrt")
 DEFAULT_GAMMA = 0.1  # multi-step drop factor, torch MultiStepLR's default
@@ -127,7 +127,7 @@ def step_fractions(steps: Sequence[int]) -> list[float]:
     return [(v - s[0]) * (n - 1) / (span * n) for v in s]
 
 
-# @register: once `ckptavg wsm|lr|phema` exist (the registry lists exactly the methods with commands)
+@register
 @dataclass(frozen=True)
 class Wsm(Plan):
     """Weights that emulate a learning-rate decay of shape `schedule` over the selected window (WSM, §10).

@@ -133,9 +133,14 @@ class _Worker:
             if len(accs) > 1 and data.dtype != dtype:  # widen once for all rows (exact, as add_share would)
                 data = self._block("wide", dtype)[: batch.total].copy_(data)
             for r, acc in enumerate(accs):
-                if k in weights[r]:
+                if k not in weights[r]:
+                    continue
+                if not started[r] and data.dtype == dtype:
+                    # the first share as one pass, data * w into acc: add_share's copy-then-scale, bit for bit
+                    torch.mul(data, weights[r][k], out=acc)
+                else:
                     add_share(acc, data, not started[r], weights[r][k], self._block("scratch", dtype) if started[r] else acc)
-                    started[r] = True
+                started[r] = True
         outs = []
         for r, (acc, row) in enumerate(zip(accs, batch.rows, strict=True)):
             if not started[r]:
