@@ -29,6 +29,7 @@ class PlanReport:
     metric: str | None = None
     considered: list[Checkpoint] = field(default_factory=list)  # every checkpoint found, before selection
     warnings: list[CkptavgWarning] = field(default_factory=list)  # what the user should know (also on stderr)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # inputs found but left out, and why
 
     @property
     def weights(self) -> Weights:
@@ -59,6 +60,7 @@ class PlanReport:
             "tensors": len(self.specs),
             "bytes": self.nbytes,
             "warnings": self.warning_texts(names),
+            "skipped": [{"path": str(p), "reason": why} for p, why in self.skipped],
         } | self.details()
 
     def warning_texts(self, names: Mapping[str, str] | None = None) -> list[str]:

@@ -45,7 +45,13 @@ def format_plan(report: PlanReport) -> str:
         f"sum of weights: {sum(report.weights.values):.6f}; residual: {report.weights.residual:.6f}",
         f"output: {len(report.specs)} tensors, {human_bytes(report.nbytes)}",
     ]
-    return "\n".join(lines + _groups(report) + _scores(report))
+    return "\n".join(lines + _skipped(report) + _groups(report) + _scores(report))
+
+
+def _skipped(report: PlanReport) -> list[str]:
+    if not report.skipped:
+        return []
+    return ["", f"skipped {len(report.skipped)}:"] + [f"  {p}: {why}" for p, why in report.skipped]
 
 
 def _groups(report: PlanReport) -> list[str]:

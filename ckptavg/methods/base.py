@@ -94,6 +94,7 @@ class Plan:
     summary: ClassVar[str] = ""  # one line for `--help` and the README
     paper: ClassVar[str] = ""  # where the method comes from (arXiv id or URL)
     min_checkpoints: ClassVar[int] = 1
+    combines_profiles: ClassVar[bool] = False  # takes snapshots of several EMA profiles at one step (phema)
 
     def params(self) -> dict[str, Any]:
         """The plan's parameters as plain values (recorded in the output and in `plan --json`)."""
