@@ -24,8 +24,8 @@ from .layout import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout
 from .methods.base import Plan, Weights
 from .methods.uniform import Copy, Swa
 from .read.checkpoint import Checkpoint, LoadOptions, PathLike, check_unchanged
-from .read.describe import describe
 from .read.dedupe import dedupe, fill_path_meta, skipped_note
+from .read.describe import describe
 from .read.discover import Found, discover, find_checkpoints
 from .read.layouts import is_checkpoint_folder, open_checkpoint
 from .reduce.stream import resolve_device, stream_rows

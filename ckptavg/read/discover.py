@@ -74,19 +74,20 @@ def discover(inputs: Sequence[PathLike] | PathLike) -> Found:
 
 
 def _add(found: Found, paths: list[Path], explicit: bool) -> None:
-    """Add checkpoints; a path already found counts once, unless both were named explicitly (then the selection
-    must not use both, which `select.refuse_twice` checks)."""
+    """Add checkpoints; a path already found counts once, unless two different names given explicitly lead to
+    it (a symlink and its target: then the selection must not use both, which `select.refuse_twice` checks)."""
     seen = {c.path.resolve(): i for i, c in enumerate(found.candidates)}
     for p in paths:
         key = p.resolve()
         before = seen.get(key)
-        if before is None or (explicit and found.candidates[before].explicit):
+        old = found.candidates[before] if before is not None else None
+        if old is None or (explicit and old.explicit and p.absolute() != old.path.absolute()):
             seen.setdefault(key, len(found.candidates))
             found.candidates.append(Candidate(p, explicit))
-        elif explicit:  # named explicitly after a directory or pattern found it: it stays, as named
-            found.candidates[before] = Candidate(p, True)
-        elif p != found.candidates[before].path:
-            found.skipped.append((p, f"the same path as {found.candidates[before].path}"))
+        elif explicit and not old.explicit:  # named explicitly after a directory or pattern found it
+            found.candidates[before or 0] = Candidate(p, True)
+        elif not explicit and p != old.path:
+            found.skipped.append((p, f"the same file as {old.path}"))
 
 
 def _expand_existing(path: Path, explicit: bool, skipped: list[Skipped]) -> list[Path]:
@@ -131,9 +132,7 @@ def _numbered_children(path: Path) -> list[Path]:
     for p in sorted(path.iterdir()):
         if not is_numbered(p):
             continue
-        if p.is_dir() and is_checkpoint_folder(p):
-            out.append(p)
-        elif p.is_file() and sniff(p) is not None:
+        if p.is_dir() and is_checkpoint_folder(p) or p.is_file() and sniff(p) is not None:
             out.append(p)
     return out
 

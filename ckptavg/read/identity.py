@@ -116,5 +116,8 @@ def _hash_ends(path: Path) -> str:
 
 
 def _hash_all(path: Path) -> str:
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(16 * MIB):
+            h.update(chunk)
+    return h.hexdigest()

@@ -160,7 +160,9 @@ def _fairseq(obj: Mapping[Any, Any], source: str, path: Path | None) -> Meta:
             continue
         text = "".join(f"[{k}]" if isinstance(k, int) else f"['{k}']" for k in where)
         _count(n, path, source, text)
-        out = replace(out, **{field_name: n, f"{field_name}_source": f"{source} {text} (fairseq)"})
+        src = f"{source} {text} (fairseq)"
+        out = replace(out, step=int(n), step_source=src) if field_name == "step" else replace(
+            out, epoch=n, epoch_source=src)
     return out
 
 

@@ -63,7 +63,8 @@ def meta_from_parents(path: Path) -> Meta:
         field_name, value = found
         if getattr(out, field_name) is None:
             where = f"folder name '{parent.name}' ({level} level{'s' if level > 1 else ''} up)"
-            out = replace(out, **{field_name: value, f"{field_name}_source": where})
+            out = replace(out, step=value, step_source=where) if field_name == "step" else replace(
+                out, epoch=value, epoch_source=where)
     return out
 
 
