@@ -23,14 +23,15 @@ from .layout import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout
 from .methods.base import Plan
 from .methods.uniform import Copy, Swa
 from .read.checkpoint import Checkpoint, LoadOptions, PathLike, check_unchanged
+from .read.dedupe import dedupe, fill_path_meta, skipped_note
 from .read.describe import describe
-from .read.discover import find_checkpoints
+from .read.discover import Found, discover, find_checkpoints
 from .read.layouts import is_checkpoint_folder, open_checkpoint
 from .reduce.stream import resolve_device, stream_rows
 from .reduce.tensor import CheckpointData, check_finite, work_bytes
 from .results import AverageResult, PlanReport, provenance, score_rows
 from .results import RowEvaluation as RowEvaluation  # the argument of `average`, importable from here too
-from .select import Selection, order_checkpoints, select_checkpoints
+from .select import Selection, order_checkpoints, refuse_twice, select_checkpoints
 from .write.options import WriteOptions, output_format
 from .write.output import OpenOutput, Output, is_folder_output, plan_output, row_targets
 from .write.safetensors import check_output
@@ -61,15 +62,21 @@ def plan_checkpoints(
         CkptavgError: with a message naming the file, the key and the fix.
     """
     WriteOptions(dtype=dtype)
-    return _plan(find_checkpoints(inputs), plan or Swa(), select, load, dtype)
+    return _plan(discover(inputs), plan or Swa(), select, load, dtype)
 
 
-def _plan(paths: list[Path], plan: Plan, select: Selection, load: LoadOptions, dtype: str | None) -> PlanReport:
+def _plan(found: Found, plan: Plan, select: Selection, load: LoadOptions, dtype: str | None) -> PlanReport:
     with warnings.catch_warnings(record=True) as caught:  # kept in the report (for --json), and passed on
         warnings.simplefilter("always")
-        opened = [open_checkpoint(p, load) for p in paths]
-        ordered, used = order_checkpoints(opened, select.order)
+        opened = [open_checkpoint(c.path, load) for c in found.candidates]
+        fill_path_meta(opened)
+        once = dedupe(opened, [c.explicit for c in found.candidates])
+        skipped = found.skipped + once.skipped
+        if skipped:
+            warnings.warn(skipped_note(skipped), stacklevel=1)
+        ordered, used = order_checkpoints(once.kept, select.order, once.identity, plan.combines_profiles)
         chosen = select_checkpoints(ordered, select)
+        refuse_twice(chosen, once.identity)
         specs = check_layout(chosen, OUT_DTYPES[dtype] if dtype else None)  # before the weights: graft reads tensors
         matrix = plan.weights(chosen, CheckpointData(chosen, specs))
         for note in plan.notes(chosen, matrix):
@@ -77,7 +84,7 @@ def _plan(paths: list[Path], plan: Plan, select: Selection, load: LoadOptions, d
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     notes = [w.message for w in caught if isinstance(w.message, CkptavgWarning)]
-    return PlanReport(plan, chosen, matrix, used, specs, select.metric, ordered, notes)
+    return PlanReport(plan, chosen, matrix, used, specs, select.metric, ordered, notes, skipped)
 
 
 @dataclass(frozen=True)
@@ -104,16 +111,16 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
     """Plan the average and its output files (`parts` balanced files for a torchrun job), and check that they
     can be written, before any tensor data is read (but for the plans that need it: graft and soup)."""
     resolve_device(write.device)
-    paths = find_checkpoints(inputs)
+    found = discover(inputs)
     single = not is_folder_output(output) and "{" not in os.fspath(output)
     if single and not (write.max_bytes is not None or write.shards_like_input or parts > 1):
         # fail fast, before a graft or soup plan reads tensors; a file of an input folder is an input too
-        inside = [f for p in paths if p.is_dir() for f in p.iterdir() if f.is_file()]
-        check_output(Path(output), [*paths, *inside], write.force)
+        inside = [f for p in found.paths if p.is_dir() for f in p.iterdir() if f.is_file()]
+        check_output(Path(output), [*found.paths, *inside], write.force)
         output_format(Path(output), write.format)
     if bn is not None:
         bn.check()
-    report = _plan(paths, plan, select, load, write.dtype)
+    report = _plan(found, plan, select, load, write.dtype)
     rows = report.matrix.rows
     best_only = evaluation is not None and evaluation.keep == "best"
     # keeping the best row: a plain -o is its file; a template or folder is planned for every row, as the

@@ -34,6 +34,7 @@ class PlanReport:
     metric: str | None = None
     considered: list[Checkpoint] = field(default_factory=list)  # every checkpoint found, before selection
     warnings: list[CkptavgWarning] = field(default_factory=list)  # what the user should know (also on stderr)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # inputs found but left out, and why
 
     @property
     def weights(self) -> Weights:
@@ -66,6 +67,7 @@ class PlanReport:
             "warnings": self.warning_texts(names),
             "outputs": [{"name": r.name, "params": dict(r.params), "weights": list(r.values), "residual": r.residual}
                         for r in self.matrix.rows],
+            "skipped": [{"path": str(p), "reason": why} for p, why in self.skipped],
         } | self.details()
 
     def warning_texts(self, names: Mapping[str, str] | None = None) -> list[str]:

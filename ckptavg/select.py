@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import CkptavgWarning, SelectionError, listing
 from .read.checkpoint import Checkpoint
+from .read.names import natural_key
 
 ORDERS = ("auto", "step", "epoch", "name", "mtime")
 
@@ -76,13 +77,14 @@ def parse_start(text: str) -> int | float:
     return value
 
 
-def natural_key(text: str) -> tuple[tuple[int, int, str], ...]:
-    """Sort key that puts ``epoch=10`` after ``epoch=9``."""
-    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", text) if t)
+def order_checkpoints(ckpts: Sequence[Checkpoint], order: str = "auto", identity: Mapping[Path, int] | None = None,
+                      profiles: bool = False) -> tuple[list[Checkpoint], str]:
+    """Sort checkpoints oldest first; return them and the order actually used.
 
-
-def order_checkpoints(ckpts: Sequence[Checkpoint], order: str = "auto") -> tuple[list[Checkpoint], str]:
-    """Sort checkpoints oldest first; return them and the order actually used."""
+    Two different checkpoints at one step are an error (two runs mixed, or two EMA profiles), but for
+    `profiles` (a plan that combines the snapshots of several EMA profiles) when their profiles differ;
+    checkpoints with one `identity` are one checkpoint named twice (see `refuse_twice`).
+    """
     used = order
     if order == "auto":
         if all(c.meta.step is not None for c in ckpts):
@@ -105,23 +107,57 @@ def order_checkpoints(ckpts: Sequence[Checkpoint], order: str = "auto") -> tuple
         return (name,)
 
     ordered = sorted(ckpts, key=key)
+    _refuse_same_step(ordered, identity or {}, profiles)
     _warn_mixed(ordered, order, used)
     return ordered, used
 
 
+def _profile(c: Checkpoint) -> tuple[object, ...]:
+    return (c.meta.ema_index, c.meta.sigma_rel, c.meta.gamma)
+
+
+def _refuse_same_step(ordered: Sequence[Checkpoint], identity: Mapping[Path, int], profiles: bool) -> None:
+    """Two different checkpoints at one step: two runs mixed, or the snapshots of two EMA profiles."""
+    by_step: dict[int, Checkpoint] = {}
+    for c in ordered:
+        if c.meta.step is None:
+            continue
+        a = by_step.setdefault(c.meta.step, c)
+        if a is c or (a.path in identity and identity.get(a.path) == identity.get(c.path)):
+            continue
+        differ = _profile(a) != _profile(c)
+        if profiles and differ:
+            continue
+        what = ("snapshots of two EMA profiles: average one profile at a time" if differ else
+                "two runs mixed? Give the checkpoints of one run")
+        raise SelectionError(f"{a.path} ({a.meta.step_source}) and {c.path} ({c.meta.step_source}) are two different "
+                             f"checkpoints at step {c.meta.step}: {what}.")
+
+
+def refuse_twice(chosen: Sequence[Checkpoint], identity: Mapping[Path, int]) -> None:
+    """Refuse a selection that counts one checkpoint twice (the same file or bytes, named twice)."""
+    first: dict[int, Checkpoint] = {}
+    for c in chosen:
+        if c.path not in identity:
+            continue
+        a = first.setdefault(identity[c.path], c)
+        if a is not c:
+            raise SelectionError(f"{a.path} and {c.path} are one checkpoint (the same file or the same bytes): the "
+                                 "selection would count it twice. Name it once, or narrow the selection (last, best).",
+                                 params=("last", "best"))
+
+
 def _warn_mixed(ordered: Sequence[Checkpoint], asked: str, used: str) -> None:
-    """Warn when the checkpoints look like more than one run: steps that repeat, or an automatic order that
+    """Warn when the checkpoints look like more than one run: epochs that repeat, or an automatic order that
     fell back to file names because only some checkpoints know their step."""
-    if used in ("step", "epoch"):
-        values = [getattr(c.meta, used) for c in ordered]
-        same = [(a, b) for a, b in zip(ordered, ordered[1:], strict=False)
-                if getattr(a.meta, used) == getattr(b.meta, used)]
-        if same and len(set(values)) < len(values):
+    if used == "epoch":
+        same = [(a, b) for a, b in zip(ordered, ordered[1:], strict=False) if a.meta.epoch == b.meta.epoch]
+        if same:
             a, b = same[0]
             warnings.warn(CkptavgWarning(
-                f"{a.name} and {b.name} are both at {used} {getattr(a.meta, used)}: two runs mixed, or one checkpoint "
+                f"{a.name} and {b.name} are both at epoch {a.meta.epoch}: two runs mixed, or one checkpoint "
                 "saved twice? Give the checkpoints of one run."), stacklevel=3)
-    elif asked == "auto" and any(c.meta.step is not None for c in ordered):
+    elif asked == "auto" and used == "name" and any(c.meta.step is not None for c in ordered):
         unknown = [c.name for c in ordered if c.meta.step is None]
         warnings.warn(CkptavgWarning(
             f"ordered by file name, because the step of {listing(unknown, 3)} is unknown: are these checkpoints of "

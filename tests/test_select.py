@@ -66,7 +66,7 @@ def test_order_by_epoch_from_file_names_is_natural(tmp_path: Path) -> None:
 def test_order_name_and_mtime(tmp_path: Path) -> None:
     names = ["b.safetensors", "a10.safetensors", "a9.safetensors"]
     for i, n in enumerate(names):
-        save_file({"w": torch.zeros(1)}, tmp_path / n)
+        save_file({"w": torch.full((1,), float(i))}, tmp_path / n)
         os.utime(tmp_path / n, ns=(10**18 + i * 10**9, 10**18 + i * 10**9))
     by_name = plan_checkpoints(str(tmp_path), select=Selection(order="name"))
     assert [c.name for c in by_name.checkpoints] == ["a9.safetensors", "a10.safetensors", "b.safetensors"]
@@ -78,11 +78,11 @@ def test_order_name_and_mtime(tmp_path: Path) -> None:
 
 def test_mixed_inputs_files_dirs_and_globs() -> None:
     report = plan_checkpoints([
-        str(RUNS / "ddp" / "step=24-val_loss=0.9780.pt"),
-        str(RUNS / "hf"),
-        str(RUNS / "safetensors" / "model_[45].safetensors"),
+        str(RUNS / "ddp" / "step=72-val_loss=0.1962.pt"),
+        str(RUNS / "hf-bin"),  # steps 96, 120, 144: two runs may not share a step
+        str(RUNS / "safetensors" / "model_[01].safetensors"),  # steps 24, 48
     ])
-    assert len(report.checkpoints) == 1 + N + 2
+    assert len(report.checkpoints) == 1 + 3 + 2
 
 
 def test_duplicate_inputs_count_once() -> None:

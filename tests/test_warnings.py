@@ -7,10 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import ckptavg
-from ckptavg import CkptavgWarning, Ema, Selection
+from ckptavg import CkptavgWarning, Ema, Selection, SelectionError
 from ckptavg.cli.app import app
 
 RUNS = Path(__file__).resolve().parent.parent / "fixtures" / "runs"
@@ -56,10 +57,17 @@ def test_one_checkpoint_and_a_short_selection_are_said(tmp_path: Path) -> None:
 
 
 def test_checkpoints_that_look_like_two_runs_are_said(tmp_path: Path) -> None:
+    """A copy of a checkpoint in the folder counts once; a different checkpoint at the same step is an error;
+    a checkpoint without a step beside stepped ones orders by name, with a warning."""
     for src in (RUNS / "ddp").iterdir():  # step=N-val_loss=... names
         shutil.copy(src, tmp_path / src.name)
     shutil.copy(RUNS / "ddp" / "step=48-val_loss=0.2070.pt", tmp_path / "other-step=48.pt")
-    with pytest.warns(CkptavgWarning, match="both at step 48"):
+    with pytest.warns(CkptavgWarning, match="left out 1 .*the same bytes as"):
+        report = ckptavg.plan_checkpoints(tmp_path)
+    assert len(report.checkpoints) == 6 and len(report.skipped) == 1
+    state = torch.load(RUNS / "ddp" / "step=24-val_loss=0.9780.pt", weights_only=True)
+    torch.save(state, tmp_path / "other-step=48.pt")  # distinct bytes, the step of the name
+    with pytest.raises(SelectionError, match="two different checkpoints at step 48: two runs mixed"):
         ckptavg.plan_checkpoints(tmp_path)
     (tmp_path / "other-step=48.pt").rename(tmp_path / "final.pt")
     with pytest.warns(CkptavgWarning, match=r"ordered by file name, because the step of final\.pt is unknown"):

@@ -53,7 +53,7 @@ def format_plan(report: PlanReport) -> str:
             lines += ["", _table(table), ""]
     lines.append(f"output: {len(report.specs)} tensors, {human_bytes(report.nbytes)}"
                  + (f" each, {len(rows)} outputs" if len(rows) > 1 else ""))
-    return "\n".join(lines + _method_lines(report) + _groups(report) + _scores(report))
+    return "\n".join(lines + _method_lines(report) + _skipped(report) + _groups(report) + _scores(report))
 
 
 def describe(plan: Plan) -> tuple[str, dict[str, Any], list[str]]:
@@ -120,6 +120,12 @@ def _method_lines(report: PlanReport) -> list[str]:
     if "copied" in d:
         lines.append(f"copied from the newest snapshot used, not combined: {', '.join(d['copied']['entries'])}")
     return [""] + lines if lines else []
+
+
+def _skipped(report: PlanReport) -> list[str]:
+    if not report.skipped:
+        return []
+    return ["", f"skipped {len(report.skipped)}:"] + [f"  {p}: {why}" for p, why in report.skipped]
 
 
 def _groups(report: PlanReport) -> list[str]:

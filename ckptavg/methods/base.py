@@ -99,6 +99,7 @@ class Plan:
     paper: ClassVar[str] = ""  # where the method comes from (arXiv id or URL)
     command: ClassVar[str] = ""  # the command that reaches the method when it has none of its own (lr: linear)
     min_checkpoints: ClassVar[int] = 1
+    combines_profiles: ClassVar[bool] = False  # takes snapshots of several EMA profiles at one step (phema)
 
     def params(self) -> dict[str, Any]:
         """The plan's parameters as plain values (recorded in the output and in `plan --json`)."""

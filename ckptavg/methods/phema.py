@@ -149,6 +149,7 @@ class Phema(Plan):
     """
 
     method: ClassVar[str] = "phema"
+    combines_profiles: ClassVar[bool] = True
     summary: ClassVar[str] = "Synthesise any power-function EMA from stored EMA snapshots (EDM2 post-hoc EMA)."
     paper: ClassVar[str] = "arXiv:2312.02696"
     sigma_rel: float | tuple[float, ...] = ()

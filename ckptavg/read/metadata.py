@@ -31,6 +31,9 @@ _EPOCH_NAME = [
 _EDM2_NAME = re.compile(r"^network-snapshot-(\d+)-(\d*\.?\d+)\.[A-Za-z]+$")
 # ema-pytorch PostHocEMA snapshots: {profile index}.{step}.pt
 _POSTHOC_NAME = re.compile(r"^(\d+)\.(\d+)\.pt$")
+# fairseq: checkpoint_{epoch}_{updates}.pt (mid-epoch saves) and checkpoint{epoch}.pt (end of an epoch)
+_FAIRSEQ_UPDATES = re.compile(r"^checkpoint_(\d{1,18})_(\d{1,18})\.pt$")
+_FAIRSEQ_EPOCH = re.compile(r"^checkpoint(\d{1,18})\.pt$")
 
 LR_PLACES = (
     "trainer_state.json log_history[*].learning_rate",
@@ -137,7 +140,30 @@ def meta_from_mapping(obj: Mapping[Any, Any], source: str, path: Path | None = N
         if n is not None and n >= 0:
             epoch, epoch_src = _count(n, path, source, key), f"{source} '{key}'"
             break
-    return Meta(step, step_src, epoch, epoch_src, _numeric_entries(obj, source))
+    return Meta(step, step_src, epoch, epoch_src, _numeric_entries(obj, source)).fill(_fairseq(obj, source, path))
+
+
+# fairseq keeps its update count in the optimizer history and its epoch in the iterator state
+_FAIRSEQ_PLACES: tuple[tuple[str, tuple[str | int, ...]], ...] = (
+    ("step", ("optimizer_history", -1, "num_updates")),
+    ("epoch", ("extra_state", "train_iterator", "epoch")),
+    ("epoch", ("extra_state", "epoch")),
+)
+
+
+def _fairseq(obj: Mapping[Any, Any], source: str, path: Path | None) -> Meta:
+    """fairseq's stored counts: ``optimizer_history[-1]["num_updates"]`` and the ``extra_state`` epoch."""
+    out = Meta()
+    for field_name, where in _FAIRSEQ_PLACES:
+        n = _number(_dig(obj, where))
+        if n is None or n < 0 or getattr(out, field_name) is not None or (field_name == "step" and not isinstance(n, int)):
+            continue
+        text = "".join(f"[{k}]" if isinstance(k, int) else f"['{k}']" for k in where)
+        _count(n, path, source, text)
+        src = f"{source} {text} (fairseq)"
+        out = replace(out, step=int(n), step_source=src) if field_name == "step" else replace(
+            out, epoch=n, epoch_source=src)
+    return out
 
 
 def _count(n: Number, path: Path | None, source: str, key: str) -> Number:
@@ -200,7 +226,7 @@ def metrics_from_trainer_state(state: Mapping[str, Any]) -> dict[str, tuple[floa
 def _dig(obj: Any, path: tuple[str | int, ...]) -> Any:
     for key in path:
         if isinstance(key, int):
-            if not isinstance(obj, list | tuple) or len(obj) <= key:
+            if not isinstance(obj, list | tuple) or not -len(obj) <= key < len(obj):
                 return None
         elif not isinstance(obj, Mapping) or key not in obj:
             return None
@@ -276,6 +302,11 @@ def meta_from_name(name: str, folder: bool = False) -> Meta:
     if not folder and (posthoc := _POSTHOC_NAME.match(name)):
         return Meta(int(posthoc.group(2)), "file name (PostHocEMA {index}.{step}.pt)",
                     ema_index=int(posthoc.group(1)))
+    if not folder and (fairseq := _FAIRSEQ_UPDATES.match(name)):
+        return Meta(int(fairseq.group(2)), "file name (fairseq checkpoint_{epoch}_{updates}.pt)",
+                    int(fairseq.group(1)), "file name (fairseq checkpoint_{epoch}_{updates}.pt)")
+    if not folder and (fairseq := _FAIRSEQ_EPOCH.match(name)):
+        return Meta(epoch=int(fairseq.group(1)), epoch_source="file name (fairseq checkpoint{epoch}.pt)")
     m = _FOLDER_STEP.match(name) if folder else None
     if m is None:
         m = next((found for p in _STEP_NAME if (found := p.search(name))), None)
