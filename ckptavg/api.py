@@ -37,6 +37,13 @@ from .write.output import OpenOutput, Output, is_folder_output, plan_output, row
 from .write.safetensors import check_output
 
 Progress = Callable[[int, int], None]  # (bytes read so far, total bytes to read)
+"""Called as the reduction reads. An object that also has ``step(phase, done, total)`` is told of the other
+long passes too: graft's entropies, soup's and --eval's evaluations, BatchNorm batches (total 0: unknown)."""
+
+
+def _steps_of(progress: Progress | None) -> Callable[[str, int, int], None] | None:
+    step: Callable[[str, int, int], None] | None = getattr(progress, "step", None)
+    return step
 
 
 def plan_checkpoints(
@@ -65,7 +72,8 @@ def plan_checkpoints(
     return _plan(discover(inputs), plan or Swa(), select, load, dtype)
 
 
-def _plan(found: Found, plan: Plan, select: Selection, load: LoadOptions, dtype: str | None) -> PlanReport:
+def _plan(found: Found, plan: Plan, select: Selection, load: LoadOptions, dtype: str | None,
+          progress: Progress | None = None) -> PlanReport:
     with warnings.catch_warnings(record=True) as caught:  # kept in the report (for --json), and passed on
         warnings.simplefilter("always")
         opened = [open_checkpoint(c.path, load) for c in found.candidates]
@@ -78,7 +86,7 @@ def _plan(found: Found, plan: Plan, select: Selection, load: LoadOptions, dtype:
         chosen = select_checkpoints(ordered, select)
         refuse_twice(chosen, once.identity)
         specs = check_layout(chosen, OUT_DTYPES[dtype] if dtype else None)  # before the weights: graft reads tensors
-        matrix = plan.weights(chosen, CheckpointData(chosen, specs))
+        matrix = plan.weights(chosen, CheckpointData(chosen, specs, _steps_of(progress)))
         for note in plan.notes(chosen, matrix):
             warnings.warn(note, stacklevel=1)
     for w in caught:
@@ -107,7 +115,7 @@ class Job:
 
 def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan, *, select: Selection,
             load: LoadOptions, write: WriteOptions, bn: BatchNormOptions | None, parts: int = 1,
-            evaluation: RowEvaluation | None = None) -> Job:
+            evaluation: RowEvaluation | None = None, progress: Progress | None = None) -> Job:
     """Plan the average and its output files (`parts` balanced files for a torchrun job), and check that they
     can be written, before any tensor data is read (but for the plans that need it: graft and soup)."""
     resolve_device(write.device)
@@ -120,7 +128,7 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
         output_format(Path(output), write.format)
     if bn is not None:
         bn.check()
-    report = _plan(found, plan, select, load, write.dtype)
+    report = _plan(found, plan, select, load, write.dtype, progress)
     rows = report.matrix.rows
     best_only = evaluation is not None and evaluation.keep == "best"
     # keeping the best row: a plain -o is its file; a template or folder is planned for every row, as the
@@ -198,7 +206,7 @@ def _states(job: Job, progress: Progress | None) -> list[dict[str, torch.Tensor]
     _reduce(job, specs, [keeper(state) for state in states], progress)
     if job.bn is not None:
         for state in states:
-            replaced, batches = recalibrate(state, job.bn, resolve_device(job.write.device))
+            replaced, batches = recalibrate(state, job.bn, resolve_device(job.write.device), _steps_of(progress))
             state.update(replaced)
             job.bn_batches.append(batches)
     return states
@@ -244,7 +252,8 @@ def average(
         evaluation: score every row and keep the best (or all), `RowEvaluation`.
     """
     started = time.perf_counter()
-    job = prepare(inputs, output, plan or Swa(), select=select, load=load, write=write, bn=bn, evaluation=evaluation)
+    job = prepare(inputs, output, plan or Swa(), select=select, load=load, write=write, bn=bn, evaluation=evaluation,
+                  progress=progress)
     opened: list[OpenOutput] = []
     committed: list[OpenOutput] = []
     outputs, metadata, rows = list(job.outputs), list(job.metadata), list(range(len(job.outputs)))

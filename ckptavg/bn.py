@@ -63,7 +63,8 @@ class BatchNormOptions:
 
 
 def recalibrate(
-    weights: dict[str, torch.Tensor], options: BatchNormOptions, device: torch.device | str = "cpu"
+    weights: dict[str, torch.Tensor], options: BatchNormOptions, device: torch.device | str = "cpu",
+    on_step: Callable[[str, int, int], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Recompute the BatchNorm buffers of `weights` on `device`; return only the replaced entries, on the CPU
     in their input dtypes, and the number of batches run. Batches are moved to `device` (tensors inside
@@ -81,7 +82,8 @@ def recalibrate(
     if options.batches is not None:
         batches = itertools.islice(batches, options.batches)
     try:
-        seen = _run_update(model, bns, (_to(b, dev) for b in batches), forward)
+        seen = _run_update(model, bns, (_to(b, dev) for b in batches), forward,
+                           (lambda n: on_step("BatchNorm batches", n, options.batches or 0)) if on_step else None)
     except CkptavgError:
         raise
     except Exception as e:  # noqa: BLE001 - the user's model, data or forward failed: one line
@@ -101,7 +103,7 @@ def recalibrate(
 
 @torch.no_grad()
 def _run_update(model: nn.Module, bns: list[_BatchNorm], batches: Iterable[Any],
-                forward: Callable[[nn.Module, Any], Any]) -> int:
+                forward: Callable[[nn.Module, Any], Any], done: Callable[[int], None] | None = None) -> int:
     momenta = {}
     for m in bns:
         m.reset_running_stats()
@@ -114,6 +116,8 @@ def _run_update(model: nn.Module, bns: list[_BatchNorm], batches: Iterable[Any],
         for batch in batches:
             forward(model, batch)
             seen += 1
+            if done:
+                done(seen)
     finally:
         for m, momentum in momenta.items():
             m.momentum = momentum

@@ -130,3 +130,54 @@ def test_summaries_say_what_happened(tmp_path: Path) -> None:
                           f"{model}:build", "--bn-data", f"{model}:bn_loader")
     assert code == 0 and "recomputed BatchNorm statistics of s.safetensors over 8 batches" in out, out
     assert "Warning" not in err  # one input is the point of `ckptavg bn`, not a surprise
+
+
+class _Recorder:
+    """A progress callback that also takes the passes that are not reading (`step`)."""
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[int, int]] = []
+        self.steps: list[tuple[str, int, int]] = []
+
+    def __call__(self, done: int, total: int) -> None:
+        self.reads.append((done, total))
+
+    def step(self, phase: str, done: int, total: int) -> None:
+        self.steps.append((phase, done, total))
+
+
+def test_long_passes_report_progress(tmp_path: Path) -> None:
+    """Graft's entropy pass, soup's evaluations and the BatchNorm batches are reported, each up to its total."""
+    from ckptavg import BatchNormOptions, Graft, Soup, average
+
+    model = Path(__file__).resolve().parent.parent / "fixtures" / "model.py"
+    graft = _Recorder()
+    average(RUNS / "plain", tmp_path / "g.safetensors", Graft(), progress=graft)
+    phases = [s for s in graft.steps if s[0] == "entropies"]
+    assert phases and phases[-1][1] == phases[-1][2] == 3  # conv1, conv2, fc lead a group each
+    assert graft.reads and graft.reads[-1][0] == graft.reads[-1][1]
+    from fixtures.model import accuracy  # type: ignore[import-not-found]
+
+    soup = _Recorder()
+    average(RUNS / "plain", tmp_path / "s.safetensors", Soup(evaluate=accuracy), progress=soup)
+    assert [s[1] for s in soup.steps] == list(range(1, 12)) and {s[2] for s in soup.steps} == {11}
+    bn = _Recorder()
+    average(RUNS / "plain", tmp_path / "b.safetensors", progress=bn,
+            bn=BatchNormOptions(f"{model}:build", f"{model}:bn_loader", batches=5))
+    assert [s[1:] for s in bn.steps if s[0] == "BatchNorm batches"] == [(i, 5) for i in range(1, 6)]
+
+
+def test_the_bar_draws_each_pass_in_turn() -> None:
+    import io
+
+    from ckptavg.cli.progress import ProgressBar
+
+    out = io.StringIO()
+    bar = ProgressBar(out)
+    bar.step("entropies", 1, 3)
+    bar.step("entropies", 3, 3)
+    bar(1024, 4096)
+    bar(4096, 4096)
+    bar.close()
+    text = out.getvalue()
+    assert "entropies" in text and "3/3" in text and "averaging" in text and "4.0 KiB of 4.0 KiB" in text

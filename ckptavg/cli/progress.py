@@ -23,8 +23,11 @@ class ProgressBar:
         self._desc = desc
         self._bar: Any = None
         self._start = 0.0
+        self._phase: str | None = None  # the pass shown, when it is not the reading
 
     def __call__(self, done: int, total: int) -> None:
+        if self._phase is not None:  # reading follows another pass: its bar is done
+            self.close()
         if self._bar is None:
             from tqdm import tqdm  # 30 ms of imports, paid only when a bar is drawn
 
@@ -33,6 +36,17 @@ class ProgressBar:
                              postfix=self._counts(done, total))
         self._bar.total = total
         self._bar.set_postfix_str(self._counts(done, total), refresh=False)
+        self._bar.update(done - self._bar.n)
+
+    def step(self, phase: str, done: int, total: int) -> None:
+        """A pass that is not reading (graft's entropies, evaluations, BatchNorm batches): a bar of its own,
+        counted in items (`total` 0: unknown, a counter without a bar)."""
+        if self._phase != phase:
+            self.close()
+            from tqdm import tqdm
+
+            self._phase, self._start = phase, time.monotonic()
+            self._bar = tqdm(total=total or None, file=self._file, desc=phase, unit="", leave=True)
         self._bar.update(done - self._bar.n)
 
     def _counts(self, done: int, total: int) -> str:
@@ -49,3 +63,4 @@ class ProgressBar:
         """Finish the bar's line, if one was drawn."""
         if self._bar is not None:
             self._bar.close()
+        self._bar, self._phase = None, None
