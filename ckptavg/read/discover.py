@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import CheckpointFormatError, SelectionError
 from .checkpoint import PathLike
 from .deepspeed import deepspeed_tags, is_deepspeed_run
+from .files import training_state
 from .layouts import is_checkpoint_folder
 from .safetensors_file import sniff
 
@@ -49,7 +50,8 @@ def _expand_existing(path: Path, explicit: bool) -> list[Path]:
         if is_deepspeed_run(path):  # global_stepN/ tags beside a `latest` file; checks that `latest` is sound
             return deepspeed_tags(path)
         inside = sorted(
-            p for p in path.iterdir() if (p.is_dir() and is_checkpoint_folder(p)) or _is_checkpoint_file(p)
+            p for p in path.iterdir()
+            if (p.is_dir() and is_checkpoint_folder(p)) or (training_state(p) is None and _is_checkpoint_file(p))
         )
         if explicit and not inside:
             raise SelectionError(
@@ -57,6 +59,8 @@ def _expand_existing(path: Path, explicit: bool) -> list[Path]:
                 "legacy pickles, safetensors, Hugging Face checkpoint folders, DCP folders with .metadata)."
             )
         return inside
+    if path.is_file() and training_state(path) is not None:  # optimizer, RNG...: skipped; named, refused on open
+        return [path] if explicit else []
     if _is_checkpoint_file(path):
         return [path]
     if explicit:
