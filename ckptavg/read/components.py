@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import CheckpointFormatError, one_line
 from .checkpoint import Checkpoint, LoadOptions
-from .files import open_file
+from .files import open_file, training_state
 from .hf_folder import is_hf_folder, open_hf_folder
 from .metadata import meta_from_name
 from .safetensors_file import sniff
@@ -24,14 +24,24 @@ def components(path: Path) -> dict[str, Path]:
     """The models of a checkpoint folder by name (a file or a model folder each); empty for a folder that is
     not a checkpoint of several models."""
     files = _accelerate_files(path)
-    if len(files) > 1:
+    if len(files) > 1 and "model" in files:
         return files
     if is_hf_folder(path):
+        return {}
+    if not _has_markers(path):  # a folder of checkpoint-N/ model folders is a run, not one checkpoint
         return {}
     subs = _model_folders(path)
     if not subs or any(_model_folders(d) for d in _dirs(path)):  # a run folder: its children are the checkpoints
         return {}
     return subs
+
+
+def _has_markers(path: Path) -> bool:
+    """A diffusers pipeline (model_index.json) or a training checkpoint (optimizer, RNG... files beside)."""
+    try:
+        return any((p.name == "model_index.json" or training_state(p)) and p.is_file() for p in path.iterdir())
+    except OSError:
+        return False
 
 
 def is_component_folder(path: Path) -> bool:
@@ -84,8 +94,16 @@ def check_no_component(path: Path, ckpt: Checkpoint, component: str | None) -> N
 
 
 def _accelerate_files(path: Path) -> dict[str, Path]:
+    """model(_N) files beside the training state that save_state always writes (a folder of model_0..model_5
+    files is a folder of checkpoints)."""
     found: dict[str, Path] = {}
-    for p in sorted(path.iterdir(), key=lambda p: _natural(p.name)):
+    try:
+        children = sorted(path.iterdir(), key=lambda p: _natural(p.name))
+    except OSError:
+        return {}
+    if not any(training_state(p) and p.is_file() for p in children):
+        return {}
+    for p in children:
         m = _ACCELERATE.fullmatch(p.name)
         if m and p.is_file():
             found.setdefault(m.group(1), p)

@@ -62,7 +62,9 @@ def open_checkpoint(path: PathLike, options: LoadOptions = LoadOptions()) -> Che
         check_no_component(path, ckpt, options.component)
     if not ckpt.tensors:
         raise CheckpointFormatError(f"{path}: holds no tensors.")
-    if all(t.numel == 0 for t in ckpt.tensors.values()):
+    # Pickled layouts only: ZeRO-3 model states hold 0-element placeholders; a safetensors file of empty
+    # tensors was written as such.
+    if "safetensors" not in ckpt.format and all(t.numel == 0 for t in ckpt.tensors.values()):
         raise CheckpointFormatError(
             f"{path}: the {ckpt.format} weights at '{ckpt.location}' are {len(ckpt.tensors)} tensors of 0 elements "
             "(placeholders, not weights); pass key or component to choose the real weights.", params=("key", "component")
