@@ -150,10 +150,12 @@ def _prefix_only(missing: list[str], extra: list[str]) -> tuple[bool, str] | Non
     if not missing or len(missing) != len(extra):
         return None
     for added, (short, long) in ((True, (missing, extra)), (False, (extra, missing))):
-        if long[0].endswith(short[0]) and len(long[0]) > len(short[0]):
-            p = long[0][: len(long[0]) - len(short[0])]
-            if {p + k for k in short} == set(long):
-                return added, p
+        for s in short:
+            if long[0].endswith(s) and len(long[0]) > len(s):
+                p = long[0][: len(long[0]) - len(s)]
+                if {p + k for k in short} == set(long):
+                    return added, p
+                break
     return None
 
 
