@@ -105,8 +105,12 @@ def check_layout(ckpts: Sequence[HasTensors], out_dtype: torch.dtype | None = No
     for other in ckpts[1:]:
         missing = [k for k in ref.tensors if k not in other.tensors]
         extra = [k for k in other.tensors if k not in ref.tensors]
-        problems += [f"{other.name}: lacks '{k}', which {ref.name} has" for k in missing]
-        problems += [f"{other.name}: has '{k}', which {ref.name} lacks" for k in extra]
+        if (prefix := _prefix_only(missing, extra)) is not None:
+            problems.append(f"{other.name}'s tensor names differ from {ref.name}'s only by the prefix '{prefix[1]}' "
+                            f"({'added' if prefix[0] else 'missing'}); pass strip_prefix or add_prefix")
+        else:
+            problems += [f"{other.name}: lacks '{k}', which {ref.name} has" for k in missing]
+            problems += [f"{other.name}: has '{k}', which {ref.name} lacks" for k in extra]
         for key, t in ref.tensors.items():
             o = other.tensors.get(key)
             if o is None:
@@ -126,7 +130,8 @@ def check_layout(ckpts: Sequence[HasTensors], out_dtype: torch.dtype | None = No
     if problems:
         raise IncompatibleCheckpointsError(
             f"checkpoints do not match: {listing(problems + dtypes, 10, '; ')}. "
-            "All checkpoints must come from the same architecture."
+            "All checkpoints must come from the same architecture.",
+            params=("strip_prefix", "add_prefix") if "pass strip_prefix" in " ".join(problems) else (),
         )
     if dtypes:
         raise IncompatibleCheckpointsError(
@@ -137,6 +142,21 @@ def check_layout(ckpts: Sequence[HasTensors], out_dtype: torch.dtype | None = No
         TensorSpec(k, t.shape, t.dtype, out_dtype if (out_dtype is not None and t.dtype.is_floating_point) else t.dtype)
         for k, t in ref.tensors.items()
     ]
+
+
+def _prefix_only(missing: list[str], extra: list[str]) -> tuple[bool, str] | None:
+    """(True, P) when the other checkpoint's names are the reference's with P put before them, (False, P)
+    when P is missing from them; None when the names differ otherwise."""
+    if not missing or len(missing) != len(extra):
+        return None
+    for added, (short, long) in ((True, (missing, extra)), (False, (extra, missing))):
+        for s in short:
+            if long[0].endswith(s) and len(long[0]) > len(s):
+                p = long[0][: len(long[0]) - len(s)]
+                if {p + k for k in short} == set(long):
+                    return added, p
+                break
+    return None
 
 
 def byte_view(t: torch.Tensor) -> memoryview:

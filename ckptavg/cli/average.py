@@ -57,6 +57,7 @@ from .method_options import (
 from .options import (
     AccumDtype,
     AccumDtypeOpt,
+    AddPrefixOpt,
     AllowNonfiniteOpt,
     BestOpt,
     BnBatchesOpt,
@@ -64,6 +65,7 @@ from .options import (
     BnDataOpt,
     BnForwardOpt,
     BnModelOpt,
+    ComponentOpt,
     DeviceOpt,
     DtypeOpt,
     EveryOpt,
@@ -84,6 +86,7 @@ from .options import (
     ShardsOpt,
     SoupMode,
     StartOpt,
+    StripPrefixOpt,
     TrustPickleOpt,
     UptoOpt,
     VerifyOpt,
@@ -95,7 +98,8 @@ def swa(
     inputs: InputsArg, *,
     last: LastOpt = None, best: BestOpt = None, metric: MetricOpt = None, metric_mode: MetricModeOpt = None,
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
-    key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     output: OutputOpt, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None, dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
@@ -116,7 +120,7 @@ def swa(
 
     average(inputs, builders.windowed(Swa(), window, stride), selection(last, best, metric, metric_mode, start, every,
                                                                            upto, order),
-            loading(key, keep_prefix, trust_pickle),
+            loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
                         verify=verify, force=force, json_out=json_out, quiet=quiet),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
@@ -126,7 +130,8 @@ def ema(
     inputs: InputsArg, *,
     last: LastOpt = None, best: BestOpt = None, metric: MetricOpt = None, metric_mode: MetricModeOpt = None,
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
-    key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     output: OutputOpt, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None, dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
@@ -153,7 +158,8 @@ def ema(
     plan = builders.ema_plan(decay, per, step_decay, sigma_rel, warmup, warmup_gamma, warmup_power, min_decay,
                              update_after_step, hold, init)
     average(inputs, builders.windowed(plan, window, stride),
-            selection(last, best, metric, metric_mode, start, every, upto, order), loading(key, keep_prefix, trust_pickle),
+            selection(last, best, metric, metric_mode, start, every, upto, order),
+            loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
                         verify=verify, force=force, json_out=json_out, quiet=quiet),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
@@ -163,7 +169,8 @@ def graft(
     inputs: InputsArg, *,
     last: LastOpt = None, best: BestOpt = None, metric: MetricOpt = None, metric_mode: MetricModeOnlyOpt = None,
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
-    key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     output: OutputOpt, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None, dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
@@ -185,7 +192,8 @@ def graft(
     """
     plan = builders.graft_plan(a, c, bins, mode, groups, round_digits)
     average(inputs, builders.windowed(plan, window, stride),
-            selection(last, best, metric, metric_mode, start, every, upto, order), loading(key, keep_prefix, trust_pickle),
+            selection(last, best, metric, metric_mode, start, every, upto, order),
+            loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
                         verify=verify, force=force, json_out=json_out, quiet=quiet),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
@@ -195,7 +203,8 @@ def linear(
     inputs: InputsArg, *,
     last: LastOpt = None, best: BestOpt = None, metric: MetricOpt = None, metric_mode: MetricModeOpt = None,
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
-    key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     output: OutputOpt, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None, dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
@@ -219,7 +228,8 @@ def linear(
     """
     plan = builders.linear_plan(weights, normalize, lr_power, hold)
     average(inputs, builders.windowed(plan, window, stride),
-            selection(last, best, metric, metric_mode, start, every, upto, order), loading(key, keep_prefix, trust_pickle),
+            selection(last, best, metric, metric_mode, start, every, upto, order),
+            loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
                         verify=verify, force=force, json_out=json_out, quiet=quiet),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
@@ -229,7 +239,8 @@ def soup(
     inputs: InputsArg, *,
     last: LastOpt = None, best: BestOpt = None, metric: MetricOpt = None, metric_mode: MetricModeOnlyOpt = None,
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
-    key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     output: OutputOpt, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None, dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
@@ -247,7 +258,8 @@ def soup(
     """
     plan = builders.soup_plan(eval, mode, uniform, strict)
     average(inputs, builders.windowed(plan, window, stride),
-            selection(last, best, metric, metric_mode, start, every, upto, order), loading(key, keep_prefix, trust_pickle),
+            selection(last, best, metric, metric_mode, start, every, upto, order),
+            loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
                         verify=verify, force=force, json_out=json_out, quiet=quiet),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.soup_evaluation(eval, mode, keep))

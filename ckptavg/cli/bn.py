@@ -9,12 +9,14 @@ import typer
 from .options import (
     AccumDtype,
     AccumDtypeOpt,
+    AddPrefixOpt,
     AllowNonfiniteOpt,
     BnBatchesOpt,
     BnBatchSizeOpt,
     BnDataRequiredOpt,
     BnForwardOpt,
     BnModelRequiredOpt,
+    ComponentOpt,
     DeviceOpt,
     DtypeOpt,
     ForceOpt,
@@ -25,6 +27,7 @@ from .options import (
     OutputOpt,
     QuietOpt,
     ShardsOpt,
+    StripPrefixOpt,
     TrustPickleOpt,
     VerifyOpt,
 )
@@ -36,7 +39,8 @@ WeightsArg = Annotated[list[str], typer.Argument(
 
 def bn(
     inputs: WeightsArg, *,
-    key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     output: OutputOpt, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None, dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
@@ -54,7 +58,7 @@ def bn(
 
     if len(inputs) != 1:
         raise BatchNormError(f"ckptavg bn takes one weights file or checkpoint, not {len(inputs)}.")
-    average(inputs, Copy(), Selection(), loading(key, keep_prefix, trust_pickle),
+    average(inputs, Copy(), Selection(), loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
                         verify=verify, force=force, json_out=json_out, quiet=quiet),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward))

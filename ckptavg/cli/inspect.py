@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .options import JsonOpt, KeepPrefixOpt, KeyOpt, TrustPickleOpt
+from .options import AddPrefixOpt, ComponentOpt, JsonOpt, KeepPrefixOpt, KeyOpt, StripPrefixOpt, TrustPickleOpt
 from .text import format_inspect
 from .values import loading
 
@@ -18,7 +18,8 @@ PathArg = Annotated[Path, typer.Argument(
 
 def inspect(
     path: PathArg, *,
-    key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Show a checkpoint's format, where its weights were found, its metadata and its tensors.
@@ -28,5 +29,5 @@ def inspect(
     """
     from ..api import inspect_checkpoint
 
-    info = inspect_checkpoint(path, loading(key, keep_prefix, trust_pickle))
+    info = inspect_checkpoint(path, loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix))
     print(json.dumps(info, indent=2) if json_out else format_inspect(info))

@@ -150,6 +150,13 @@ KeyOpt = Annotated[str | None, typer.Option(
     metavar="PATH", rich_help_panel=LOADING,
     help="Dotted path of the weights in a training checkpoint, e.g. state_dict_ema. Default: the usual places "
     "(state_dict, model, module, ...).")]
+ComponentOpt = Annotated[str | None, typer.Option(
+    metavar="NAME", rich_help_panel=LOADING,
+    help="The model to average when there are several (model_1, unet_ema).")]
+StripPrefixOpt = Annotated[str | None, typer.Option(
+    metavar="P", rich_help_panel=LOADING, help="Remove prefix P (e.g. model.) from every name.")]
+AddPrefixOpt = Annotated[str | None, typer.Option(
+    metavar="P", rich_help_panel=LOADING, help="Put prefix P before every name.")]
 KeepPrefixOpt = Annotated[bool, typer.Option(
     "--keep-prefix", rich_help_panel=LOADING,
     help="Keep a module. (DDP) or _orig_mod. (torch.compile) prefix shared by every key.")]
@@ -212,7 +219,8 @@ PARAM_FLAGS: dict[str, str] = {
     "inputs": "INPUTS", "last": "--last", "best": "--best", "metric": "--metric", "metric_mode": "--metric-mode",
     "start": "--start", "every": "--every", "upto": "--upto", "order": "--order", "select.mode": "--metric-mode",
     # loading (LoadOptions)
-    "key": "--key", "keep_prefix": "--keep-prefix", "trust_pickle": "--trust-pickle",
+    "key": "--key", "keep_prefix": "--keep-prefix", "trust_pickle": "--trust-pickle", "component": "--component",
+    "strip_prefix": "--strip-prefix", "add_prefix": "--add-prefix",
     # output (average_checkpoints)
     "output": "--output", "max_shard_size": "--max-shard-size", "shards": "--shards",
     "shards_like_input": "--shards like-input", "dtype": "--dtype", "accum_dtype": "--accum-dtype",

@@ -66,7 +66,9 @@ from .method_options import (
     WindowOpt,
 )
 from .options import (
+    AddPrefixOpt,
     BestOpt,
+    ComponentOpt,
     DtypeOpt,
     EveryOpt,
     InputsArg,
@@ -81,6 +83,7 @@ from .options import (
     OrderOpt,
     SoupMode,
     StartOpt,
+    StripPrefixOpt,
     TrustPickleOpt,
     UptoOpt,
 )
@@ -96,7 +99,8 @@ def swa(
     inputs: InputsArg, *,
     last: LastOpt = None, best: BestOpt = None, metric: MetricOpt = None, metric_mode: MetricModeOpt = None,
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
-    key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
     window: WindowOpt = None, stride: StrideOpt = None,
 ) -> None:
@@ -105,14 +109,15 @@ def swa(
 
     show_plan(inputs, builders.windowed(Swa(), window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
-              loading(key, keep_prefix, trust_pickle), dtype, json_out, plot)
+              loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot)
 
 
 def ema(
     inputs: InputsArg, *,
     last: LastOpt = None, best: BestOpt = None, metric: MetricOpt = None, metric_mode: MetricModeOpt = None,
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
-    key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
     decay: DecayOpt = None, per: PerOpt = None, step_decay: StepDecayOpt = None, sigma_rel: SigmaRelOpt = None,
     warmup: WarmupOpt = False, warmup_gamma: WarmupGammaOpt = WARMUP_GAMMA,
@@ -125,14 +130,15 @@ def ema(
                              update_after_step, hold, init)
     show_plan(inputs, builders.windowed(plan, window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
-              loading(key, keep_prefix, trust_pickle), dtype, json_out, plot)
+              loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot)
 
 
 def graft(
     inputs: InputsArg, *,
     last: LastOpt = None, best: BestOpt = None, metric: MetricOpt = None, metric_mode: MetricModeOnlyOpt = None,
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
-    key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
     a: GraftAOpt = GRAFT_A, c: GraftCOpt = GRAFT_C, bins: GraftBinsOpt = GRAFT_BINS,
     mode: GraftModeOpt = GRAFT_MODE, groups: GraftGroupsOpt = GRAFT_GROUPS, round_digits: RoundDigitsOpt = "2",
@@ -141,14 +147,15 @@ def graft(
     """Weights of `ckptavg graft`, without writing anything (reads every tensor for its entropy)."""
     show_plan(inputs, builders.windowed(builders.graft_plan(a, c, bins, mode, groups, round_digits), window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
-              loading(key, keep_prefix, trust_pickle), dtype, json_out, plot)
+              loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot)
 
 
 def linear(
     inputs: InputsArg, *,
     last: LastOpt = None, best: BestOpt = None, metric: MetricOpt = None, metric_mode: MetricModeOpt = None,
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
-    key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
     weights: WeightsOpt, normalize: NormalizeOpt = False, lr_power: LrPowerOpt = None, hold: LrHoldOpt = None,
     window: WindowOpt = None, stride: StrideOpt = None,
@@ -157,14 +164,15 @@ def linear(
     doing the work (reads metadata only)."""
     show_plan(inputs, builders.windowed(builders.linear_plan(weights, normalize, lr_power, hold), window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
-              loading(key, keep_prefix, trust_pickle), dtype, json_out, plot)
+              loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot)
 
 
 def soup(
     inputs: InputsArg, *,
     last: LastOpt = None, best: BestOpt = None, metric: MetricOpt = None, metric_mode: MetricModeOnlyOpt = None,
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
-    key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
     eval: EvalOpt = None, mode: SoupModeOpt = SoupMode.MAX, uniform: UniformOpt = False, strict: StrictOpt = False,
     window: WindowOpt = None, stride: StrideOpt = None,
@@ -172,14 +180,15 @@ def soup(
     """Weights of `ckptavg soup`, without writing anything (runs --eval on the candidate averages)."""
     show_plan(inputs, builders.windowed(builders.soup_plan(eval, mode, uniform, strict), window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
-              loading(key, keep_prefix, trust_pickle), dtype, json_out, plot)
+              loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot)
 
 
 def wsm(
     inputs: InputsArg, *,
     last: LastOpt = None, best: BestOpt = None, metric: MetricOpt = None, metric_mode: MetricModeOpt = None,
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
-    key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
     schedule: ScheduleOpt = SCHEDULE, final: FinalOpt = None, factor: FactorOpt = None,
     milestones: MilestonesOpt = None, gamma: GammaOpt = None, timescale: TimescaleOpt = None,
@@ -190,14 +199,15 @@ def wsm(
     plan = builders.wsm_plan(schedule, final, factor, milestones, gamma, timescale, reverse, by_step)
     show_plan(inputs, builders.windowed(plan, window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
-              loading(key, keep_prefix, trust_pickle), dtype, json_out, plot)
+              loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot)
 
 
 def phema(
     inputs: InputsArg, *,
     last: LastOpt = None, best: BestOpt = None, metric: MetricOpt = None, metric_mode: MetricModeOpt = None,
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
-    key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
     sigma_rel: TargetSigmaRelOpt, snapshot_sigma_rel: SnapshotSigmaRelOpt = None,
     snapshot_gamma: SnapshotGammaOpt = None, at_step: AtStepOpt = None, raw: RawOpt = False,
@@ -208,7 +218,7 @@ def phema(
     plan = builders.phema_plan(sigma_rel, snapshot_sigma_rel, snapshot_gamma, at_step, raw)
     show_plan(inputs, builders.windowed(plan, window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
-              loading(key, keep_prefix, trust_pickle), dtype, json_out, plot)
+              loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot)
 
 
 COMMANDS: dict[str, Callable[..., None]] = {"swa": swa, "ema": ema, "graft": graft, "linear": linear, "soup": soup,

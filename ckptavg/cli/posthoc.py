@@ -30,6 +30,7 @@ from .method_options import (
 from .options import (
     AccumDtype,
     AccumDtypeOpt,
+    AddPrefixOpt,
     AllowNonfiniteOpt,
     BestOpt,
     BnBatchesOpt,
@@ -37,6 +38,7 @@ from .options import (
     BnDataOpt,
     BnForwardOpt,
     BnModelOpt,
+    ComponentOpt,
     DeviceOpt,
     DtypeOpt,
     EveryOpt,
@@ -56,6 +58,7 @@ from .options import (
     ShardsOpt,
     SoupMode,
     StartOpt,
+    StripPrefixOpt,
     TrustPickleOpt,
     UptoOpt,
     VerifyOpt,
@@ -67,7 +70,8 @@ def wsm(
     inputs: InputsArg, *,
     last: LastOpt = None, best: BestOpt = None, metric: MetricOpt = None, metric_mode: MetricModeOpt = None,
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
-    key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     output: OutputOpt, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None, dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
@@ -92,7 +96,8 @@ def wsm(
     """
     plan = builders.wsm_plan(schedule, final, factor, milestones, gamma, timescale, reverse, by_step)
     average(inputs, builders.windowed(plan, window, stride),
-            selection(last, best, metric, metric_mode, start, every, upto, order), loading(key, keep_prefix, trust_pickle),
+            selection(last, best, metric, metric_mode, start, every, upto, order),
+            loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
                         verify=verify, force=force, json_out=json_out, quiet=quiet),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
@@ -102,7 +107,8 @@ def phema(
     inputs: InputsArg, *,
     last: LastOpt = None, best: BestOpt = None, metric: MetricOpt = None, metric_mode: MetricModeOpt = None,
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
-    key: KeyOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
+    key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     output: OutputOpt, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None, dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
@@ -128,7 +134,8 @@ def phema(
     """
     plan = builders.phema_plan(sigma_rel, snapshot_sigma_rel, snapshot_gamma, at_step, raw)
     average(inputs, builders.windowed(plan, window, stride),
-            selection(last, best, metric, metric_mode, start, every, upto, order), loading(key, keep_prefix, trust_pickle),
+            selection(last, best, metric, metric_mode, start, every, upto, order),
+            loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
                         verify=verify, force=force, json_out=json_out, quiet=quiet),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))

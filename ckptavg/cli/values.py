@@ -50,11 +50,13 @@ def selection(last: int | None, best: int | None, metric: str | None, metric_mod
                      every=every, best=best, metric=metric, mode=metric_mode.value if metric_mode else None, last=last)
 
 
-def loading(key: str | None, keep_prefix: bool, trust_pickle: bool) -> LoadOptions:
+def loading(key: str | None, keep_prefix: bool, trust_pickle: bool, component: str | None = None,
+            strip_prefix: str | None = None, add_prefix: str | None = None) -> LoadOptions:
     """The `LoadOptions` of the loading options."""
     from ..read.checkpoint import LoadOptions
 
-    return LoadOptions(key=key, keep_prefix=keep_prefix, trust_pickle=trust_pickle)
+    return LoadOptions(key=key, keep_prefix=keep_prefix, trust_pickle=trust_pickle, component=component,
+                       strip_prefix=strip_prefix, add_prefix=add_prefix)
 
 
 def batchnorm(model: str | None, data: str | None, batches: int | None, batch_size: int,

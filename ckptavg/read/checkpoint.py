@@ -53,11 +53,18 @@ class LoadOptions:
             None looks in the usual places.
         keep_prefix: keep a ``module.``/``_orig_mod.`` prefix shared by every key.
         trust_pickle: allow full unpickling (can run code); only for files you trust.
+        component: which model of a checkpoint that holds several (accelerate's ``model_1``, a diffusers
+            training checkpoint's ``unet_ema``); None takes the only one, and refuses a choice.
+        strip_prefix: a prefix every tensor name has, removed (Lightning's ``model.``).
+        add_prefix: a prefix added to every tensor name (after strip_prefix).
     """
 
     key: str | None = None
     keep_prefix: bool = False
     trust_pickle: bool = False
+    component: str | None = None
+    strip_prefix: str | None = None
+    add_prefix: str | None = None
 
 
 @dataclass

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import CheckpointFormatError, SelectionError
 from .checkpoint import PathLike
 from .deepspeed import deepspeed_tags, is_deepspeed_run
+from .files import training_state
 from .hf_folder import HF_WEIGHT_FILES
 from .layouts import is_checkpoint_folder
 from .megatron import is_megatron_run, megatron_iterations
@@ -112,7 +113,7 @@ def _expand_existing(path: Path, explicit: bool, skipped: list[Skipped]) -> list
                                     "final model?); name it explicitly to average it"))
                 else:
                     inside.append(p)
-            elif _is_checkpoint_file(p):
+            elif training_state(p) is None and _is_checkpoint_file(p):  # optimizer, RNG: skipped
                 inside.append(p)
         if explicit and not inside:
             raise SelectionError(
@@ -120,6 +121,8 @@ def _expand_existing(path: Path, explicit: bool, skipped: list[Skipped]) -> list
                 "legacy pickles, safetensors, Hugging Face checkpoint folders, DCP folders with .metadata)."
             )
         return inside
+    if path.is_file() and training_state(path) is not None:  # optimizer, RNG...: skipped; named, refused on open
+        return [path] if explicit else []
     if _is_checkpoint_file(path):
         return [path]
     if explicit:

@@ -2,15 +2,41 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
+from ..errors import CheckpointFormatError
 from .checkpoint import Checkpoint, LoadOptions, Stamp, stamp
 from .locate import locate_weights, select_prefix
 from .metadata import Meta, extras_from_metadata, lr_from_checkpoint, meta_from_mapping, meta_from_name, metrics_from_checkpoint
 from .safetensors_file import read_safetensors_header
 from .torch_extra import read_extra_metadata
 from .torch_file import load_torch
+
+# Files that training libraries write beside the weights, by name: never weights, whatever they hold.
+TRAINING_STATE = (
+    (re.compile(r"(.*_)?optim(izer)?(_states?)?(_\d+)?\.(bin|pt|pth|safetensors)|.*_optim_states\.pt"), "optimizer state"),
+    (re.compile(r"(lr_)?scheduler(_\d+)?\.(bin|pt|pth)"), "learning-rate scheduler state"),
+    (re.compile(r"random_states_\d+\.pkl|rng_state(_\d+)?\.pth"), "RNG state"),
+    (re.compile(r"scaler(_\d+)?\.(bin|pt|pth)"), "loss-scaler state"),
+    (re.compile(r"training_args\.bin"), "the Trainer's arguments"),
+    (re.compile(r"custom_checkpoint_\d+\.pkl"), "an object registered with accelerate's save_state"),
+)
+
+
+def training_state(path: Path) -> str | None:
+    """What training-state file `path` is by its name (optimizer, scheduler, RNG...), or None for others."""
+    return next((what for pattern, what in TRAINING_STATE if pattern.fullmatch(path.name)), None)
+
+
+def refuse_training_state(path: Path, what: str) -> CheckpointFormatError:
+    """The error for a training-state file given as a checkpoint: never suggests trust_pickle, which
+    would not turn it into weights."""
+    return CheckpointFormatError(
+        f"{path}: training state ({what}), not model weights; ckptavg never averages it and skips it in a "
+        "folder: give the model's weights file or the checkpoint folder instead."
+    )
 
 
 def open_file(path: Path, fmt: str, options: LoadOptions) -> Checkpoint:

@@ -1,4 +1,5 @@
 """Hugging Face checkpoint folders: `model.safetensors` (or shards with an index, or `pytorch_model.bin`),
+diffusers model folders (`diffusion_pytorch_model.safetensors`) and PEFT adapters (`adapter_model.safetensors`),
 with step, epoch, metrics and the logged learning rates from `trainer_state.json`."""
 
 from __future__ import annotations
@@ -18,7 +19,17 @@ from .sidecars import parse_index, parse_trainer_state
 HF_WEIGHT_FILES = (
     "model.safetensors.index.json", "model.safetensors",
     "pytorch_model.bin.index.json", "pytorch_model.bin",
+    "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin.index.json", "diffusion_pytorch_model.bin",
+    "adapter_model.safetensors", "adapter_model.bin",
 )
+# The layout each weights file names (the format `inspect` shows), by the file's stem.
+LAYOUTS = {"diffusion_pytorch_model": "diffusers folder", "adapter_model": "peft adapter"}
+
+
+def layout_name(weights: Path) -> str:
+    """The layout of a folder whose weights are `weights`: hf-folder, diffusers folder or peft adapter."""
+    return LAYOUTS.get(weights.name.split(".", 1)[0], "hf-folder")
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -33,14 +44,14 @@ def open_hf_folder(path: Path, options: LoadOptions) -> Checkpoint:
     stamps = {weights: stamp(weights)}
     if weights.name.endswith(".index.json"):
         tensors = _read_sharded(path, weights, options, stamps)
-        fmt = "hf-folder (sharded " + ("safetensors)" if "safetensors" in weights.name else "torch)")
+        fmt = f"{layout_name(weights)} (sharded " + ("safetensors)" if "safetensors" in weights.name else "torch)")
     else:
         fmt_inner = sniff(weights)
         if fmt_inner is None:
             raise CheckpointFormatError(f"{weights}: not a checkpoint file.")
         inner = open_file(weights, fmt_inner, options)
         tensors, stamps = inner.tensors, inner.stamps
-        fmt = f"hf-folder ({fmt_inner})"
+        fmt = f"{layout_name(weights)} ({fmt_inner})"
     meta = Meta()
     state = path / "trainer_state.json"
     if state.is_file():

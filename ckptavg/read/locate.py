@@ -12,47 +12,132 @@ from .lazy import LazyTensor
 
 # Where the weights usually hide inside training checkpoints, in the order we look.
 WEIGHT_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
+# A checkpoint that wraps everything one level down, as the PyTorch DCP recipe saves {"app": {"model", "optim"}}.
+WRAPPERS = ("app",)
+# Entries that are training state, never weights, whatever they hold (optimizer moments, scheduler, RNG,
+# loss scaler, data loader position).
+NOT_WEIGHTS = frozenset((
+    "optimizer", "optimizers", "optim", "optimizer_states", "optimizer_state_dict", "optim_state", "lr_scheduler",
+    "lr_schedulers", "scheduler", "schedulers", "scaler", "grad_scaler", "loss_scaler", "amp", "rng_state",
+    "rng_states", "rng", "random_states", "dataloader", "train_state", "loops",
+))
+# Pickled modules, best first: Ultralytics keeps both and its `ema` is the one it evaluates and exports.
+MODULE_KEYS = ("ema", "model")
+# ema-pytorch's EMA.state_dict(): two models under these prefixes in one flat dict.
+EMA_PYTORCH = ("ema_model", "online_model")
 PREFIXES = ("module.", "_orig_mod.")
 T = TypeVar("T")
+
+
+class ModuleState(dict[str, Any]):
+    """The state_dict() of a pickled nn.Module (read only with trust_pickle); `kind` is its class name."""
+
+    def __init__(self, kind: str, items: Any = ()) -> None:
+        super().__init__(items)
+        self.kind = kind
 
 
 def locate_weights(path: Path, obj: Any, key: str | None) -> tuple[dict[str, LazyTensor], str, list[str]]:
     """Find the state dict inside an unpickled checkpoint.
 
     Returns the flattened tensors, a description of where they were found, and the other
-    top-level entries (for `inspect`).
+    top-level entries (for `inspect`). Optimizer, scheduler, RNG and loss-scaler entries are never weights.
     """
     top = obj if isinstance(obj, dict) else {}
     holds = TensorFinder()
     if key is not None:
-        node = _walk(path, obj, key)
-        tensors = flatten(path, node, holds)
-        if not tensors:
-            raise CheckpointFormatError(f"{path}: '{one_line(key, 120)}' holds no tensors.")
-        return tensors, key, [t for t in map(_key_text, top) if t != key.split(".")[0]]
+        return _at_key(path, obj, key, holds), key, [t for t in map(_key_text, top) if t != key.split(".")[0]]
     if not isinstance(obj, dict):
         raise CheckpointFormatError(
             f"{path}: holds a {type(obj).__name__}, not a dict of tensors; save model.state_dict() instead."
         )
-    for name in WEIGHT_KEYS:
-        if isinstance(obj.get(name), dict):
-            tensors = flatten(path, obj[name], holds)
-            if tensors:
-                if name == "state_dict" and "current_model_state" in obj:
-                    warnings.warn(
-                        f"{path}: 'state_dict' holds weights already averaged by Lightning's "
-                        "WeightAveraging callback; pass --key current_model_state to average the raw weights.",
-                        CkptavgWarning,
-                        stacklevel=2,
-                    )
-                return tensors, name, [_key_text(k) for k in obj if k != name]
-    tensors = flatten(path, obj, holds)
+    _refuse_optimizer(path, obj, "")
+    found = _find(path, obj, holds)
+    if found is not None:
+        return found
+    for wrapper in WRAPPERS:
+        if isinstance(obj.get(wrapper), dict) and (inner := _find(path, obj[wrapper], holds)) is not None:
+            tensors, location, _ = inner
+            return tensors, f"{wrapper}.{location}", [_key_text(k) for k in obj if k != wrapper]
+    rest = {k: v for k, v in obj.items() if not _training_state(k, v)}
+    tensors = flatten(path, rest, holds)
     if not tensors:
         keys = one_line(", ".join(map(_key_text, list(obj)[:12])), 300) or "none"
         raise CheckpointFormatError(
-            f"{path}: no tensors found (top-level keys: {keys}); pass --key to say where the weights are."
+            f"{path}: no model weights found (top-level keys: {keys}); pass key to say where the weights are.",
+            params=("key",),
         )
-    return tensors, "(top level)", [_key_text(k) for k, v in obj.items() if not holds(v)]
+    tops = {name.split(".", 1)[0] for name in tensors}
+    if all(p in tops for p in EMA_PYTORCH):
+        raise CheckpointFormatError(
+            f"{path}: an ema-pytorch EMA file holds two models, ema_model.* and online_model.*; pass key "
+            "ema_model (the EMA weights) or key online_model.", params=("key",)
+        )
+    return tensors, "(top level)", [_key_text(k) for k, v in obj.items() if not holds(v) or _training_state(k, v)]
+
+
+def _find(path: Path, obj: dict[Any, Any], holds: TensorFinder) -> tuple[dict[str, LazyTensor], str, list[str]] | None:
+    """The weights under a pickled module (`ema` first) or a usual key of `obj`; None when there are none."""
+    modules = [n for n in MODULE_KEYS if isinstance(obj.get(n), ModuleState) and holds(obj[n])]
+    for name in modules[:1] + [n for n in WEIGHT_KEYS if isinstance(obj.get(n), dict)]:
+        _refuse_optimizer(path, obj[name], f"'{name}' ")
+        tensors = flatten(path, obj[name], holds)
+        if not tensors:
+            continue
+        if name == "state_dict" and "current_model_state" in obj:
+            warnings.warn(
+                f"{path}: 'state_dict' holds weights already averaged by Lightning's "
+                "WeightAveraging callback; pass --key current_model_state to average the raw weights.",
+                CkptavgWarning,
+                stacklevel=3,
+            )
+        node = obj[name]
+        where = f"{name} (the state_dict() of a pickled {node.kind})" if isinstance(node, ModuleState) else name
+        return tensors, where, [_other(k, obj) for k in obj if k != name]
+    return None
+
+
+def _other(name: Any, obj: dict[Any, Any]) -> str:
+    """An entry for `inspect`'s list; another weight set (timm's EMA copy) says how to choose it."""
+    text = _key_text(name)
+    if text.endswith("_ema") and isinstance(obj[name], dict) and TensorFinder()(obj[name]):
+        return f"{text} (EMA weights: --key {text})"
+    return text
+
+
+def _training_state(name: Any, value: Any) -> bool:
+    return (name in NOT_WEIGHTS and isinstance(value, dict | list)) or _is_optimizer(value)
+
+
+def _is_optimizer(value: Any) -> bool:
+    """An optimizer's state_dict(): `state` (per-parameter moments) and `param_groups`."""
+    return isinstance(value, dict) and "param_groups" in value and "state" in value
+
+
+def _refuse_optimizer(path: Path, obj: Any, where: str) -> None:
+    if _is_optimizer(obj):
+        raise CheckpointFormatError(
+            f"{path}: {where}holds an optimizer's state (state, param_groups), not model weights; ckptavg never "
+            "averages optimizer state: give the model's weights file or checkpoint instead."
+        )
+
+
+def _at_key(path: Path, obj: Any, key: str, holds: TensorFinder) -> dict[str, LazyTensor]:
+    """The tensors under dotted `key`: nested entries, or else a prefix of flat names (ema-pytorch's ema_model.*)."""
+    try:
+        node = _walk(path, obj, key)
+    except CheckpointFormatError:
+        if not isinstance(obj, dict):
+            raise
+        flat = flatten(path, {k: v for k, v in obj.items() if not _training_state(k, v)}, holds)
+        if not any(name.startswith(key + ".") for name in flat):
+            raise
+        return select_prefix(path, flat, key)
+    _refuse_optimizer(path, node, f"'{one_line(key, 120)}' ")
+    tensors = flatten(path, node, holds)
+    if not tensors:
+        raise CheckpointFormatError(f"{path}: '{one_line(key, 120)}' holds no tensors.")
+    return tensors
 
 
 def _walk(path: Path, obj: Any, key: str) -> Any:
@@ -184,3 +269,18 @@ def strip_prefixes(tensors: dict[str, LazyTensor]) -> tuple[dict[str, LazyTensor
                 stripped += p
                 changed = True
     return tensors, stripped
+
+
+def change_prefix(path: Path, tensors: dict[str, T], strip: str | None, add: str | None) -> dict[str, T]:
+    """Remove `strip` from every name (each must start with it), then put `add` before every name."""
+    if strip:
+        bare = [k for k in tensors if not k.startswith(strip) or k == strip]
+        if bare:
+            raise CheckpointFormatError(
+                f"{path}: the tensor '{one_line(bare[0], 120)}' does not start with strip_prefix "
+                f"'{one_line(strip, 60)}' ({len(bare)} of {len(tensors)} names do not).", params=("strip_prefix",)
+            )
+        tensors = {k[len(strip):]: v for k, v in tensors.items()}
+    if add:
+        tensors = {add + k: v for k, v in tensors.items()}
+    return tensors

@@ -19,6 +19,7 @@ import torch
 from ..errors import CheckpointFormatError, CkptavgWarning, first_line, one_line
 from .fastpickle import load_plain
 from .lazy import LazyTensor, check_view, lazy_view
+from .locate import ModuleState
 from .pickle_scan import TORCH_WEIGHTS_ONLY, BadPickle, scan
 from .safe_pickle import refusal
 from .torch_zip import _data_records as _data_records  # tests check records with it
@@ -57,7 +58,7 @@ def load_torch(path: Path, fmt: str, trust_pickle: bool) -> Any:
     except pickle.UnpicklingError as e:
         m = re.search(r"GLOBAL ([\w.]+)", str(e))
         if m and not trust_pickle:
-            raise refusal(path, m.group(1)) from None
+            raise refusal(path, m.group(1), _pickled_module(m.group(1))) from None
         raise CheckpointFormatError(f"{path}: cannot unpickle ({_torch_reason(e)}); the file is corrupt.") from None
     except (ImportError, AttributeError) as e:
         raise CheckpointFormatError(
@@ -96,6 +97,15 @@ def _scan_pickles(path: Path, pickled: bytes | None, allowed: frozenset[int] | N
         raise CheckpointFormatError(f"{path}: not a pickle torch.save writes ({e}); the file is corrupt.") from None
     except (OSError, ValueError) as e:  # ValueError: mmap of an empty file (it shrank since it was sniffed)
         raise CheckpointFormatError(f"{path}: cannot read ({first_line(e)}).") from None
+
+
+def _pickled_module(name: str) -> str:
+    """What a refused class says about the file: Ultralytics (and others) pickle the whole nn.Module."""
+    if name.startswith("ultralytics."):
+        return "an Ultralytics checkpoint: it holds a pickled module, whose weights are its state_dict(); "
+    if ".nn." in name or name.startswith("torch.nn"):
+        return "it holds a pickled module, whose weights are its state_dict(); "
+    return ""
 
 
 def _torch_reason(e: BaseException) -> str:
@@ -189,6 +199,8 @@ def _lazify(path: Path, obj: Any, wrap: Callable[[Path, torch.Tensor], LazyTenso
 
     def build(node: Any, results: list[tuple[Any, bool]]) -> Any:
         values = [v for v, _ in results]
+        if isinstance(node, torch.nn.Module):  # only with trust_pickle: a whole module gives its state_dict()
+            return ModuleState(type(node).__name__, zip(node.state_dict(keep_vars=True), values, strict=True))
         if isinstance(node, dict):  # dict, OrderedDict and dict subclasses rebuild from pairs
             for k, (_, held) in zip(node, results, strict=True):
                 if held and isinstance(k, str):
@@ -209,6 +221,8 @@ def _lazify(path: Path, obj: Any, wrap: Callable[[Path, torch.Tensor], LazyTenso
 
 
 def _children(node: Any) -> list[Any] | None:
+    if isinstance(node, torch.nn.Module):
+        return list(node.state_dict(keep_vars=True).values())
     if isinstance(node, dict):
         return list(node.values())
     if isinstance(node, list | tuple) and not hasattr(node, "_fields"):
