@@ -77,7 +77,7 @@ def _single(report: PlanReport) -> list[list[str]]:
     top = max((abs(w) for w in report.weights.values), default=0.0)
     rows = [["#", "checkpoint", "step", "epoch", *metric, *extra, "weight", ""]]
     for i, (c, w) in enumerate(zip(report.checkpoints, report.weights.values, strict=True)):
-        value = [f"{report.metric_of(c):.6g}"] if report.metric else []
+        value = [f"{report.metric_of(c):.6g} ({report.metric_source(c)})"] if report.metric else []
         rows.append([str(i + 1), str(c.path), _value(c.meta.step, c.meta.step_source),
                      _value(c.meta.epoch, c.meta.epoch_source), *value, *[col[i] for col in extra.values()],
                      f"{w:.6f}", bar(w, top)])
