@@ -94,8 +94,8 @@ class Ema(Plan):
             if old is not None and w[old] > w[-1] + 1e-12:
                 out.append(CkptavgWarning(
                     f"ema gives {ckpts[old].name} a weight of {w[old]:.3f}, more than the newest checkpoint "
-                    f"({ckpts[-1].name}, {w[-1]:.3f}): with {mode} {getattr(self, mode)} the average still holds much "
-                    f"of its start. Shift it to the newer checkpoints with init bias-correct, a smaller {mode}, or "
+                    f"({ckpts[-1].name}, {w[-1]:.3f}): with {mode} {getattr(self, mode)} the average still leans on "
+                    f"the first checkpoints. Shift it to the newer checkpoints with init bias-correct, a smaller {mode}, or "
                     "fewer, later checkpoints (start, last).", params=("init", mode, "start", "last")))
         return out
 
