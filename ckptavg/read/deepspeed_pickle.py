@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointFormatError, first_line
-from .fastpickle import _NotPlain, _Plain, _Tensor
+from .fastpickle import Extended, _Tensor
 from .pickle_scan import scan
 from .safe_pickle import Refused, refusal
 from .torch_zip import check_torch_zip
@@ -84,24 +84,10 @@ ALLOWED.update({
 })
 
 
-class _Unpickler(_Plain):
-    """fastpickle's lazy tensor unpickler with DeepSpeed's names added; other globals are refused by name
-    (or, with `trust`, imported as pickle normally does)."""
+class _Unpickler(Extended):
+    """The lazy tensor unpickler with DeepSpeed's names (`ALLOWED`) added."""
 
-    def __init__(self, file: io.BytesIO, path: Path, prefix: str, records: dict[str, tuple[int, int]], trust: bool) -> None:
-        super().__init__(file, path, prefix, records)
-        self._trust = trust
-
-    def find_class(self, module: str, name: str) -> Any:
-        found = ALLOWED.get((module, name))
-        if found is not None:
-            return found
-        try:
-            return super().find_class(module, name)
-        except _NotPlain:
-            if self._trust:
-                return pickle.Unpickler.find_class(self, module, name)
-            raise Refused(f"{module}.{name}") from None
+    allowed = ALLOWED
 
 
 def unwrap(obj: Any) -> Any:

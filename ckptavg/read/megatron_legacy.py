@@ -23,7 +23,7 @@ from ..errors import CheckpointFormatError, first_line, one_line
 from .checkpoint import Checkpoint, LoadOptions, stamp
 from .dcp import note_extra_state
 from .deepspeed_pickle import unwrap
-from .fastpickle import _NotPlain, _Plain, _Tensor
+from .fastpickle import Extended, _Tensor
 from .lazy import LazyTensor
 from .locate import flatten, locate_weights
 from .megatron import legacy_rank_files, megatron_iterations, megatron_step
@@ -70,24 +70,10 @@ ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
-class _Unpickler(_Plain):
-    """fastpickle's lazy tensor unpickler with the names above; other globals are refused by name (or, with
-    `trust`, imported as pickle normally does)."""
+class _Unpickler(Extended):
+    """The lazy tensor unpickler with Megatron's legacy files' names (`ALLOWED`) added."""
 
-    def __init__(self, file: io.BytesIO, path: Path, prefix: str, records: dict[str, tuple[int, int]], trust: bool) -> None:
-        super().__init__(file, path, prefix, records)
-        self._trust = trust
-
-    def find_class(self, module: str, name: str) -> Any:
-        found = ALLOWED.get((module, name))
-        if found is not None:
-            return found
-        try:
-            return super().find_class(module, name)
-        except _NotPlain:
-            if self._trust:
-                return pickle.Unpickler.find_class(self, module, name)
-            raise Refused(f"{module}.{name}") from None
+    allowed = ALLOWED
 
 
 def load_legacy(path: Path, trust_pickle: bool = False) -> dict[Any, Any]:

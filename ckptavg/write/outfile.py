@@ -20,8 +20,10 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from types import TracebackType
 
 from ..errors import OutputError
+from ..layout import TensorSpec
 
 TEMP_SUFFIX = ".ckptavg-partial"
 WRITEBACK_BYTES = 32 * 2**20
@@ -212,3 +214,59 @@ class _HashBehind:
         self._stopped = True
         self._ends.put(None)
         self._thread.join()
+
+
+class TempWriter:
+    """What the streaming writers share: tensors arrive in `order` into an `OutputFile` at a temp name; on
+    a clean exit the file is completed (`_complete`), fsynced and hashed, and renamed into place (or, with
+    `rename` False, left at `done` for the caller to rename); on any exception, Ctrl-C included, removed."""
+
+    def __init__(self, path: Path, order: list[TensorSpec], rename: bool) -> None:
+        self.path = path
+        self._rename = rename
+        self.done: Path | None = None
+        self.order = order
+        self._next = 0  # the tensor of `order` being written
+        self._filled = 0  # bytes of order[_next] written so far
+        self._file: OutputFile | None = None
+        self._sha256: str | None = None
+        self._placed = False  # the finished file is renamed into place, or handed over as `done`
+
+    @property
+    def nbytes(self) -> int:
+        return self._file.nbytes if self._file else 0
+
+    @property
+    def sha256(self) -> str:
+        """The sha256 of the written file (known once the writer has finished)."""
+        if self._sha256 is None:
+            raise AssertionError("sha256 asked for before the writer finished")
+        return self._sha256
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._file is not None
+        try:
+            if exc_type is None:
+                if self._next != len(self.order):
+                    raise AssertionError("writer closed before every tensor was written")
+                self._complete(self._file)
+                self._place(self._file)
+        finally:
+            if not self._placed:  # failed, or interrupted: leave nothing behind
+                self._file.discard()
+
+    def _complete(self, file: OutputFile) -> None:
+        """Write what follows the tensors (nothing, for a format whose header comes first)."""
+
+    def _place(self, file: OutputFile) -> None:
+        self._sha256 = file.finish()
+        if self._rename:
+            try:
+                os.replace(file.temp, self.path)
+            except OSError as e:
+                raise OutputError(f"{self.path}: cannot finish writing ({e.strerror}); nothing was written.") from None
+        else:
+            self.done = file.temp
+        self._placed = True

@@ -11,13 +11,12 @@ import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 import torch
 
 from ..errors import OutputError
 from ..layout import DTYPE_NAMES, TensorSpec, byte_view
-from .outfile import OutputFile
+from .outfile import OutputFile, TempWriter
 
 # safetensors' write order: larger-rank dtypes first (its Dtype enum, descending).
 _RANK = [
@@ -56,7 +55,7 @@ def _same(output: Path, src: Path) -> bool:
         return False
 
 
-class SafetensorsWriter:
+class SafetensorsWriter(TempWriter):
     """Write tensors to `path` in `write_order`, through a temp file renamed into place on success.
 
     Use as a context manager; on any exception (Ctrl-C included) the temp file is removed and
@@ -64,16 +63,8 @@ class SafetensorsWriter:
     """
 
     def __init__(self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str], rename: bool = True) -> None:
-        self.path = path
-        self._rename = rename  # False: leave the finished temp file at `self.done` for the caller to rename
-        self.done: Path | None = None
-        self.order = write_order(specs)
-        self._next = 0
-        self._filled = 0  # bytes of order[_next] written so far
+        super().__init__(path, write_order(specs), rename)
         self._header = self._build_header(metadata)
-        self._file: OutputFile | None = None
-        self._sha256: str | None = None
-        self._placed = False  # the finished file is renamed into place, or handed over as `done`
 
     def _build_header(self, metadata: dict[str, str]) -> bytes:
         header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
@@ -115,38 +106,3 @@ class SafetensorsWriter:
         self._filled += t.nbytes
         if self._filled == spec.nbytes:
             self._next, self._filled = self._next + 1, 0
-
-    @property
-    def nbytes(self) -> int:
-        return self._file.nbytes if self._file else 0
-
-    @property
-    def sha256(self) -> str:
-        """The sha256 of the written file (known once the writer has finished)."""
-        if self._sha256 is None:
-            raise AssertionError("sha256 asked for before the writer finished")
-        return self._sha256
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        assert self._file is not None
-        try:
-            if exc_type is None:
-                if self._next != len(self.order):
-                    raise AssertionError("writer closed before every tensor was written")
-                self._finish(self._file)
-        finally:
-            if not self._placed:  # failed, or interrupted: leave nothing behind
-                self._file.discard()
-
-    def _finish(self, file: OutputFile) -> None:
-        self._sha256 = file.finish()
-        if self._rename:
-            try:
-                os.replace(file.temp, self.path)
-            except OSError as e:
-                raise OutputError(f"{self.path}: cannot finish writing ({e.strerror}); nothing was written.") from None
-        else:
-            self.done = file.temp
-        self._placed = True

@@ -18,11 +18,9 @@ same `OutputFile` as safetensors outputs. Nothing in it depends on the time, so 
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 import torch
 
@@ -30,12 +28,12 @@ from ..errors import CkptavgError, OutputError, first_line, one_line
 from ..layout import DTYPE_NAMES, TensorSpec, byte_view
 from ..read.torch_file import load_torch
 from . import torch_archive as arc
-from .outfile import OutputFile
+from .outfile import OutputFile, TempWriter
 from .torch_archive import FILE_VERSION, plan_archive, serialization_id
 from .verify import _check_finite, _check_layout, _check_names
 
 
-class TorchWriter:
+class TorchWriter(TempWriter):
     """Write tensors to `path` as a torch.save zip archive, in `order`, through a temp file renamed into
     place on success. The same interface as `SafetensorsWriter`.
 
@@ -44,19 +42,11 @@ class TorchWriter:
     """
 
     def __init__(self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str], rename: bool = True) -> None:
-        self.path = path
-        self._rename = rename  # False: leave the finished temp file at `self.done` for the caller to rename
-        self.done: Path | None = None
-        self.order = list(specs)  # the state dict's own order: keys come back from torch.load as given
-        self._next = 0
-        self._filled = 0  # bytes of order[_next] written so far
+        super().__init__(path, list(specs), rename)  # the state dict's own order: torch.load gives keys as given
         self._records, self._head = plan_archive(self.order, metadata)  # the head: records before the tensors'
         self._crcs = [zlib.crc32(data) for data in self._head]
         self._crc = 0  # of the tensor being written
         self._size = arc.archive_len(self._records)
-        self._file: OutputFile | None = None
-        self._sha256: str | None = None
-        self._placed = False  # the finished file is renamed into place, or handed over as `done`
 
     def __enter__(self) -> TorchWriter:
         self._file = OutputFile(self.path, self._size)
@@ -101,30 +91,6 @@ class TorchWriter:
             self._next, self._filled, self._crc = self._next + 1, 0, 0
             self._file.write(memoryview(done + self._opening()))
 
-    @property
-    def nbytes(self) -> int:
-        return self._file.nbytes if self._file else 0
-
-    @property
-    def sha256(self) -> str:
-        """The sha256 of the written file (known once the writer has finished)."""
-        if self._sha256 is None:
-            raise AssertionError("sha256 asked for before the writer finished")
-        return self._sha256
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        assert self._file is not None
-        try:
-            if exc_type is None:
-                if self._next != len(self.order):
-                    raise AssertionError("writer closed before every tensor was written")
-                self._finish(self._file)
-        finally:
-            if not self._placed:  # failed, or interrupted: leave nothing behind
-                self._file.discard()
-
     def _tail(self) -> bytes:
         """The last two records and the central directory, now that every CRC is known."""
         version, ident = self._records[-2:]
@@ -134,19 +100,10 @@ class TorchWriter:
                 + ident.local_header() + ident_data + ident.descriptor(crcs[-1])
                 + arc.directory(self._records, crcs))
 
-    def _finish(self, file: OutputFile) -> None:
+    def _complete(self, file: OutputFile) -> None:
         file.write(memoryview(self._tail()))
         if file.nbytes != self._size:  # the file was allocated at the planned size: anything else is a bug
             raise AssertionError(f"wrote {file.nbytes} bytes of a planned {self._size}")
-        self._sha256 = file.finish()
-        if self._rename:
-            try:
-                os.replace(file.temp, self.path)
-            except OSError as e:
-                raise OutputError(f"{self.path}: cannot finish writing ({e.strerror}); nothing was written.") from None
-        else:
-            self.done = file.temp
-        self._placed = True
 
 
 def verify_torch_file(path: Path, specs: Sequence[TensorSpec], check_finite: bool) -> None:
