@@ -207,6 +207,7 @@ def test_timm_inspect_shows_the_ema_key(cli: Callable[..., Result]) -> None:
     assert r.exit_code == 0 and "--key state_dict_ema" in r.output and "Warning" not in r.output
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # dcp.save in one process
 def test_dcp_app_model_is_unwrapped(tmp_path: Path) -> None:
     import torch.distributed.checkpoint as dcp
     w = torch.nn.Linear(2, 2)
