@@ -109,6 +109,7 @@ def test_method_command_and_plan_twin_take_the_same_options(method: str) -> None
     (options.GraftGroups, "ckptavg.methods.graft:GROUPINGS"),
     (options.Schedule, "ckptavg.methods.wsm:SHAPES"),
     (options.OutDtype, "ckptavg.layout:OUT_DTYPES"),
+    (options.Format, "ckptavg.write.options:FORMATS"),
     (options.AccumDtype, "ckptavg.layout:ACCUM_DTYPES"),
 ])
 def test_choices_equal_the_librarys(choices: type[Enum], library: str) -> None:

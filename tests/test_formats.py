@@ -65,3 +65,21 @@ def test_torch_format_with_shards_is_refused() -> None:
     with pytest.raises(PlanError, match="format torch writes one file") as info:
         WriteOptions(format="torch", max_shard_size="1GB")
     assert {"format", "max_shard_size"} <= set(info.value.params)
+
+
+def test_the_command_line_writes_what_the_name_or_format_says(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ckptavg.cli.app import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["swa", str(RUNS / "plain"), "-o", str(tmp_path / "avg.pt"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert set(torch.load(tmp_path / "avg.pt", weights_only=True)) == set(load_file(_sft(tmp_path)))
+    result = runner.invoke(app, ["swa", str(RUNS / "plain"), "-o", str(tmp_path / "w.data"), "--format", "torch", "-q"])
+    assert result.exit_code == 0 and torch.load(tmp_path / "w.data", weights_only=True)
+    result = runner.invoke(app, ["swa", str(RUNS / "plain"), "-o", str(tmp_path / "w.weights")])
+    assert result.exit_code == 1 and "or pass --format" in result.stderr
+    result = runner.invoke(app, ["swa", str(RUNS / "plain"), "-o", str(tmp_path / "x.pt"), "--format", "torch",
+                                 "--max-shard-size", "1KB"])
+    assert result.exit_code == 1 and "--format torch writes one file" in result.stderr

@@ -70,6 +70,7 @@ from .options import (
     DtypeOpt,
     EveryOpt,
     ForceOpt,
+    FormatOpt,
     InputsArg,
     JsonOpt,
     KeepPrefixOpt,
@@ -100,7 +101,8 @@ def swa(
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
-    output: OutputOpt, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None, dtype: DtypeOpt = None,
+    output: OutputOpt, fmt: FormatOpt = None, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None,
+    dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
@@ -122,7 +124,7 @@ def swa(
                                                                            upto, order),
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
-                        verify=verify, force=force, json_out=json_out, quiet=quiet),
+                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 
@@ -132,7 +134,8 @@ def ema(
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
-    output: OutputOpt, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None, dtype: DtypeOpt = None,
+    output: OutputOpt, fmt: FormatOpt = None, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None,
+    dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
@@ -161,7 +164,7 @@ def ema(
             selection(last, best, metric, metric_mode, start, every, upto, order),
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
-                        verify=verify, force=force, json_out=json_out, quiet=quiet),
+                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 
@@ -171,7 +174,8 @@ def graft(
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
-    output: OutputOpt, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None, dtype: DtypeOpt = None,
+    output: OutputOpt, fmt: FormatOpt = None, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None,
+    dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
@@ -195,7 +199,7 @@ def graft(
             selection(last, best, metric, metric_mode, start, every, upto, order),
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
-                        verify=verify, force=force, json_out=json_out, quiet=quiet),
+                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 
@@ -205,7 +209,8 @@ def linear(
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
-    output: OutputOpt, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None, dtype: DtypeOpt = None,
+    output: OutputOpt, fmt: FormatOpt = None, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None,
+    dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
@@ -231,7 +236,7 @@ def linear(
             selection(last, best, metric, metric_mode, start, every, upto, order),
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
-                        verify=verify, force=force, json_out=json_out, quiet=quiet),
+                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 
@@ -241,7 +246,8 @@ def soup(
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
-    output: OutputOpt, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None, dtype: DtypeOpt = None,
+    output: OutputOpt, fmt: FormatOpt = None, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None,
+    dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
@@ -261,7 +267,7 @@ def soup(
             selection(last, best, metric, metric_mode, start, every, upto, order),
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
-                        verify=verify, force=force, json_out=json_out, quiet=quiet),
+                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.soup_evaluation(eval, mode, keep))
 
 

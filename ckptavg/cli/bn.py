@@ -20,6 +20,7 @@ from .options import (
     DeviceOpt,
     DtypeOpt,
     ForceOpt,
+    FormatOpt,
     JsonOpt,
     KeepPrefixOpt,
     KeyOpt,
@@ -41,7 +42,8 @@ def bn(
     inputs: WeightsArg, *,
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
-    output: OutputOpt, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None, dtype: DtypeOpt = None,
+    output: OutputOpt, fmt: FormatOpt = None, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None,
+    dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
     bn_model: BnModelRequiredOpt, bn_data: BnDataRequiredOpt, bn_batches: BnBatchesOpt = None,
@@ -60,5 +62,5 @@ def bn(
         raise BatchNormError(f"ckptavg bn takes one weights file or checkpoint, not {len(inputs)}.")
     average(inputs, Copy(), Selection(), loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
-                        verify=verify, force=force, json_out=json_out, quiet=quiet),
+                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward))

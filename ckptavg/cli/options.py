@@ -51,6 +51,13 @@ class AccumDtype(str, Enum):
     FLOAT32 = "float32"
 
 
+class Format(str, Enum):
+    """The keys of `ckptavg.write.options.FORMATS`."""
+
+    SAFETENSORS = "safetensors"
+    TORCH = "torch"
+
+
 class Shards(str, Enum):
     """How to shard an output folder."""
 
@@ -170,6 +177,9 @@ OutputOpt = Annotated[str, typer.Option(
     "--output", "-o", metavar="PATH", show_default=False, rich_help_panel=OUTPUT,
     help="Safetensors file, or a folder (DIR/ or an existing directory) for a Hugging Face style folder. "
     "Several outputs (comma lists, --window): a template such as 'ema-{decay}.safetensors', or a folder.")]
+FormatOpt = Annotated[Format | None, typer.Option(
+    "--format", metavar="FORMAT", rich_help_panel=OUTPUT,
+    help="safetensors, or torch (.pt). Default: from the -o name.")]
 MaxShardSizeOpt = Annotated[str | None, typer.Option(
     metavar="SIZE", rich_help_panel=OUTPUT,
     help="Write a folder of safetensors shards of at most SIZE (5GB, 500MB, 2GiB) and their index.")]
@@ -222,7 +232,7 @@ PARAM_FLAGS: dict[str, str] = {
     "key": "--key", "keep_prefix": "--keep-prefix", "trust_pickle": "--trust-pickle", "component": "--component",
     "strip_prefix": "--strip-prefix", "add_prefix": "--add-prefix",
     # output (average_checkpoints)
-    "output": "--output", "max_shard_size": "--max-shard-size", "shards": "--shards",
+    "output": "--output", "format": "--format", "fmt": "--format", "max_shard_size": "--max-shard-size", "shards": "--shards",
     "shards_like_input": "--shards like-input", "dtype": "--dtype", "accum_dtype": "--accum-dtype",
     "device": "--device", "allow_nonfinite": "--allow-nonfinite", "verify": "--verify", "force": "--force",
     # BatchNorm (BatchNormOptions fields, and the command's own names)

@@ -43,6 +43,7 @@ from .options import (
     DtypeOpt,
     EveryOpt,
     ForceOpt,
+    FormatOpt,
     InputsArg,
     JsonOpt,
     KeepPrefixOpt,
@@ -72,7 +73,8 @@ def wsm(
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
-    output: OutputOpt, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None, dtype: DtypeOpt = None,
+    output: OutputOpt, fmt: FormatOpt = None, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None,
+    dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
@@ -99,7 +101,7 @@ def wsm(
             selection(last, best, metric, metric_mode, start, every, upto, order),
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
-                        verify=verify, force=force, json_out=json_out, quiet=quiet),
+                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 
@@ -109,7 +111,8 @@ def phema(
     start: StartOpt = None, every: EveryOpt = None, upto: UptoOpt = None, order: OrderOpt = Order.AUTO,
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
-    output: OutputOpt, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None, dtype: DtypeOpt = None,
+    output: OutputOpt, fmt: FormatOpt = None, max_shard_size: MaxShardSizeOpt = None, shards: ShardsOpt = None,
+    dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
@@ -137,7 +140,7 @@ def phema(
             selection(last, best, metric, metric_mode, start, every, upto, order),
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
-                        verify=verify, force=force, json_out=json_out, quiet=quiet),
+                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .options import PARAM_FLAGS, AccumDtype, MetricMode, Order, OutDtype, Shards
+from .options import PARAM_FLAGS, AccumDtype, Format, MetricMode, Order, OutDtype, Shards
 from .progress import ProgressBar
 from .text import format_plan, format_summary
 
@@ -39,6 +39,7 @@ class Destination:
     force: bool = False
     json_out: bool = False
     quiet: bool = False
+    fmt: Format | None = None
 
 
 def selection(last: int | None, best: int | None, metric: str | None, metric_mode: MetricMode | None,
@@ -91,7 +92,8 @@ def average(inputs: list[str], plan: Plan, select: Selection, load: LoadOptions,
     bar = ProgressBar(sys.stderr) if not dest.quiet and sys.stderr.isatty() and lead() else None
     try:
         write = WriteOptions(dest.dtype.value if dest.dtype else None, dest.accum_dtype.value, dest.allow_nonfinite,
-                             dest.force, dest.device, dest.max_shard_size, dest.shards is not None, dest.verify)
+                             dest.force, dest.device, dest.max_shard_size, dest.shards is not None, dest.verify,
+                             dest.fmt.value if dest.fmt else None)
         result: AverageResult = dist.average(inputs, dest.output, plan, select=select, load=load, write=write, bn=bn,
                                              progress=bar, evaluation=evaluation)
     finally:
