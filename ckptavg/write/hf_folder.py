@@ -19,11 +19,24 @@ from typing import IO, Any
 from ..errors import OutputError, PlanError
 from ..layout import TensorSpec
 from ..read.checkpoint import Checkpoint
+from ..read.files import training_state
 from ..read.hf_folder import HF_WEIGHT_FILES
 from .outfile import temp_beside, usual_mode
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+STEMS = ("model", "diffusion_pytorch_model")  # transformers' and diffusers' names for a folder's weights
+
+
+def weights_stem(ckpts: Sequence[Checkpoint]) -> str:
+    """The name a folder output's weights take: diffusers' when the newest input is a diffusers folder (so
+    `from_pretrained` finds them), else transformers'."""
+    names = {lazy.path.name for lazy in ckpts[-1].tensors.values()} if ckpts else set()
+    return "diffusion_pytorch_model" if any(n.startswith("diffusion_pytorch_model") for n in names) else "model"
+
+
+def index_name(stem: str) -> str:
+    return f"{stem}.safetensors.index.json"
 # Files of a training folder that are not part of the model: never copied into the output.
 TRAINING_FILES = re.compile(
     r"(trainer_state\.json|training_args\.bin|optimizer\.(pt|bin)|scheduler\.(pt|bin)|scaler\.pt|rng_state.*\.pth"
@@ -73,7 +86,8 @@ class Shard:
 
 
 def plan_shards(
-    specs: Sequence[TensorSpec], max_bytes: int | None, like: Checkpoint | None = None, parts: int = 1
+    specs: Sequence[TensorSpec], max_bytes: int | None, like: Checkpoint | None = None, parts: int = 1,
+    stem: str = "model",
 ) -> list[Shard]:
     """Assign tensors to files: the first input's layout (`like`), or greedily in order up to `max_bytes`
     per file (a tensor larger than that gets a file of its own), or `parts` files of balanced size (one per
@@ -82,7 +96,7 @@ def plan_shards(
         return _like_input(specs, like)
     if max_bytes is None and parts > 1:
         owner = balance([s.nbytes for s in specs], parts)
-        return _numbered([[s for s, o in zip(specs, owner, strict=True) if o == p] for p in range(parts)])
+        return _numbered([[s for s, o in zip(specs, owner, strict=True) if o == p] for p in range(parts)], stem)
     groups: list[list[TensorSpec]] = [[]]
     size = 0
     for spec in specs:
@@ -91,15 +105,15 @@ def plan_shards(
             size = 0
         groups[-1].append(spec)
         size += spec.nbytes
-    return _numbered(groups)
+    return _numbered(groups, stem)
 
 
-def _numbered(groups: list[list[TensorSpec]]) -> list[Shard]:
+def _numbered(groups: list[list[TensorSpec]], stem: str = "model") -> list[Shard]:
     groups = [g for g in groups if g]
     if len(groups) <= 1:
-        return [Shard(SINGLE, tuple(groups[0] if groups else ()))]
+        return [Shard(f"{stem}.safetensors", tuple(groups[0] if groups else ()))]
     n = len(groups)
-    return [Shard(f"model-{i:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups, 1)]
+    return [Shard(f"{stem}-{i:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups, 1)]
 
 
 def _like_input(specs: Sequence[TensorSpec], like: Checkpoint) -> list[Shard]:
@@ -126,13 +140,17 @@ def index_json(shards: Sequence[Shard]) -> str:
 
 
 def sidecars(ckpts: Sequence[Checkpoint]) -> list[Path]:
-    """Files to copy: those of the newest input folder that are neither weights nor training state."""
-    folders = [c.path for c in ckpts if c.path.is_dir()]
+    """Files to copy: those beside the newest input's weights (a component's own folder, such as diffusers'
+    `unet_ema/` with its config.json) that are neither weights nor training state."""
+    folders = [c for c in ckpts if c.path.is_dir()]
     if not folders:
         return []
     newest = folders[-1]
-    return sorted(p for p in newest.iterdir()
-                  if p.is_file() and p.name not in HF_WEIGHT_FILES and not TRAINING_FILES.fullmatch(p.name))
+    parents = {lazy.path.parent for lazy in newest.tensors.values()}
+    source = parents.pop() if len(parents) == 1 else newest.path
+    return sorted(p for p in source.iterdir()
+                  if p.is_file() and p.name not in HF_WEIGHT_FILES and not TRAINING_FILES.fullmatch(p.name)
+                  and training_state(p) is None)
 
 
 def check_folder(out: Path, names: Sequence[str], inputs: Sequence[Path], force: bool) -> None:

@@ -21,7 +21,17 @@ import torch
 from ..errors import OutputError, PlanError
 from ..layout import TensorSpec
 from ..read.checkpoint import Checkpoint
-from .hf_folder import INDEX, Shard, check_folder, copy_temp, index_json, plan_shards, sidecars, write_text_temp
+from .hf_folder import (
+    Shard,
+    check_folder,
+    copy_temp,
+    index_json,
+    index_name,
+    plan_shards,
+    sidecars,
+    weights_stem,
+    write_text_temp,
+)
 from .options import output_format
 from .safetensors import SafetensorsWriter, check_output
 from .torch_file import TorchWriter, verify_torch_file
@@ -84,6 +94,7 @@ class Output:
     copies: tuple[Path, ...] = ()  # sidecar files copied from the newest input folder
     make_parent: bool = False  # one of several outputs in a folder that `open` creates
     format: str = "safetensors"  # of a single file; folders are safetensors shards
+    stem: str = "model"  # a folder's weights: model.safetensors, or diffusers' diffusion_pytorch_model.safetensors
 
     def check(self, inputs: Sequence[Path], force: bool) -> None:
         """Refuse an output that is an input, would overwrite something (without `force`), or cannot be made."""
@@ -93,8 +104,13 @@ class Output:
         if not self.to_folder:
             check_output(self.path, inputs, force)
             return
-        names = [sh.name for sh in self.shards] + [p.name for p in self.copies] + ([INDEX] if self.indexed else [])
+        names = [sh.name for sh in self.shards] + [p.name for p in self.copies] + ([self.index] if self.indexed else [])
         check_folder(self.path, names, inputs, force)
+
+    @property
+    def index(self) -> str:
+        """The file name of a sharded folder's index."""
+        return index_name(self.stem)
 
     @property
     def indexed(self) -> bool:
@@ -124,8 +140,9 @@ def plan_output(output: str | os.PathLike[str], specs: Sequence[TensorSpec], ckp
     if fmt == "torch":
         raise PlanError(f"output {out}: format torch writes one file, but a folder was asked for; give a file "
                         "name ending in .pt, or leave out format.", params=("output", "format"))
-    shards = plan_shards(specs, max_bytes, ckpts[0] if like_input else None, parts=parts)
-    return Output(out, out, True, tuple(shards), tuple(sidecars(ckpts)), make_parent)
+    stem = weights_stem(ckpts)
+    shards = plan_shards(specs, max_bytes, ckpts[0] if like_input else None, parts=parts, stem=stem)
+    return Output(out, out, True, tuple(shards), tuple(sidecars(ckpts)), make_parent, stem=stem)
 
 
 @dataclass
@@ -179,7 +196,8 @@ class OpenOutput:
             if lead:
                 temps += [(copy_temp(src, folder), folder / src.name) for src in self.output.copies]
                 if self.output.indexed:
-                    temps.append((write_text_temp(folder, INDEX, index_json(self.output.shards)), folder / INDEX))
+                    index = self.output.index
+                    temps.append((write_text_temp(folder, index, index_json(self.output.shards)), folder / index))
             for i, (tmp, final) in enumerate(temps):
                 os.replace(tmp, final)
                 temps[i] = (final, final)
