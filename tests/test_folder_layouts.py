@@ -53,3 +53,24 @@ def test_diffusers_loads_the_average(tmp_path: Path) -> None:
     state, want = model.state_dict(), _mean()
     for k in want:
         torch.testing.assert_close(state[k].to(want[k].dtype), want[k], rtol=0, atol=1e-6)
+
+
+def test_a_peft_adapter_keeps_its_layout_and_the_approximation_is_said(tmp_path: Path) -> None:
+    """PEFT adapters average into adapter_model.safetensors + adapter_config.json (what PeftModel loads), and
+    the factor-by-factor average says it is not the mean of the updates."""
+    out = tmp_path / "adapter"
+    result = CliRunner().invoke(app, ["swa", str(REAL.parent / "peft" / "lora-trainer"), "-o", f"{out}/"])
+    assert result.exit_code == 0, result.output
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in out.iterdir()}
+    assert "averaged factor by factor" in result.stderr and "not the mean of their updates" in result.stderr
+
+
+@pytest.mark.interop
+def test_peft_loads_the_averaged_adapter(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "adapter"
+    assert CliRunner().invoke(app, ["swa", str(REAL.parent / "peft" / "lora-trainer"), "-o", f"{out}/"]).exit_code == 0
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(REAL.parent / "peft" / "lora-trainer-base")
+    model = peft.PeftModel.from_pretrained(base, out)
+    assert any("lora_A" in n for n, _ in model.named_parameters())

@@ -25,14 +25,14 @@ from .outfile import temp_beside, usual_mode
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-STEMS = ("model", "diffusion_pytorch_model")  # transformers' and diffusers' names for a folder's weights
+STEMS = ("diffusion_pytorch_model", "adapter_model")  # diffusers' and PEFT's names for a folder's weights
 
 
 def weights_stem(ckpts: Sequence[Checkpoint]) -> str:
-    """The name a folder output's weights take: diffusers' when the newest input is a diffusers folder (so
-    `from_pretrained` finds them), else transformers'."""
+    """The name a folder output's weights take: the newest input's when it is a diffusers or PEFT folder (so
+    their `from_pretrained` finds them), else transformers' `model`."""
     names = {lazy.path.name for lazy in ckpts[-1].tensors.values()} if ckpts else set()
-    return "diffusion_pytorch_model" if any(n.startswith("diffusion_pytorch_model") for n in names) else "model"
+    return next((stem for stem in STEMS if any(n.startswith(stem) for n in names)), "model")
 
 
 def index_name(stem: str) -> str:
