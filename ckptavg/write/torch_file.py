@@ -18,7 +18,6 @@ same `OutputFile` as safetensors outputs. Nothing in it depends on the time, so 
 
 from __future__ import annotations
 
-import os
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +29,7 @@ from ..errors import CkptavgError, OutputError, first_line, one_line
 from ..layout import DTYPE_NAMES, TensorSpec, byte_view
 from ..read.torch_file import load_torch
 from . import torch_archive as arc
-from .outfile import OutputFile
+from .outfile import OutputFile, place
 from .torch_archive import FILE_VERSION, plan_archive, serialization_id
 from .verify import _check_finite, _check_layout, _check_names
 
@@ -140,10 +139,7 @@ class TorchWriter:
             raise AssertionError(f"wrote {file.nbytes} bytes of a planned {self._size}")
         self._sha256 = file.finish()
         if self._rename:
-            try:
-                os.replace(file.temp, self.path)
-            except OSError as e:
-                raise OutputError(f"{self.path}: cannot finish writing ({e.strerror}); nothing was written.") from None
+            place(file.temp, self.path, force=True)
         else:
             self.done = file.temp
         self._placed = True
