@@ -276,7 +276,7 @@ def average(
         for into in opened:  # before the rename: a file that fails never appears
             into.finish(write.verify, not write.allow_nonfinite)
         for into in opened:
-            into.commit()
+            into.commit(force=write.force)
             committed.append(into)
     except BaseException:
         for into in opened:

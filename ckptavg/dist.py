@@ -134,7 +134,7 @@ def average(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan 
         agreed(ranks, lambda: api.produce(job, [into], progress))
         agreed(ranks, lambda: check_unchanged(job.report.checkpoints))
         agreed(ranks, lambda: into.finish(write.verify, not write.allow_nonfinite))
-        agreed(ranks, lambda: into.commit(lead=ranks.rank == 0))
+        agreed(ranks, lambda: into.commit(lead=ranks.rank == 0, force=write.force))
     except BaseException:
         into.discard()
         raise

@@ -47,8 +47,9 @@ class PlanReport:
         return sum(s.nbytes for s in self.specs)
 
     def to_json(self, names: Mapping[str, str] | None = None) -> dict[str, Any]:
-        """The stable `plan --json` schema (documented in the README); `names` shows parameters as flags."""
-        return {
+        """The stable `plan --json` schema (documented in the README); `names` shows parameters as flags.
+        Strict JSON: a number that is not finite (a NaN metric, an infinite weight) is null (`strict_json`)."""
+        body: dict[str, Any] = strict_json({
             "method": self.plan.method,
             "params": self.plan.params(),
             "order": self.order,
@@ -68,7 +69,8 @@ class PlanReport:
             "outputs": [{"name": r.name, "params": dict(r.params), "weights": list(r.values), "residual": r.residual}
                         for r in self.matrix.rows],
             "skipped": [{"path": str(p), "reason": why} for p, why in self.skipped],
-        } | self.details()
+        } | self.details())
+        return body
 
     def warning_texts(self, names: Mapping[str, str] | None = None) -> list[str]:
         """The warnings of this plan, with parameters shown by `names` (flags) where given."""
@@ -123,7 +125,8 @@ class AverageResult:
         return self.files[0].sha256 if len(self.files) == 1 and self.files[0].path == self.output else None
 
     def to_json(self, names: Mapping[str, str] | None = None) -> dict[str, Any]:
-        """The run's `--json` summary (documented in the README); `names` shows parameters as flags."""
+        """The run's `--json` summary (documented in the README); `names` shows parameters as flags.
+        Strict JSON, as `PlanReport.to_json`."""
         r = self.report
         out = {
             "output": str(self.output), "method": r.plan.method,
@@ -139,7 +142,21 @@ class AverageResult:
             out["outputs"] = [{"path": str(p), "name": w.name, "params": dict(w.params)} for p, w in self.written()]
         if self.scores:
             out["scores"] = self.scores
-        return out
+        strict: dict[str, Any] = strict_json(out)
+        return strict
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with every float that is not finite (NaN, Infinity) replaced by None, so that `json.dumps`
+    writes strict JSON (null) that every parser reads, where Python's default would write bare NaN or
+    Infinity. Dicts, lists and tuples are copied; everything else is kept."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def provenance(report: PlanReport, row: int = 0) -> dict[str, str]:

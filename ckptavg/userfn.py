@@ -20,6 +20,9 @@ def load_callable(spec: str, option: str, error: type[CkptavgError]) -> Callable
         raise error(f"{option} must look like MODULE:FUNCTION or path/to/file.py:FUNCTION, not {spec!r}.", params=(option,))
     try:
         module = _import(module_part)
+    except SystemExit as e:  # sys.exit() at import would otherwise end ckptavg silently with the module's code
+        raise error(f"{option} {spec}: importing {module_part!r} called sys.exit({e.code!r}); a module to import "
+                    "must not exit.", params=(option,)) from None
     except Exception as e:  # noqa: BLE001 - any failure inside the user's module is reported, not raised
         raise error(f"{option} {spec}: cannot import {module_part!r} ({type(e).__name__}: {e}).", params=(option,)) from None
     target = getattr(module, name, None)
@@ -42,7 +45,11 @@ def _import(module_part: str) -> Any:
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[mod_name]  # a failed import is not cached: the next attempt runs the file again
+            raise
         return module
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # "importable from the current directory", as with python -m

@@ -89,11 +89,11 @@ def test_a_failing_commit_leaves_no_output_at_all(tmp_path: Path, monkeypatch: p
 
     real, calls = OpenOutput.commit, []
 
-    def second_fails(self: OpenOutput, lead: bool = True) -> None:
+    def second_fails(self: OpenOutput, lead: bool = True, force: bool = False) -> None:
         calls.append(self)
         if len(calls) == 2:
             raise ckptavg.OutputError("disk gone")
-        real(self, lead)
+        real(self, lead, force)
 
     monkeypatch.setattr(OpenOutput, "commit", second_fails)
     with pytest.raises(ckptavg.OutputError, match="disk gone"):

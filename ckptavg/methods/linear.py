@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +29,10 @@ class Linear(Plan):
             raise PlanError(f"values must be finite numbers, not {list(self.values)}.", params=("values",))
         if self.normalize and sum(self.values) == 0:
             raise PlanError("normalize needs weights whose sum is not 0.", params=("normalize",))
+        if self.normalize and not math.isfinite(sum(self.values)):  # each weight / inf would give all zeros
+            raise PlanError(f"values {list(self.values)[:4]}{'...' if len(self.values) > 4 else ''} sum past the "
+                            "largest float, so normalize cannot divide by the sum; scale them down (only their "
+                            "ratios matter with normalize).", params=("values", "normalize"))
 
     def params(self) -> dict[str, Any]:
         return {"weights": list(self.values), "normalize": self.normalize}

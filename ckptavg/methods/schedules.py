@@ -19,6 +19,10 @@ WeightsAndResidual = tuple[list[float], float]
 INITS = ("first", "bias-correct", "zero")
 HOLDS = ("backward", "midpoint", "forward")
 SIGMA_REL_MAX = 1.0 / math.sqrt(12.0)  # sigma_rel of gamma = 0 (uniform average): 0.288675
+# steps whose decays are evaluated one by one (a warmup that has not reached its decay yet), and how many at
+# a time: beyond the cap a schedule is refused rather than taking minutes and gigabytes
+DENSE_STEPS_MAX = 5 * 10**7
+DENSE_CHUNK = 2**20
 _Sched = tuple[float, bool, float, float, float, int]  # decay, warmup, gamma, power, min_decay, update_after_step
 
 
@@ -162,17 +166,36 @@ def _timm_log_survival(bounds: Sequence[int], total: int, sched: _Sched) -> list
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if _timm_unchecked(mid, *sched) == final else (mid + 1, hi)
     dense = lo - 1  # steps 1..dense get their own log d_r, summed by a float64 reverse cumulative sum
-    k = (torch.arange(1, dense + 1, dtype=torch.float64) - after - 1).clamp(min=0)
+    if dense > DENSE_STEPS_MAX:
+        raise PlanError(f"this EMA schedule (warmup or update_after_step) changes its decay at every step up to "
+                        f"step {dense}, past the {DENSE_STEPS_MAX} steps ckptavg evaluates one by one; use a decay "
+                        "the warmup reaches sooner, or a smaller update_after_step.",
+                        params=("warmup", "update_after_step"))
+    suffix_at = {min(b, dense) for b in bounds}  # the suffix sums wanted: sum of log d_r for b < r <= dense
+    found = {dense: 0.0}
+    carry = torch.zeros(1, dtype=torch.float64)
+    # chunks of steps start+1..stop from the last, each reverse-summed on from the sum after it
+    for start in range((dense - 1) // DENSE_CHUNK * DENSE_CHUNK, -1, -DENSE_CHUNK):
+        stop = min(start + DENSE_CHUNK, dense)
+        log_d = _timm_log_decays(start + 1, stop, sched)
+        # the carry leads the chunk's cumulative sum, so the additions are those of one sum over all steps
+        sums = torch.cat([carry, log_d.flip(0)]).cumsum(0).flip(0)  # sums[i] = sum over steps > start + i
+        found.update({b: sums[b - start].item() for b in suffix_at if start <= b < stop})
+        carry = sums[:1]
+    return [_times_log(total - max(b, dense), _log(final)) + found[min(b, dense)] for b in bounds]
+
+
+def _timm_log_decays(first: int, last: int, sched: _Sched) -> torch.Tensor:
+    """``log d_r`` for steps ``r = first..last`` of a timm schedule, in float64."""
+    decay, warmup, gamma, power, floor, after = sched
+    k = (torch.arange(first, last + 1, dtype=torch.float64) - after - 1).clamp(min=0)
     if warmup:
         x = (1.0 + k / gamma) ** -power
         d = (1.0 - x).clamp(max=decay).clamp(min=floor)
         log_d = torch.where(d == 1.0 - x, torch.log1p(-x), torch.log(d))
     else:
         log_d = torch.full_like(k, _log(decay))
-    log_d = torch.where(k > 0, log_d, -math.inf)
-    suffix = torch.cat([log_d.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
-    picked = suffix[torch.tensor([min(b, dense) for b in bounds])].tolist()
-    return [_times_log(total - max(b, dense), _log(final)) + v for b, v in zip(bounds, picked, strict=True)]
+    return torch.where(k > 0, log_d, -math.inf)
 
 
 def ema_step_weights(steps: Sequence[int], decay: float, *, hold: str = "backward", init: str = "first",

@@ -13,6 +13,7 @@ import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,7 +22,7 @@ from ..layout import TensorSpec
 from ..read.checkpoint import Checkpoint
 from ..read.files import training_state
 from ..read.hf_folder import HF_WEIGHT_FILES
-from .outfile import temp_beside, usual_mode
+from .outfile import check_replaceable, temp_beside, usual_mode
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -46,12 +47,28 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
+MAX_SHARD_BYTES = 2**63 - 1  # what a file offset can be
+
+
 def parse_size(text: str) -> int:
-    """'5GB' (decimal, as Hugging Face counts), '500MiB' (binary) or a byte count -> bytes."""
+    """'5GB' (decimal, as Hugging Face counts), '500MiB' (binary) or a byte count -> bytes (at most 2**63 - 1).
+
+    Read exactly (a fraction, not a float), so a number of any length gives a PlanError, never an overflow.
+    """
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
-    if not m or float(m.group(1)) <= 0:
-        raise PlanError(f"max_shard_size {text!r}: give a size such as 5GB, 500MB or 2GiB.", params=("max_shard_size",))
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+    if not m or not m.group(1).strip("0."):
+        raise PlanError(f"max_shard_size {text[:40]!r}: give a size such as 5GB, 500MB or 2GiB.",
+                        params=("max_shard_size",))
+    whole = m.group(1).split(".")[0].lstrip("0")
+    # more than 20 digits is more than 2**63 before any unit, and may be too long to convert (int's digit limit)
+    size = MAX_SHARD_BYTES + 1 if len(whole) > 20 else int(Fraction(m.group(1)[:60]) * _UNITS[(m.group(2) or "").upper()])
+    if size > MAX_SHARD_BYTES:
+        raise PlanError(f"max_shard_size {text[:40]!r}: too large; give at most {MAX_SHARD_BYTES} bytes "
+                        "(8EiB), e.g. 5GB.", params=("max_shard_size",))
+    if size < 1:
+        raise PlanError(f"max_shard_size {text[:40]!r}: is less than one byte; give a size such as 5GB.",
+                        params=("max_shard_size",))
+    return size
 
 
 def is_folder_output(output: str | os.PathLike[str]) -> bool:
@@ -154,7 +171,14 @@ def sidecars(ckpts: Sequence[Checkpoint]) -> list[Path]:
 
 
 def check_folder(out: Path, names: Sequence[str], inputs: Sequence[Path], force: bool) -> None:
-    """Refuse an output folder that holds an input, or files we would overwrite (without force)."""
+    """Refuse an output folder that holds an input, or files we would overwrite (without force), or whose
+    files' names are taken by something other than a regular file or link (even with force).
+
+    A symbolic link at `out` that leads nowhere is refused: ckptavg would have to create its target. A link
+    (dangling or not) at one of the files' names exists: with force it is replaced itself, not its target.
+    """
+    if out.is_symlink() and not out.exists():
+        raise OutputError(f"{out}: is a symbolic link to nothing; give a new or existing folder.")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a directory; give a new or existing folder.")
     if not out.parent.is_dir():
@@ -167,7 +191,9 @@ def check_folder(out: Path, names: Sequence[str], inputs: Sequence[Path], force:
     if stale:
         raise OutputError(f"{out}: holds other weight files ({', '.join(stale[:3])}) that would mix with the new ones; "
                           "remove them or choose an empty folder.")
-    clash = [n for n in names if (out / n).exists()]
+    for n in names:
+        check_replaceable(out / n)
+    clash = [n for n in names if os.path.lexists(out / n)]
     if clash and not force:
         raise OutputError(f"{out}: already holds {', '.join(clash[:3])}; pass force to overwrite.", params=("force",))
 

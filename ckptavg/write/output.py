@@ -33,6 +33,7 @@ from .hf_folder import (
     write_text_temp,
 )
 from .options import output_format
+from .outfile import place
 from .safetensors import SafetensorsWriter, check_output
 from .torch_file import TorchWriter, verify_torch_file
 from .verify import verify_output
@@ -117,12 +118,41 @@ class Output:
         return self.to_folder and len(self.shards) > 1
 
     def open(self, metadata: dict[str, str], only: Sequence[Shard] | None = None) -> OpenOutput:
-        """Create the temp files (of `only` these shards: a torchrun rank's share) with their headers."""
-        if self.make_parent:
-            self.path.parent.mkdir(exist_ok=True)
-        if self.to_folder:
-            self.folder.mkdir(exist_ok=True)
-        return OpenOutput(self, list(self.shards if only is None else only), metadata)
+        """Create the temp files (of `only` these shards: a torchrun rank's share) with their headers.
+
+        The folders this creates (the folder of a folder output, the parent of several outputs) are
+        recorded, and removed again if the output is discarded or withdrawn; folders that existed are kept.
+        """
+        created: list[Path] = []
+        try:
+            if self.make_parent:
+                _make_folder(self.path.parent, created)
+            if self.to_folder:
+                _make_folder(self.folder, created)
+            return OpenOutput(self, list(self.shards if only is None else only), metadata, created=created)
+        except BaseException:
+            _remove_folders(created)
+            raise
+
+
+def _make_folder(folder: Path, created: list[Path]) -> None:
+    """Create `folder` unless it is a directory already, noting it in `created` if this call made it."""
+    try:
+        folder.mkdir()
+    except FileExistsError:
+        if not folder.is_dir():
+            raise OutputError(f"{folder}: exists and is not a directory; give a new or existing folder.") from None
+        return
+    except OSError as e:
+        raise OutputError(f"{folder}: cannot create the folder ({e.strerror}).") from None
+    created.append(folder)
+
+
+def _remove_folders(created: Sequence[Path]) -> None:
+    """Remove the folders an output created, innermost first, if they are empty (another run's files stay)."""
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def plan_output(output: str | os.PathLike[str], specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], *,
@@ -153,8 +183,10 @@ class OpenOutput:
     shards: list[Shard]
     metadata: dict[str, str]
     writers: list[Writer] = field(default_factory=list)
+    created: list[Path] = field(default_factory=list)  # folders `Output.open` made, removed on failure
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     _owner: dict[str, Writer] = field(default_factory=dict)
+    _placed: list[Path] = field(default_factory=list)  # files `commit` renamed into place
 
     def __post_init__(self) -> None:
         kind: type[Writer] = TorchWriter if self.output.format == "torch" else SafetensorsWriter
@@ -164,6 +196,7 @@ class OpenOutput:
                 self.writers.append(w)
         except BaseException:
             self._stack.close()  # no temp file is left
+            _remove_folders(self.created)
             raise
         self._owner = {spec.name: w for w in self.writers for spec in w.order}
 
@@ -188,37 +221,57 @@ class OpenOutput:
                     except OutputError as e:  # name the file the user asked for, not its temp name
                         raise OutputError(str(e).replace(str(w.done), str(w.path)) + " Nothing was written.") from None
 
-    def commit(self, lead: bool = True) -> None:
-        """Rename the files into place: weights, then (`lead` only) sidecar copies, then the index."""
+    def commit(self, lead: bool = True, force: bool = False) -> None:
+        """Rename the files into place: weights, then (`lead` only) sidecar copies, then the index.
+
+        Without `force` each rename is exclusive (`place`): if a file appeared meanwhile (another run writing
+        the same output) this raises OutputError, and the files this commit already placed, new ones, are
+        removed again. With `force`, existing regular files are replaced.
+        """
         folder = self.output.folder
         temps = [(w.done, w.path) for w in self.writers if w.done is not None]
         try:
             if lead:
-                temps += [(copy_temp(src, folder), folder / src.name) for src in self.output.copies]
+                for src in self.output.copies:  # one at a time: a failed copy must not lose the earlier temps
+                    temps.append((copy_temp(src, folder), folder / src.name))
                 if self.output.indexed:
                     index = self.output.index
                     temps.append((write_text_temp(folder, index, index_json(self.output.shards)), folder / index))
             for i, (tmp, final) in enumerate(temps):
-                os.replace(tmp, final)
+                place(tmp, final, force)
                 temps[i] = (final, final)
+                self._placed.append(final)
         except BaseException:
             for tmp, final in temps:
                 if tmp != final:
                     tmp.unlink(missing_ok=True)
+            if not force:  # what this commit placed was new: take it back, all or nothing
+                self._unplace()
             raise
 
+    def _unplace(self) -> None:
+        for final in self._placed:
+            final.unlink(missing_ok=True)
+        self._placed.clear()
+        _remove_folders(self.created)
+
     def discard(self) -> None:
-        """Remove every temp file (open or finished): nothing of this output appears."""
+        """Remove every temp file (open or finished), and the folders `open` created: nothing of this output
+        appears."""
         with contextlib.suppress(Exception):  # writers still open see an exception and remove their temp files
             self._stack.__exit__(_Discarded, _Discarded(), None)
         for w in self.writers:
             if w.done is not None:
                 w.done.unlink(missing_ok=True)
+        _remove_folders(self.created)
 
     def withdraw(self) -> None:
-        """Remove the weights files of a committed output (another output of the same run failed to commit)."""
+        """Remove the weights files of a committed output (another output of the same run failed to commit);
+        in a folder this output created, every file it placed, and the folder."""
         for w in self.writers:
             w.path.unlink(missing_ok=True)
+        if self.created:
+            self._unplace()
 
     @property
     def files(self) -> list[WrittenFile]:

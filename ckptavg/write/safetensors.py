@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from ..errors import OutputError
 from ..layout import DTYPE_NAMES, TensorSpec, byte_view
-from .outfile import OutputFile, TempWriter
+from .outfile import OutputFile, TempWriter, file_kind
 
 # safetensors' write order: larger-rank dtypes first (its Dtype enum, descending).
 _RANK = [
@@ -31,17 +32,30 @@ def write_order(specs: Sequence[TensorSpec]) -> list[TensorSpec]:
 
 
 def check_output(output: Path, inputs: Sequence[Path], force: bool) -> None:
-    """Refuse an output that is an input, that exists (without force), or whose directory is missing."""
+    """Refuse an output that is an input, that exists (without force), that is not a regular file (a
+    directory, FIFO, socket or device: even with force), or whose directory is missing.
+
+    A symbolic link at `output`, dangling or not, exists: without force it is refused; with force the link
+    itself is replaced by the new file, and its target is left alone.
+    """
+    try:
+        mode: int | None = os.lstat(output).st_mode
+    except OSError:
+        mode = None
     if output.is_dir():
         raise OutputError(f"{output}: is a directory; give a file path such as {output / 'avg.safetensors'}.")
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise OutputError(f"{output}: is {file_kind(mode)}, not a regular file; ckptavg writes only regular files "
+                          "(even with force). Give another output path.", params=("force",))
     parent = output.parent
     if not parent.is_dir():
         raise OutputError(f"{output}: directory {parent} does not exist; create it first.")
     for src in inputs:
         if _same(output, src):
             raise OutputError(f"{output}: is one of the inputs; choose another output path.")
-    if output.exists() and not force:
-        raise OutputError(f"{output}: already exists; pass force to overwrite it.", params=("force",))
+    if mode is not None and not force:
+        link = " (a symbolic link" + ("" if output.exists() else " to nothing") + ")" if stat.S_ISLNK(mode) else ""
+        raise OutputError(f"{output}: already exists{link}; pass force to overwrite it.", params=("force",))
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{output}: directory {parent} is not writable.")
 
