@@ -279,9 +279,9 @@ def average(
             into.commit(force=write.force)
             committed.append(into)
     except BaseException:
-        for into in opened:
+        for into in reversed(opened):  # the last first: the output that created a shared folder removes it last
             into.discard()
-        for into in committed:  # all rows' outputs or none: a sweep is not left half-written
+        for into in reversed(committed):  # all rows' outputs or none: a sweep is not left half-written
             into.withdraw()
         raise
     files = [f for into in opened for f in into.files]

@@ -156,6 +156,8 @@ def place(temp: Path, final: Path, force: bool) -> None:
             os.replace(temp, final)
         else:
             _place_new(temp, final)
+    except OutputError:  # itself a FileExistsError
+        raise
     except FileExistsError:
         raise OutputError(f"{final}: now exists (created while this run was writing, perhaps by another run); "
                           "pass force to overwrite it. Nothing was written.", params=("force",)) from None
