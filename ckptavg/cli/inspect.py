@@ -28,6 +28,7 @@ def inspect(
       ckptavg inspect runs/epoch=3.ckpt
     """
     from ..api import inspect_checkpoint
+    from ..results import strict_json
 
     info = inspect_checkpoint(path, loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix))
-    print(json.dumps(info, indent=2) if json_out else format_inspect(info))
+    print(json.dumps(strict_json(info), indent=2, allow_nan=False) if json_out else format_inspect(info))

@@ -100,7 +100,7 @@ def average(inputs: list[str], plan: Plan, select: Selection, load: LoadOptions,
         if bar:
             bar.close()
     if not dest.quiet and lead():
-        print(json.dumps(result.to_json(PARAM_FLAGS)) if dest.json_out else format_summary(result))
+        print(json.dumps(result.to_json(PARAM_FLAGS), allow_nan=False) if dest.json_out else format_summary(result))
 
 
 def show_plan(inputs: list[str], plan: Plan, select: Selection, load: LoadOptions, dtype: OutDtype | None,
@@ -115,4 +115,4 @@ def show_plan(inputs: list[str], plan: Plan, select: Selection, load: LoadOption
     report = plan_checkpoints(inputs, plan, select=select, load=load, dtype=dtype.value if dtype else None)
     if plot is not None:
         plot_weights(report, plot)
-    print(json.dumps(report.to_json(PARAM_FLAGS), indent=2) if json_out else format_plan(report))
+    print(json.dumps(report.to_json(PARAM_FLAGS), indent=2, allow_nan=False) if json_out else format_plan(report))
