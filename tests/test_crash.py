@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from ckptavg import average_checkpoints, plan_checkpoints
 from ckptavg.errors import OutputError
 from ckptavg.layout import TensorSpec
-from ckptavg.write.outfile import TEMP_SUFFIX
+from ckptavg.write.placing import TEMP_SUFFIX
 from ckptavg.write.verify import verify_output
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="signals and RLIMIT_FSIZE as on Linux")

@@ -33,8 +33,8 @@ from ckptavg.errors import PlanError
 from ckptavg.methods.schedules import ema_step_weights
 from ckptavg.results import strict_json
 from ckptavg.write import hf_folder
-from ckptavg.write.outfile import NAME_MAX, TEMP_SUFFIX, place, temp_beside
 from ckptavg.write.output import OpenOutput
+from ckptavg.write.placing import NAME_MAX, TEMP_SUFFIX, place, temp_beside
 from ckptavg.write.safetensors import check_output
 
 Cli = Callable[..., Result]
@@ -304,7 +304,7 @@ def test_with_force_an_output_appearing_before_the_commit_is_replaced(cli: Cli, 
 @pytest.mark.parametrize("fallback", ["link", "exclusive-create"])
 def test_exclusive_commit_fallbacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fallback: str) -> None:
     """Without renameat2 (not Linux, old kernel or glibc), and without hard links, the rename stays exclusive."""
-    from ckptavg.write import outfile
+    from ckptavg.write import placing as outfile
 
     monkeypatch.setattr(outfile, "_renameat2", None)
     if fallback == "exclusive-create":

@@ -22,7 +22,7 @@ from ckptavg.read.checkpoint import LoadOptions
 from ckptavg.read.layouts import open_checkpoint
 from ckptavg.read.torch_extra import read_extra_metadata
 from ckptavg.write import torch_archive
-from ckptavg.write.outfile import TEMP_SUFFIX
+from ckptavg.write.placing import TEMP_SUFFIX
 from ckptavg.write.torch_archive import Record, directory, plan_archive, state_dict_pickle
 from ckptavg.write.torch_file import TorchWriter, verify_torch_file
 

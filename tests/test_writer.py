@@ -16,7 +16,8 @@ from safetensors.torch import save
 from ckptavg.errors import OutputError
 from ckptavg.layout import DTYPE_NAMES, TensorSpec
 from ckptavg.write import outfile
-from ckptavg.write.outfile import HASH_CHUNK, TEMP_SUFFIX, WRITEBACK_BYTES
+from ckptavg.write.outfile import HASH_CHUNK, WRITEBACK_BYTES
+from ckptavg.write.placing import TEMP_SUFFIX
 from ckptavg.write.safetensors import SafetensorsWriter
 
 DTYPES = list(DTYPE_NAMES)

@@ -22,7 +22,7 @@ from ..layout import TensorSpec
 from ..read.checkpoint import Checkpoint
 from ..read.files import training_state
 from ..read.hf_folder import HF_WEIGHT_FILES
-from .outfile import check_replaceable, temp_beside, usual_mode
+from .placing import check_replaceable, temp_beside, usual_mode
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

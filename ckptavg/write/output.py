@@ -33,7 +33,7 @@ from .hf_folder import (
     write_text_temp,
 )
 from .options import output_format
-from .outfile import place
+from .placing import place
 from .safetensors import SafetensorsWriter, check_output
 from .torch_file import TorchWriter, verify_torch_file
 from .verify import verify_output

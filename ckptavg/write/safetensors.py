@@ -13,11 +13,11 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from ..errors import OutputError
-from ..layout import DTYPE_NAMES, TensorSpec, byte_view
-from .outfile import OutputFile, TempWriter, file_kind
+from ..layout import DTYPE_NAMES, TensorSpec
+from .outfile import OutputFile
+from .placing import file_kind
+from .temp_writer import TempWriter
 
 # safetensors' write order: larger-rank dtypes first (its Dtype enum, descending).
 _RANK = [
@@ -100,23 +100,3 @@ class SafetensorsWriter(TempWriter):
             self._file.discard()
             raise
         return self
-
-    def write(self, tensor: torch.Tensor) -> None:
-        """Write the next tensor of `order` whole; its shape and dtype must match the spec."""
-        spec = self.order[self._next]
-        if tuple(tensor.shape) != spec.shape or self._filled:
-            raise AssertionError(f"writer got {tensor.dtype}{list(tensor.shape)} for {spec}")  # a bug, not input
-        self.write_part(tensor.reshape(-1))
-
-    def write_part(self, block: torch.Tensor) -> None:
-        """Write the next elements of the current tensor of `order`; move on when it is complete."""
-        assert self._file is not None
-        spec = self.order[self._next]
-        t = block.contiguous()
-        if t.dtype != spec.out_dtype or self._filled + t.nbytes > spec.nbytes:
-            raise AssertionError(f"writer got {t.dtype}[{t.numel()}] for {spec}")  # a bug, not input
-        if t.numel():
-            self._file.write(byte_view(t))
-        self._filled += t.nbytes
-        if self._filled == spec.nbytes:
-            self._next, self._filled = self._next + 1, 0

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 
 from ..errors import CkptavgError, OutputError, first_line, one_line
-from ..layout import DTYPE_NAMES, TensorSpec, byte_view
+from ..layout import DTYPE_NAMES, TensorSpec
 from ..read.torch_file import load_torch
 from . import torch_archive as arc
-from .outfile import OutputFile, TempWriter
+from .outfile import OutputFile
+from .temp_writer import TempWriter
 from .torch_archive import FILE_VERSION, plan_archive, serialization_id
 from .verify import _check_finite, _check_layout, _check_names
 
@@ -66,30 +67,15 @@ class TorchWriter(TempWriter):
         """The local header of the next tensor's record, if one remains."""
         return self._record(self._next).local_header() if self._next < len(self.order) else b""
 
-    def write(self, tensor: torch.Tensor) -> None:
-        """Write the next tensor of `order` whole; its shape and dtype must match the spec."""
-        spec = self.order[self._next]
-        if tuple(tensor.shape) != spec.shape or self._filled:
-            raise AssertionError(f"writer got {tensor.dtype}{list(tensor.shape)} for {spec}")  # a bug, not input
-        self.write_part(tensor.reshape(-1))
+    def _data(self, file: OutputFile, data: memoryview) -> None:
+        self._crc = zlib.crc32(data, self._crc)
+        file.write(data)
 
-    def write_part(self, block: torch.Tensor) -> None:
-        """Write the next elements of the current tensor of `order`; move on when it is complete."""
-        assert self._file is not None
-        spec = self.order[self._next]
-        t = block.contiguous()
-        if t.dtype != spec.out_dtype or self._filled + t.nbytes > spec.nbytes:
-            raise AssertionError(f"writer got {t.dtype}[{t.numel()}] for {spec}")  # a bug, not input
-        if t.numel():
-            data = byte_view(t)
-            self._crc = zlib.crc32(data, self._crc)
-            self._file.write(data)
-        self._filled += t.nbytes
-        if self._filled == spec.nbytes:
-            done = self._record(self._next).descriptor(self._crc)
-            self._crcs.append(self._crc)
-            self._next, self._filled, self._crc = self._next + 1, 0, 0
-            self._file.write(memoryview(done + self._opening()))
+    def _tensor_done(self, file: OutputFile) -> None:
+        done = self._record(self._next - 1).descriptor(self._crc)
+        self._crcs.append(self._crc)
+        self._crc = 0
+        file.write(memoryview(done + self._opening()))
 
     def _tail(self) -> bytes:
         """The last two records and the central directory, now that every CRC is known."""
