@@ -5,7 +5,6 @@ rank of a torchrun job around its own agreement steps.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -18,13 +17,13 @@ from typing import Any
 import torch
 
 from .bn import BatchNormOptions, recalibrate
-from .errors import BatchNormError, CheckpointFormatError, CkptavgError, CkptavgWarning, listing
+from .errors import BatchNormError, CkptavgWarning
 from .layout import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout
 from .methods.base import Plan
 from .methods.uniform import Copy, Swa
-from .read.checkpoint import Checkpoint, LoadOptions, PathLike, check_unchanged
+from .read.checkpoint import LoadOptions, PathLike, check_unchanged, files_of
 from .read.dedupe import dedupe, fill_path_meta, skipped_note
-from .read.describe import describe
+from .read.describe import describe, refuse_folder
 from .read.discover import Found, discover, find_checkpoints
 from .read.layouts import is_checkpoint_folder, open_checkpoint
 from .reduce.stream import resolve_device, stream_rows
@@ -142,7 +141,7 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
         out = plan_output(target, report.specs, report.checkpoints, to_folder=to_folder, max_bytes=write.max_bytes,
                           like_input=write.shards_like_input, parts=parts, make_parent=target != os.fspath(output),
                           fmt=write.format)
-        out.check(_files_read(report.considered), write.force)  # unselected inputs are still inputs
+        out.check(files_of(report.considered), write.force)  # unselected inputs are still inputs
         outs.append(out)
     metadata = tuple(row_metadata(report, r, bn) for r in range(len(outs)))
     return Job(report, tuple(outs), metadata, write, bn, evaluation)
@@ -330,14 +329,6 @@ def recalibrate_bn(
     return average(found, output, Copy(), select=Selection(), load=load, write=write, bn=bn, progress=progress)
 
 
-def _files_read(ckpts: Sequence[Checkpoint]) -> list[Path]:
-    """Every file an input is made of: the file itself, its shards, and all files of a checkpoint folder
-    (index, trainer_state.json, config), so that none can be overwritten by the output."""
-    files = {c.path for c in ckpts} | {t.path for c in ckpts for t in c.tensors.values()}
-    files |= {p for c in ckpts if c.path.is_dir() for p in c.path.iterdir() if p.is_file()}
-    return sorted(files, key=os.fspath)
-
-
 def inspect_checkpoint(path: PathLike, load: LoadOptions = LoadOptions()) -> dict[str, Any]:
     """Describe one checkpoint without reading its tensor data: format, weights location, metadata, tensors.
 
@@ -346,24 +337,5 @@ def inspect_checkpoint(path: PathLike, load: LoadOptions = LoadOptions()) -> dic
     """
     folder = Path(path)
     if folder.is_dir() and not is_checkpoint_folder(folder):
-        _refuse_folder(folder)
+        refuse_folder(folder)
     return describe(open_checkpoint(path, load))
-
-
-def _refuse_folder(folder: Path) -> None:
-    """`inspect` of a folder of checkpoints (or of a folder of runs): say what is inside and what to run."""
-    try:
-        found = find_checkpoints(folder)
-    except CkptavgError:
-        found = []
-    if found:
-        raise CheckpointFormatError(
-            f"{folder}: a folder of {len(found)} checkpoints ({listing([p.name for p in found], 3)}), not one "
-            f"checkpoint; inspect one of them, or see them all with `ckptavg plan swa {folder}`.")
-    runs = []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        with contextlib.suppress(CkptavgError, OSError):
-            if n := len(find_checkpoints(sub)):
-                runs.append(f"{sub.name}/ ({n})")
-    hint = f"; its subfolders hold checkpoints: {listing(runs, 5)}" if runs else ""
-    raise CheckpointFormatError(f"{folder}: a folder, not a checkpoint{hint}.")

@@ -7,7 +7,7 @@ with the place each value was read from.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,3 +88,11 @@ class Checkpoint:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+
+def files_of(ckpts: Sequence[Checkpoint]) -> list[Path]:
+    """Every file an input is made of: the file itself, its shards, and all files of a checkpoint folder
+    (index, trainer_state.json, config), so that none can be overwritten by the output."""
+    files = {c.path for c in ckpts} | {t.path for c in ckpts for t in c.tensors.values()}
+    files |= {p for c in ckpts if c.path.is_dir() for p in c.path.iterdir() if p.is_file()}
+    return sorted(files, key=os.fspath)

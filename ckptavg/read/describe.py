@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
 from typing import Any
 
+from ..errors import CheckpointFormatError, CkptavgError, listing
 from .checkpoint import Checkpoint
+from .discover import find_checkpoints
 from .sidecars import parse_provenance
 
 
@@ -26,3 +30,22 @@ def describe(c: Checkpoint) -> dict[str, Any]:
     if provenance is not None:
         info["ckptavg"] = provenance
     return info
+
+
+def refuse_folder(folder: Path) -> None:
+    """`inspect` of a folder of checkpoints (or of a folder of runs): say what is inside and what to run."""
+    try:
+        found = find_checkpoints(folder)
+    except CkptavgError:
+        found = []
+    if found:
+        raise CheckpointFormatError(
+            f"{folder}: a folder of {len(found)} checkpoints ({listing([p.name for p in found], 3)}), not one "
+            f"checkpoint; inspect one of them, or see them all with `ckptavg plan swa {folder}`.")
+    runs = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        with contextlib.suppress(CkptavgError, OSError):
+            if n := len(find_checkpoints(sub)):
+                runs.append(f"{sub.name}/ ({n})")
+    hint = f"; its subfolders hold checkpoints: {listing(runs, 5)}" if runs else ""
+    raise CheckpointFormatError(f"{folder}: a folder, not a checkpoint{hint}.")
