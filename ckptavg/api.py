@@ -32,8 +32,9 @@ from .results import AverageResult, PlanReport, provenance, score_rows
 from .results import RowEvaluation as RowEvaluation  # the argument of `average`, importable from here too
 from .select import Selection, order_checkpoints, refuse_twice, select_checkpoints
 from .write.options import WriteOptions, output_format
-from .write.output import OpenOutput, Output, is_folder_output, plan_output, row_targets
+from .write.output import OpenOutput, Output, is_folder_output, plan_output
 from .write.safetensors import check_output
+from .write.templates import row_targets
 
 Progress = Callable[[int, int], None]  # (bytes read so far, total bytes to read)
 """Called as the reduction reads. An object that also has ``step(phase, done, total)`` is told of the other

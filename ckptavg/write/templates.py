@@ -1,0 +1,68 @@
+"""Where each output of a plan with several rows goes: `-o` as a template with ``{field}`` placeholders, or a
+folder with one file per row."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..errors import PlanError
+from .output import is_folder_output
+
+_FIELD = re.compile(r"\{(\w*)\}")
+
+
+class Row(Protocol):
+    """What naming an output needs of a row of weights: its name and parameters (``sigma_rel=0.1``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def params(self) -> Mapping[str, Any]: ...
+
+
+def row_targets(output: str | os.PathLike[str], rows: Sequence[Row]) -> list[str]:
+    """Where each output row goes: `output` itself for one row; for several, a template with ``{field}``
+    placeholders (the rows' params, ``index``, ``name``) or a folder (one ``<row name>.safetensors`` each).
+
+    Raises:
+        PlanError: several rows and `output` is neither a template nor a folder, names an unknown field, or
+            gives two rows the same path.
+    """
+    text = os.fspath(output)
+    if len(rows) == 1 and not _FIELD.search(text):
+        return [text]
+    fields = sorted({k for r in rows for k in r.params} | {"index", "name"})
+    if not _FIELD.search(text):
+        if not is_folder_output(output):
+            raise PlanError(f"output {text}: this plan gives {len(rows)} outputs ({', '.join(r.name for r in rows[:4])}"
+                            f"{', ...' if len(rows) > 4 else ''}); give output a template with a field that varies "
+                            f"({', '.join('{' + f + '}' for f in fields)}), or a folder.", params=("output",))
+        return [str(Path(text) / f"{r.name or i}.safetensors") for i, r in enumerate(rows)]
+    names = []
+    for i, r in enumerate(rows):
+        values = {**{k: _text(v) for k, v in r.params.items()}, "index": str(i), "name": r.name}
+        unknown = [f for f in _FIELD.findall(text) if f not in values]
+        if unknown:
+            raise PlanError(f"output {text}: no field {{{unknown[0]}}} in this plan's outputs; it has "
+                            f"{', '.join('{' + f + '}' for f in fields)}.", params=("output",))
+        names.append(_FIELD.sub(lambda m, v=values: v[m.group(1)], text))  # type: ignore[misc]
+    same = [(a, b) for a in range(len(names)) for b in range(a + 1, len(names)) if names[a] == names[b]]
+    if same:
+        a, b = same[0]
+        raise PlanError(f"output {text}: gives outputs {rows[a].name or a} and {rows[b].name or b} the same path "
+                        f"{names[a]}; use a field that varies ({', '.join('{' + f + '}' for f in fields)}).",
+                        params=("output",))
+    return names
+
+
+def _text(value: object) -> str:
+    """A row parameter as it appears in a file name: shortest exact form, no path separators."""
+    text = repr(value) if isinstance(value, float) else str(value)
+    if "/" in text or os.sep in text or text in ("", ".", ".."):
+        raise PlanError(f"the output parameter {text!r} cannot be part of a file name.")
+    return text
