@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from ckptavg.errors import PlanError
 from ckptavg.methods.lr import LrWeighted, lr_weights
 from ckptavg.read.layouts import open_checkpoint
-from ckptavg.read.metadata import LR_PLACES, Meta
+from ckptavg.read.lr_records import LR_PLACES
+from ckptavg.read.metadata import Meta
 
 STEPS = [100, 200, 300, 400]
 LRS = [0.1, 0.05, 0.025, 0.0125]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import PlanError, listing
-from ..read.metadata import LR_PLACES
+from ..read.lr_records import LR_PLACES
 from . import schedules
 from .base import Entry, Plan, TensorAccess, WeightMatrix, register
 

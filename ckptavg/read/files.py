@@ -9,7 +9,8 @@ from pathlib import Path
 from ..errors import CheckpointFormatError
 from .checkpoint import Checkpoint, LoadOptions, Stamp, stamp
 from .locate import locate_weights, select_prefix
-from .metadata import Meta, extras_from_metadata, lr_from_checkpoint, meta_from_mapping, meta_from_name, metrics_from_checkpoint
+from .lr_records import lr_from_checkpoint
+from .metadata import Meta, extras_from_metadata, meta_from_mapping, meta_from_name, metrics_from_checkpoint
 from .safetensors_file import read_safetensors_header
 from .torch_extra import read_extra_metadata
 from .torch_file import load_torch

@@ -11,7 +11,8 @@ from ..errors import CheckpointFormatError, one_line
 from .checkpoint import Checkpoint, LoadOptions, Stamp, stamp
 from .files import open_file
 from .lazy import LazyTensor
-from .metadata import Meta, lr_history_from_trainer_state, meta_from_mapping, meta_from_name, metrics_from_trainer_state
+from .lr_records import lr_history_from_trainer_state
+from .metadata import Meta, meta_from_mapping, meta_from_name, metrics_from_trainer_state
 from .safetensors_file import sniff
 from .sidecars import parse_index, parse_trainer_state
 

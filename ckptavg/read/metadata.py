@@ -35,16 +35,6 @@ _POSTHOC_NAME = re.compile(r"^(\d+)\.(\d+)\.pt$")
 _FAIRSEQ_UPDATES = re.compile(r"^checkpoint_(\d{1,18})_(\d{1,18})\.pt$")
 _FAIRSEQ_EPOCH = re.compile(r"^checkpoint(\d{1,18})\.pt$")
 
-LR_PLACES = (
-    "trainer_state.json log_history[*].learning_rate",
-    "optimizer_states[0].param_groups[0].lr (Lightning)",
-    "lr_schedulers[0]._last_lr[0] (Lightning)",
-    "optimizer.param_groups[0].lr (also under optimizer_state_dict, optim)",
-    "_last_lr[0] of a scheduler state (lr_scheduler, scheduler)",
-    "'lr' or 'learning_rate' in safetensors metadata",
-)
-"""Where ckptavg looks for a checkpoint's learning rate, in order (docs/ALGORITHMS.md §11); for messages."""
-
 _NAME_METRIC = re.compile(r"([A-Za-z][A-Za-z0-9_]*)=(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
 
 Number = int | float
@@ -97,7 +87,7 @@ class Meta:
 MAX_COUNT = 2**63 - 1
 
 
-def _number(value: Any) -> Number | None:
+def as_number(value: Any) -> Number | None:
     """A finite int or float, or None; ints too large for a float are None (a seed, a hash: not a metric)."""
     if isinstance(value, LazyTensor):
         if value.numel != 1 or value.dtype.is_complex:
@@ -130,13 +120,13 @@ def meta_from_mapping(obj: Mapping[Any, Any], source: str, path: Path | None = N
     step = epoch = None
     step_src = epoch_src = None
     for key in STEP_KEYS:
-        n = _number(obj.get(key))
+        n = as_number(obj.get(key))
         if isinstance(n, int) and n >= 0:
             _count(n, path, source, key)
             step, step_src = n, f"{source} '{key}'"
             break
     for key in EPOCH_KEYS:
-        n = _number(obj.get(key))
+        n = as_number(obj.get(key))
         if n is not None and n >= 0:
             epoch, epoch_src = _count(n, path, source, key), f"{source} '{key}'"
             break
@@ -155,7 +145,7 @@ def _fairseq(obj: Mapping[Any, Any], source: str, path: Path | None) -> Meta:
     """fairseq's stored counts: ``optimizer_history[-1]["num_updates"]`` and the ``extra_state`` epoch."""
     out = Meta()
     for field_name, where in _FAIRSEQ_PLACES:
-        n = _number(_dig(obj, where))
+        n = as_number(dig(obj, where))
         if n is None or n < 0 or getattr(out, field_name) is not None or (field_name == "step" and not isinstance(n, int)):
             continue
         text = "".join(f"[{k}]" if isinstance(k, int) else f"['{k}']" for k in where)
@@ -186,7 +176,7 @@ def _numeric_entries(obj: Mapping[Any, Any], source: str) -> dict[str, tuple[flo
     for k, v in obj.items():
         # tensors at the top level are weights of a bare state dict, never metrics
         if isinstance(k, str) and k not in skip and not isinstance(v, dict | list | LazyTensor):
-            n = _number(v)
+            n = as_number(v)
             f = _finite(n) if n is not None else None
             if f is not None:
                 found[k] = (f, f"{source} '{k}'")
@@ -203,9 +193,9 @@ def metrics_from_checkpoint(obj: Mapping[Any, Any], file_name: str) -> dict[str,
     for state in callbacks.values() if isinstance(callbacks, dict) else ():
         if not isinstance(state, dict) or not isinstance(state.get("monitor"), str):
             continue
-        score = _number(state.get("current_score"))
+        score = as_number(state.get("current_score"))
         if score is None and isinstance(state.get("best_k_models"), dict):
-            score = next((_number(v) for k, v in state["best_k_models"].items()
+            score = next((as_number(v) for k, v in state["best_k_models"].items()
                           if str(k).replace("\\", "/").rsplit("/", 1)[-1] == file_name), None)
         value = _finite(score) if score is not None else None
         if value is not None:
@@ -223,7 +213,8 @@ def metrics_from_trainer_state(state: Mapping[str, Any]) -> dict[str, tuple[floa
     return found
 
 
-def _dig(obj: Any, path: tuple[str | int, ...]) -> Any:
+def dig(obj: Any, path: tuple[str | int, ...]) -> Any:
+    """The entry at `path` (keys and list indices) inside nested checkpoint containers, or None."""
     for key in path:
         if isinstance(key, int):
             if not isinstance(obj, list | tuple) or not -len(obj) <= key < len(obj):
@@ -234,58 +225,21 @@ def _dig(obj: Any, path: tuple[str | int, ...]) -> Any:
     return obj
 
 
-def _rate(value: Any) -> float | None:
-    n = _number(value)
+def rate(value: Any) -> float | None:
+    """A learning rate as stored (a number or a one-element tensor), when it is finite and >= 0."""
+    n = as_number(value)
     return float(n) if n is not None and math.isfinite(n) and n >= 0 else None
-
-
-_LR_PATHS: tuple[tuple[str | int, ...], ...] = (
-    ("optimizer_states", 0, "param_groups", 0, "lr"),
-    ("lr_schedulers", 0, "_last_lr", 0),
-    *((key, "param_groups", 0, "lr") for key in ("optimizer", "optimizer_state_dict", "optim")),
-    *((key, "_last_lr", 0) for key in ("lr_scheduler", "scheduler")),
-)
-
-
-def lr_from_checkpoint(obj: Mapping[Any, Any]) -> Meta:
-    """The learning rate saved in a training checkpoint dict, in the order of `LR_PLACES` (first param group).
-
-    Optimizer and scheduler states hold the rate for the next step as a plain float (a tensor is loaded).
-    """
-    for path in _LR_PATHS:
-        lr = _rate(_dig(obj, path))
-        if lr is not None:
-            where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in path).lstrip(".")
-            return Meta(lr=lr, lr_source=f"checkpoint {where}")
-    return Meta()
-
-
-def lr_history_from_trainer_state(state: Mapping[str, Any]) -> Meta:
-    """The (step, learning_rate) pairs of trainer_state.json's log_history, by step (a later entry wins), and
-    the rate logged last at or before the checkpoint's global step."""
-    logged: dict[int, float] = {}
-    for entry in state.get("log_history") or ():
-        if isinstance(entry, dict):
-            step, lr = _number(entry.get("step")), _rate(entry.get("learning_rate"))
-            if isinstance(step, int) and step >= 0 and lr is not None:
-                logged[step] = lr
-    if not logged:
-        return Meta()
-    history = tuple(sorted(logged.items()))
-    end = _number(state.get("global_step"))
-    upto = [h for h in history if not isinstance(end, int) or h[0] <= end] or [history[0]]
-    return Meta(lr=upto[-1][1], lr_source=f"trainer_state.json log_history (step {upto[-1][0]})", lr_history=history)
 
 
 def extras_from_metadata(file_meta: Mapping[str, str], source: str = "safetensors metadata") -> Meta:
     """Learning rate (``lr``, ``learning_rate``) and power-EMA profile (``sigma_rel``, ``ema_sigma_rel``, ``gamma``,
     ``ema_gamma``) from a safetensors header's string metadata."""
     out = Meta()
-    lr_key = next((k for k in ("lr", "learning_rate") if _rate(file_meta.get(k)) is not None), None)
+    lr_key = next((k for k in ("lr", "learning_rate") if rate(file_meta.get(k)) is not None), None)
     if lr_key is not None:
-        out = replace(out, lr=_rate(file_meta[lr_key]), lr_source=f"{source} '{lr_key}'")
+        out = replace(out, lr=rate(file_meta[lr_key]), lr_source=f"{source} '{lr_key}'")
     for key, is_sigma in (("sigma_rel", True), ("ema_sigma_rel", True), ("gamma", False), ("ema_gamma", False)):
-        value = _rate(file_meta.get(key))
+        value = rate(file_meta.get(key))
         if value is not None:
             return replace(out, sigma_rel=value if is_sigma else None, gamma=None if is_sigma else value,
                            profile_source=f"{source} '{key}'")
