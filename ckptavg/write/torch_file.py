@@ -31,7 +31,7 @@ from . import torch_archive as arc
 from .outfile import OutputFile
 from .temp_writer import TempWriter
 from .torch_archive import FILE_VERSION, plan_archive, serialization_id
-from .verify import _check_finite, _check_layout, _check_names
+from .verify import check_read_back, check_spec, check_tensor_names
 
 
 class TorchWriter(TempWriter):
@@ -109,13 +109,13 @@ def verify_torch_file(path: Path, specs: Sequence[TensorSpec], check_finite: boo
                           f"{first_line(e)}).") from None
     if not isinstance(theirs, dict):
         raise OutputError(f"{path}: torch.load gives a {type(theirs).__name__}, not a state dict.")
-    _check_names(path, set(theirs), specs, "torch.load")
+    check_tensor_names(path, set(theirs), specs, "torch.load")
     for spec in specs:
         t = theirs[spec.name]
         if not isinstance(t, torch.Tensor):
             raise OutputError(f"{path}: '{one_line(spec.name, 120)}' is a {type(t).__name__}, not a tensor "
                               "(as read by torch.load).")
-        _check_layout(path, spec, tuple(t.shape), DTYPE_NAMES.get(t.dtype, str(t.dtype)), "torch.load")
+        check_spec(path, spec, tuple(t.shape), DTYPE_NAMES.get(t.dtype, str(t.dtype)), "torch.load")
     del theirs
     try:
         ours = load_torch(path, "torch-zip", trust_pickle=False)
@@ -123,9 +123,4 @@ def verify_torch_file(path: Path, specs: Sequence[TensorSpec], check_finite: boo
         raise OutputError(f"{path}: the written file does not read back ({e}).") from None
     if not isinstance(ours, dict):
         raise OutputError(f"{path}: ckptavg's reader gives a {type(ours).__name__}, not a state dict.")
-    _check_names(path, set(ours), specs, "ckptavg's reader")
-    for spec in specs:
-        lazy = ours[spec.name]
-        _check_layout(path, spec, tuple(lazy.shape), DTYPE_NAMES.get(lazy.dtype, str(lazy.dtype)), "ckptavg's reader")
-        if check_finite and (spec.out_dtype.is_floating_point or spec.out_dtype.is_complex):
-            _check_finite(path, spec.name, lazy)
+    check_read_back(path, specs, ours, check_finite)

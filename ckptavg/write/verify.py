@@ -9,7 +9,7 @@ no NaN or Inf, so memory does not grow with the size of the file or of its large
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -31,14 +31,20 @@ def verify_output(path: Path, specs: Sequence[TensorSpec], check_finite: bool) -
         check_finite: also read every floating (and complex) tensor back and refuse NaN or Inf.
     """
     path = Path(path)
-    ours = _read_with_ckptavg(path)
-    _check_names(path, set(ours), specs, "ckptavg's reader")
     theirs = _read_with_safetensors(path)
-    _check_names(path, set(theirs), specs, "safetensors")
+    check_tensor_names(path, set(theirs), specs, "safetensors")
+    for spec in specs:
+        check_spec(path, spec, *theirs[spec.name], "safetensors")
+    check_read_back(path, specs, _read_with_ckptavg(path), check_finite)
+
+
+def check_read_back(path: Path, specs: Sequence[TensorSpec], ours: Mapping[str, LazyTensor], check_finite: bool) -> None:
+    """Check the tensors ckptavg's own reader found in a written file (`ours`): exactly `specs`, each of its
+    shape and dtype, and with `check_finite` no NaN or Inf in a floating or complex one (read back in blocks)."""
+    check_tensor_names(path, set(ours), specs, "ckptavg's reader")
     for spec in specs:
         lazy = ours[spec.name]
-        _check_layout(path, spec, tuple(lazy.shape), DTYPE_NAMES.get(lazy.dtype, str(lazy.dtype)), "ckptavg's reader")
-        _check_layout(path, spec, *theirs[spec.name], "safetensors")
+        check_spec(path, spec, tuple(lazy.shape), DTYPE_NAMES.get(lazy.dtype, str(lazy.dtype)), "ckptavg's reader")
         if check_finite and (spec.out_dtype.is_floating_point or spec.out_dtype.is_complex):
             _check_finite(path, spec.name, lazy)
 
@@ -62,7 +68,8 @@ def _read_with_safetensors(path: Path) -> dict[str, tuple[tuple[int, ...], str]]
         raise OutputError(f"{path}: safetensors cannot read the written file ({type(e).__name__}: {e}).") from None
 
 
-def _check_names(path: Path, found: set[str], specs: Sequence[TensorSpec], reader: str) -> None:
+def check_tensor_names(path: Path, found: set[str], specs: Sequence[TensorSpec], reader: str) -> None:
+    """Refuse a written file in which `reader` found other tensor names than `specs` name."""
     wanted = {s.name for s in specs}
     missing, extra = sorted(wanted - found), sorted(found - wanted)
     if missing or extra:
@@ -70,7 +77,8 @@ def _check_names(path: Path, found: set[str], specs: Sequence[TensorSpec], reade
         raise OutputError(f"{path}: as read by {reader}, {listing(parts, 5, '; ')}.")
 
 
-def _check_layout(path: Path, spec: TensorSpec, shape: tuple[int, ...], dtype: str, reader: str) -> None:
+def check_spec(path: Path, spec: TensorSpec, shape: tuple[int, ...], dtype: str, reader: str) -> None:
+    """Refuse a tensor that `reader` sees with another shape or dtype (a safetensors name) than `spec`."""
     want_dtype = DTYPE_NAMES[spec.out_dtype]
     if shape != tuple(spec.shape):
         raise OutputError(
