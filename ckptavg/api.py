@@ -41,6 +41,13 @@ Progress = Callable[[int, int], None]  # (bytes read so far, total bytes to read
 long passes too: graft's entropies, soup's and --eval's evaluations, BatchNorm batches (total 0: unknown)."""
 
 
+# What averaging PEFT adapters says while their tensors are averaged one by one like any others (methods/lora.py
+# has the exact ways, not yet wired in); here, not there, so that every run does not import the LoRA maths.
+FACTORS_NOTE = ("LoRA adapters are averaged factor by factor (the mean of the A and of the B matrices), which is not "
+                "the mean of their updates B·A: close, late checkpoints come out close, distant ones do not "
+                "(docs/ALGORITHMS.md §13).")
+
+
 def _steps_of(progress: Progress | None) -> Callable[[str, int, int], None] | None:
     step: Callable[[str, int, int], None] | None = getattr(progress, "step", None)
     return step
@@ -89,6 +96,8 @@ def _plan(found: Found, plan: Plan, select: Selection, load: LoadOptions, dtype:
         matrix = plan.weights(chosen, CheckpointData(chosen, specs, _steps_of(progress)))
         for note in plan.notes(chosen, matrix):
             warnings.warn(note, stacklevel=1)
+        if any(c.format.startswith("peft adapter") for c in chosen) and sum(w != 0 for w in matrix.rows[0].values) > 1:
+            warnings.warn(CkptavgWarning(FACTORS_NOTE), stacklevel=1)
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     notes = [w.message for w in caught if isinstance(w.message, CkptavgWarning)]

@@ -116,11 +116,6 @@ class Plan:
         if len(ckpts) == 1:
             out.append(CkptavgWarning(f"{self.method} of one checkpoint ({ckpts[0].name}): the output is its "
                                       "weights (converted to the output dtype), not an average."))
-        if any(_is_lora(c) for c in ckpts) and sum(w != 0 for w in matrix.rows[0].values) > 1:
-            out.append(CkptavgWarning(
-                "LoRA adapters are averaged factor by factor (the mean of the A and of the B matrices), which is not "
-                "the mean of their updates B·A: close, late checkpoints come out close, distant ones do not "
-                "(docs/ALGORITHMS.md §13)."))
         for row in matrix.rows:
             if abs(row.residual) > 1e-12:
                 label = f" ({row.name})" if row.name else ""
@@ -144,9 +139,3 @@ def register(cls: type[Plan]) -> type[Plan]:
     """Class decorator: make a plan available by its method name."""
     PLANS[cls.method] = cls
     return cls
-
-
-def _is_lora(entry: Entry) -> bool:
-    """Whether a checkpoint is a LoRA adapter (PEFT), judged by its tensor names when it has any."""
-    names = getattr(entry, "tensors", {})
-    return any(".lora_A." in n or n.endswith(".lora_A.weight") for n in names)
