@@ -18,8 +18,10 @@ same `OutputFile` as safetensors outputs. Nothing in it depends on the time, so 
 
 from __future__ import annotations
 
+import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +36,26 @@ from .torch_archive import FILE_VERSION, plan_archive, serialization_id
 from .verify import check_read_back, check_spec, check_tensor_names
 
 
+@dataclass(frozen=True)
+class Copied:
+    """A storage record copied byte for byte from another archive: its key here, and where its bytes lie."""
+
+    key: str
+    source: Path
+    start: int
+    size: int
+
+    def chunks(self, block: int = 16 * 2**20) -> Iterator[bytes]:
+        """The record's bytes, read with pread a block at a time."""
+        with open(self.source, "rb") as f:
+            for at in range(0, self.size, block):
+                n = min(block, self.size - at)
+                data = os.pread(f.fileno(), n, self.start + at)
+                if len(data) != n:
+                    raise OutputError(f"{self.source}: shorter than when it was read; nothing was written.")
+                yield data
+
+
 class TorchWriter(TempWriter):
     """Write tensors to `path` as a torch.save zip archive, in `order`, through a temp file renamed into
     place on success. The same interface as `SafetensorsWriter`.
@@ -42,9 +64,12 @@ class TorchWriter(TempWriter):
     nothing appears at `path`.
     """
 
-    def __init__(self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str], rename: bool = True) -> None:
+    def __init__(self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str], rename: bool = True, *,
+                 pickled: bytes | None = None, copies: Sequence[Copied] = ()) -> None:
         super().__init__(path, list(specs), rename)  # the state dict's own order: torch.load gives keys as given
-        self._records, self._head = plan_archive(self.order, metadata)  # the head: records before the tensors'
+        # the head: records before the tensors'; `pickled` and `copies`: a training checkpoint around them
+        self._records, self._head = plan_archive(self.order, metadata, pickled, [(c.key, c.size) for c in copies])
+        self._copies = list(copies)
         self._crcs = [zlib.crc32(data) for data in self._head]
         self._crc = 0  # of the tensor being written
         self._size = arc.archive_len(self._records)
@@ -87,6 +112,16 @@ class TorchWriter(TempWriter):
                 + arc.directory(self._records, crcs))
 
     def _complete(self, file: OutputFile) -> None:
+        first = len(self._head) + len(self.order)
+        for i, copied in enumerate(self._copies):
+            rec = self._records[first + i]
+            file.write(memoryview(rec.local_header()))
+            crc = 0
+            for chunk in copied.chunks():
+                crc = zlib.crc32(chunk, crc)
+                file.write(memoryview(chunk))
+            self._crcs.append(crc)
+            file.write(memoryview(rec.descriptor(crc)))
         file.write(memoryview(self._tail()))
         if file.nbytes != self._size:  # the file was allocated at the planned size: anything else is a bug
             raise AssertionError(f"wrote {file.nbytes} bytes of a planned {self._size}")
