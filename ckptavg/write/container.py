@@ -11,17 +11,18 @@ the entries kept (another EMA copy, kept optimizer moments) are copied byte for 
 from __future__ import annotations
 
 import io
+import os
 import pickle
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import CheckpointFormatError, CkptavgError, OutputError, first_line, one_line
+from ..errors import CheckpointFormatError, CkptavgError, OutputError, PlanError, first_line, one_line
 from ..layout import DTYPE_NAMES, TensorSpec
-from ..read.checkpoint import Checkpoint, LoadOptions
+from ..read.checkpoint import Checkpoint, LoadOptions, PathLike
 from ..read.container_tree import (
     PARAMETER,
     UNSET,
@@ -38,6 +39,8 @@ from ..read.container_tree import (
 from ..read.lazy import LazyTensor
 from ..read.locate import change_prefix
 from ..read.torch_file import _SAFE_EXTRAS, load_torch
+from .options import FORMATS
+from .output import Output, is_folder_output, plan_output
 from .torch_archive import StorageRef, tensor_ref
 from .torch_file import Copied, TorchWriter
 from .verify import check_read_back, check_spec, check_tensor_names
@@ -79,6 +82,10 @@ class ContainerPlan:
         pickled, copies = self.pickle(specs)
         return TorchWriter(path, specs, metadata, rename, pickled=pickled, copies=copies)
 
+    def verify(self, path: Path, specs: Sequence[TensorSpec], check_finite: bool) -> None:
+        """`verify_container` of this plan's copy."""
+        verify_container(self, path, specs, check_finite)
+
     def pickle(self, specs: Sequence[TensorSpec]) -> tuple[bytes, list[Copied]]:
         """data.pkl of the copy (averaged tensor i in record ``data/<i>``), and the source records it copies."""
         if self._used:  # the tree is rewritten in place: one writer per plan
@@ -102,6 +109,41 @@ class ContainerPlan:
                                             "is corrupt.")
             copies.append(Copied(key, self.source, *at))
         return buf.getvalue(), copies
+
+
+def container_output(output: PathLike, specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], rows: int,
+                     load: LoadOptions, keep_training_state: bool, parts: int = 1) -> Output:
+    """The one file of `--container`: a copy of the newest of `ckpts` (the last) around the averaged `specs`.
+
+    Raises:
+        PlanError: for a folder output, a safetensors name, several output rows, or folder inputs.
+    """
+    refuse_container(output)
+    if rows != 1:
+        raise PlanError(f"container writes one checkpoint, but the plan has {rows} output rows; give one value "
+                        "(one decay, sigma_rel or window).", params=("container",))
+    if parts > 1:
+        raise PlanError(f"container writes one file, which the {parts} ranks of a torchrun job cannot share; run "
+                        "it without torchrun.", params=("container",))
+    folders = [c.path for c in ckpts if c.path.is_dir()]
+    if folders:
+        raise PlanError(f"{folders[0]}: a checkpoint folder has no training checkpoint file to copy; container "
+                        "takes torch checkpoint files (leave out container to write the weights).",
+                        params=("container",))
+    plan = plan_container(ckpts[-1], specs, load, keep_training_state)
+    out = plan_output(output, specs, ckpts, to_folder=False, fmt="torch")
+    return replace(out, container=plan)
+
+
+def refuse_container(output: PathLike) -> None:
+    """Refuse, before any work, an output `container` cannot write: a folder, or a safetensors file."""
+    text = os.fspath(output)
+    if is_folder_output(text):
+        raise PlanError(f"output {text}: container writes one file, not a folder; give a file name.",
+                        params=("container", "output"))
+    if text.endswith(FORMATS["safetensors"]):
+        raise PlanError(f"output {text}: container writes a torch checkpoint, not safetensors; give a name such as "
+                        "avg.pt, or leave out container.", params=("container", "output"))
 
 
 def is_training_state(key: Any, value: Any) -> bool:

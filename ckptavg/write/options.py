@@ -43,6 +43,9 @@ class WriteOptions:
             allow_nonfinite) finiteness before renaming it into place.
         format: ``safetensors`` or ``torch`` (a ``torch.save`` state dict); None follows the output's
             extension (``.safetensors``; ``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.tar``).
+        container: write a copy of the newest input's training checkpoint (a torch file) with its weights
+            replaced by the average; its optimizer, scheduler, loss scaler and RNG state are dropped.
+        keep_training_state: with container, keep those too (copied from the newest input, not averaged).
     """
 
     dtype: str | None = None
@@ -54,8 +57,18 @@ class WriteOptions:
     shards_like_input: bool = False
     verify: bool = False
     format: str | None = None
+    container: bool = False
+    keep_training_state: bool = False
 
     def __post_init__(self) -> None:
+        if self.keep_training_state and not self.container:
+            raise PlanError("keep_training_state keeps the training state of a container output; pass container "
+                            "too.", params=("keep_training_state", "container"))
+        if self.container and (self.format == "safetensors" or self.max_shard_size is not None
+                               or self.shards_like_input):
+            raise PlanError("container writes one torch file, a copy of the newest input's checkpoint; it cannot be "
+                            "safetensors or sharded.", params=("container", "format", "max_shard_size",
+                                                               "shards_like_input"))
         if self.format is not None and self.format not in FORMATS:
             raise PlanError(f"format must be one of {', '.join(FORMATS)}, not {self.format!r}.", params=("format",))
         if self.format == "torch" and (self.max_shard_size is not None or self.shards_like_input):

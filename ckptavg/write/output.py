@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -95,6 +95,7 @@ class Output:
     make_parent: bool = False  # one of several outputs in a folder that `open` creates
     format: str = "safetensors"  # of a single file; folders are safetensors shards
     stem: str = "model"  # a folder's weights: model.safetensors, or diffusers' diffusion_pytorch_model.safetensors
+    container: Any = None  # a `container.ContainerPlan`: the file is a copy of a training checkpoint (--container)
 
     def check(self, inputs: Sequence[Path], force: bool) -> None:
         """Refuse an output that is an input, would overwrite something (without `force`), or cannot be made."""
@@ -188,7 +189,8 @@ class OpenOutput:
     _placed: list[Path] = field(default_factory=list)  # files `commit` renamed into place
 
     def __post_init__(self) -> None:
-        kind: type[Writer] = TorchWriter if self.output.format == "torch" else SafetensorsWriter
+        kind: Any = TorchWriter if self.output.format == "torch" else SafetensorsWriter
+        kind = kind if self.output.container is None else self.output.container.writer
         try:
             for sh in self.shards:
                 w = self._stack.enter_context(kind(self.output.folder / sh.name, sh.specs, self.metadata, rename=False))
@@ -216,6 +218,8 @@ class OpenOutput:
                 if w.done is not None:
                     try:
                         check = verify_torch_file if self.output.format == "torch" else verify_output
+                        if self.output.container is not None:
+                            check = self.output.container.verify
                         check(w.done, w.order, check_finite)
                     except OutputError as e:  # name the file the user asked for, not its temp name
                         raise OutputError(str(e).replace(str(w.done), str(w.path)) + " Nothing was written.") from None
