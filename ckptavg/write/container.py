@@ -78,16 +78,17 @@ class ContainerPlan:
 
     def writer(self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str], rename: bool = False
                ) -> TorchWriter:
-        """A `TorchWriter` of the checkpoint around the averaged `specs` (in the order they will arrive)."""
-        pickled, copies = self.pickle(specs)
-        return TorchWriter(path, specs, metadata, rename, pickled=pickled, copies=copies)
+        """A `TorchWriter` of the checkpoint around the averaged `specs`; its `order` is the pickle's."""
+        pickled, order, records = self.pickle(specs)
+        return TorchWriter(path, order, metadata, rename, pickled=pickled, records=records)
 
     def verify(self, path: Path, specs: Sequence[TensorSpec], check_finite: bool) -> None:
         """`verify_container` of this plan's copy."""
         verify_container(self, path, specs, check_finite)
 
-    def pickle(self, specs: Sequence[TensorSpec]) -> tuple[bytes, list[Copied]]:
-        """data.pkl of the copy (averaged tensor i in record ``data/<i>``), and the source records it copies."""
+    def pickle(self, specs: Sequence[TensorSpec]) -> tuple[bytes, list[TensorSpec], list[str | Copied]]:
+        """data.pkl of the copy; the averaged tensors in the order it refers to them; and its data records in
+        that order too (as torch.load expects), each an averaged tensor's key or a record of the source."""
         if self._used:  # the tree is rewritten in place: one writer per plan
             raise AssertionError("a container plan pickled twice")
         self._used = True
@@ -95,20 +96,24 @@ class ContainerPlan:
             holder, slot = self.targets[spec.name]
             old, new = get(holder, slot), tensor_ref(spec, str(i))
             put(holder, slot, old.rebuilt((new, *old.args[1:])) if old.where == PARAMETER else new)
-        root = _without(self.tree.root, self.dropped)
         buf = io.BytesIO()
-        pickler = _Pickler(buf, len(specs))
-        pickler.dump(root)
+        pickler = _Pickler(buf)
+        pickler.dump(_without(self.tree.root, self.dropped))
         self.plain = pickler.plain
-        copies = []
-        for old_key, key in pickler.renamed.items():
-            at = self.tree.records.get(old_key)
+        order: list[TensorSpec] = []
+        records: list[str | Copied] = []
+        for (averaged, source), key in pickler.renamed.items():
+            if averaged:
+                order.append(specs[int(source)])
+                records.append(key)
+                continue
+            at = self.tree.records.get(source)
             if at is None:
                 raise CheckpointFormatError(f"{self.source}: the pickle references tensor data (storage "
-                                            f"'{one_line(old_key, 40)}') that the archive does not hold; the file "
+                                            f"'{one_line(source, 40)}') that the archive does not hold; the file "
                                             "is corrupt.")
-            copies.append(Copied(key, self.source, *at))
-        return buf.getvalue(), copies
+            records.append(Copied(key, self.source, *at))
+        return buf.getvalue(), order, records
 
 
 def container_output(output: PathLike, specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], rows: int,
@@ -222,22 +227,19 @@ _PythonPickler: Any = pickle._Pickler  # its `save` can be extended: see _Pickle
 class _Pickler(_PythonPickler):  # type: ignore[misc]
     """Pickles a tree of stand-ins back to the opcodes they were read from (protocol 2, as torch.save)."""
 
-    def __init__(self, file: io.BytesIO, first_key: int) -> None:
+    def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file, protocol=2)
-        self.renamed: dict[str, str] = {}  # source storage key -> key in the copy
-        self._next = first_key
+        # (averaged?, key of the source's storage or the averaged tensor's number) -> key in the copy, numbered
+        # as first referred to
+        self.renamed: dict[tuple[bool, str], str] = {}
         self.plain = True
 
     def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, StorageRef):
-            return obj.pid
-        if isinstance(obj, Stored):
-            key = self.renamed.get(obj.key)
-            if key is None:
-                key = self.renamed[obj.key] = str(self._next)
-                self._next += 1
-            return (obj.pid[0], obj.pid[1], key, *obj.pid[3:])
-        return None
+        if not isinstance(obj, StorageRef | Stored):
+            return None
+        source = (isinstance(obj, StorageRef), str(obj.pid[2]))
+        key = self.renamed.setdefault(source, str(len(self.renamed)))
+        return (obj.pid[0], obj.pid[1], key, *obj.pid[3:])
 
     def save(self, obj: Any, save_persistent_id: bool = True) -> None:
         if isinstance(obj, Global):

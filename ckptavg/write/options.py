@@ -64,11 +64,13 @@ class WriteOptions:
         if self.keep_training_state and not self.container:
             raise PlanError("keep_training_state keeps the training state of a container output; pass container "
                             "too.", params=("keep_training_state", "container"))
-        if self.container and (self.format == "safetensors" or self.max_shard_size is not None
-                               or self.shards_like_input):
-            raise PlanError("container writes one torch file, a copy of the newest input's checkpoint; it cannot be "
-                            "safetensors or sharded.", params=("container", "format", "max_shard_size",
-                                                               "shards_like_input"))
+        if self.container and self.format == "safetensors":
+            raise PlanError("container writes a torch file, a copy of the newest input's checkpoint; give format "
+                            "torch, or leave out container.", params=("container", "format"))
+        if self.container and (self.max_shard_size is not None or self.shards_like_input):
+            raise PlanError("container writes one torch file, a copy of the newest input's checkpoint; leave out "
+                            "max_shard_size and shards_like_input.",
+                            params=("container", "max_shard_size", "shards_like_input"))
         if self.format is not None and self.format not in FORMATS:
             raise PlanError(f"format must be one of {', '.join(FORMATS)}, not {self.format!r}.", params=("format",))
         if self.format == "torch" and (self.max_shard_size is not None or self.shards_like_input):

@@ -277,20 +277,20 @@ def metadata_json(metadata: dict[str, str]) -> bytes:
 
 
 def plan_archive(specs: Sequence[TensorSpec], metadata: dict[str, str], pickled: bytes | None = None,
-                 copies: Sequence[tuple[str, int]] = ()) -> tuple[list[Record], list[bytes]]:
+                 data: Sequence[tuple[str, int]] | None = None) -> tuple[list[Record], list[bytes]]:
     """The records of the file in the order they lie in it, and the contents of those before the tensors.
 
-    Records: the leading ones (whose contents are returned), one per spec (``data/<i>``), the storages
-    copied from another archive (`copies`: key, size), then ``version`` and ``.data/serialization_id``.
-    `pickled`: a data.pkl of its own (a training checkpoint around the state dict) instead of the state dict's.
+    Records: the leading ones (whose contents are returned), one per spec (``data/<i>``), then ``version``
+    and ``.data/serialization_id``. A training checkpoint around the state dict has a `pickled` data.pkl of its
+    own, and its `data` records (key, size) in their order: the specs' and storages copied from another file.
     """
     head = [("data.pkl", state_dict_pickle(specs) if pickled is None else pickled), (".format_version", FORMAT_VERSION),
             (".storage_alignment", str(ALIGN).encode()), ("byteorder", b"little")]
     if metadata:
         head.append((EXTRA_METADATA, metadata_json(metadata)))
     members = [(ARCHIVE + name, len(data)) for name, data in head]
-    members += [(f"{ARCHIVE}data/{i}", spec.nbytes) for i, spec in enumerate(specs)]
-    members += [(f"{ARCHIVE}data/{key}", size) for key, size in copies]
+    data = [(str(i), spec.nbytes) for i, spec in enumerate(specs)] if data is None else data
+    members += [(f"{ARCHIVE}data/{key}", size) for key, size in data]
     members += [(ARCHIVE + "version", len(FILE_VERSION)), (ARCHIVE + ".data/serialization_id", SERIALIZATION_ID_LEN)]
     return plan_records(members), [data for _, data in head]
 
