@@ -119,10 +119,20 @@ def test_timm_loads_the_copy(tmp_path: Path) -> None:
     timm = pytest.importorskip("timm")
     out = tmp_path / "avg.pth.tar"
     average(TIMM, out, write=WriteOptions(container=True))
-    model = timm.create_model(load(TIMM[-1])["arch"], num_classes=load(TIMM[-1])["args"].num_classes)
-    timm.models.load_checkpoint(model, str(out), use_ema=False)
+    from timm.models.resnet import BasicBlock, ResNet
+
+    def model() -> torch.nn.Module:  # as fixtures/real/make_real.py built it
+        return ResNet(BasicBlock, layers=(1, 1, 1, 1), channels=(4, 4, 8, 8), stem_width=4, stem_type="deep",
+                      num_classes=4)
+
+    plain, ema = model(), model()
+    epoch = timm.models.resume_checkpoint(plain, str(out))  # what train.py --resume does
+    timm.models.load_checkpoint(ema, str(out), use_ema=True)
+    assert epoch == load(TIMM[-1])["epoch"] + 1
     for k, t in mean([load(p)["state_dict"] for p in TIMM]).items():
-        assert torch.equal(model.state_dict()[k], t), k
+        assert torch.equal(plain.state_dict()[k], t), k
+    for k, t in load(TIMM[-1])["state_dict_ema"].items():  # the EMA copy is the newest's, not averaged
+        assert torch.equal(ema.state_dict()[k], t), k
 
 
 # ---------------------------------------------------------------- Lightning
