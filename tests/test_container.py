@@ -327,3 +327,73 @@ def test_cli_writes_the_container(tmp_path: Path) -> None:
     got = load(tmp_path / "avg.ckpt")
     assert "optimizer_states" not in got and got["epoch"] == load(LIGHTNING[-1])["epoch"]
     assert isinstance(Ema(decay=0.5), Ema)
+
+
+# ---------------------------------------------------------------- pickled modules (Ultralytics), with --trust-pickle
+
+
+class Scaled(torch.nn.Module):
+    """A module with a buffer that state_dict() leaves out (persistent=False)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.register_buffer("cache", torch.arange(4.0), persistent=False)
+
+
+def module_run(tmp_path: Path) -> tuple[list[Path], list[dict[str, torch.Tensor]]]:
+    paths, states = [], []
+    for i in (1, 2, 3):
+        torch.manual_seed(i)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), Scaled()).half()
+        for p in net.parameters():
+            p.requires_grad_(False)  # as Ultralytics saves its EMA
+        net.cache = torch.full((2,), float(i))  # type: ignore[assignment]  # a plain attribute: kept, not a weight
+        paths.append(tmp_path / f"epoch{i}.pt")
+        torch.save({"epoch": i, "model": None, "ema": net, "optimizer": {"state": {}, "param_groups": []},
+                    "train_args": {"imgsz": 32}}, paths[-1])
+        states.append(net.state_dict())
+    return paths, states
+
+
+def test_pickled_module_needs_trust(tmp_path: Path) -> None:
+    paths, _ = module_run(tmp_path)
+    with pytest.raises(CheckpointFormatError, match="--trust-pickle"):
+        average(paths, tmp_path / "avg.pt", write=WriteOptions(container=True))
+
+
+def test_pickled_module_gets_the_mean_in_its_dtype(tmp_path: Path) -> None:
+    paths, states = module_run(tmp_path)
+    out = tmp_path / "avg.pt"
+    average(paths, out, load=LoadOptions(trust_pickle=True), write=WriteOptions(container=True, verify=True))
+    got, src = load(out), load(paths[-1])
+    assert list(got) == ["epoch", "model", "ema", "train_args"]
+    for k, t in mean(states).items():
+        assert_same(got["ema"].state_dict()[k], t, k)
+    assert not any(p.requires_grad for p in got["ema"].parameters())
+    assert_same(got["ema"][2].cache, src["ema"][2].cache)  # the buffer state_dict() leaves out: the newest's
+    assert_same(got["ema"].cache, src["ema"].cache)
+    assert_same(got["train_args"], src["train_args"])
+
+
+@pytest.mark.interop
+def test_ultralytics_loads_the_copy(tmp_path: Path) -> None:
+    ultralytics = pytest.importorskip("ultralytics")
+    weights = ROOT / "ultralytics" / "train" / "weights"
+    paths = [weights / f"epoch{i}.pt" for i in range(3)]
+    out = tmp_path / "avg.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        average(paths, out, load=LoadOptions(trust_pickle=True), write=WriteOptions(container=True, verify=True))
+    got, src = load(out), load(paths[-1])
+    assert list(got) == [k for k in src if k not in ("optimizer", "scaler")]
+    want = mean([load(p)["ema"].state_dict() for p in paths])
+    for k, t in want.items():
+        assert_same(got["ema"].state_dict()[k], t, k)
+    for k in got:
+        if k != "ema":
+            assert_same(got[k], src[k], k)
+    assert got["ema"].yaml == src["ema"].yaml and got["ema"].names == src["ema"].names
+    model = ultralytics.YOLO(str(out)).model
+    for k, t in want.items():
+        assert torch.equal(model.state_dict()[k].to(t.dtype), t), k

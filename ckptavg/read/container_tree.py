@@ -191,15 +191,41 @@ def key_text(key: Any) -> str:
 
 
 def tensor_leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
-    """(dotted name, holder, slot) of every tensor under `node` through dict-like nodes, in order; the slot is
-    the key of a dict, the index in the entries of a stand-in (see `put`)."""
+    """(dotted name, holder, slot) of every tensor under `node` through dict-like nodes and pickled modules (by
+    their state_dict() names), in order; the slot is the key of a dict, the index in a stand-in's entries."""
+    module = module_state(node)
+    if module is not None:
+        yield from _module_leaves(module, prefix)
+        return
     items = mapping_items(node)
     for i, (k, v) in enumerate(items or []):
         name = f"{prefix}{key_text(k)}"
         if is_tensor(v):
             yield name, node, k if isinstance(node, dict) else i
-        elif mapping_items(v) is not None:
+        elif mapping_items(v) is not None or module_state(v) is not None:
             yield from tensor_leaves(v, name + ".")
+
+
+def module_state(node: Any) -> dict[Any, Any] | None:
+    """The pickled __dict__ of an nn.Module stand-in (it has _parameters, _buffers and _modules), else None."""
+    state = node.state if isinstance(node, Opaque) else None
+    if isinstance(state, dict) and all(k in state for k in ("_parameters", "_buffers", "_modules")):
+        return state
+    return None
+
+
+def _module_leaves(state: dict[Any, Any], prefix: str) -> Iterator[tuple[str, Any, Any]]:
+    """A module's tensors as `nn.Module.state_dict()` names them: parameters, persistent buffers, children."""
+    skip = state.get("_non_persistent_buffers_set")
+    transient = set(skip.args[0]) if isinstance(skip, Opaque) and skip.args and isinstance(skip.args[0], list) else set()
+    for entry in ("_parameters", "_buffers"):
+        holder = state[entry]
+        for i, (k, v) in enumerate(mapping_items(holder) or []):
+            if is_tensor(v) and not (entry == "_buffers" and k in transient):
+                yield f"{prefix}{key_text(k)}", holder, k if isinstance(holder, dict) else i
+    for k, child in mapping_items(state["_modules"]) or []:
+        if module_state(child) is not None:
+            yield from tensor_leaves(child, f"{prefix}{key_text(k)}.")
 
 
 def put(holder: Any, slot: Any, value: Any) -> None:

@@ -189,7 +189,8 @@ def _roots(location: str) -> list[str]:
     """The dotted entries the weights were read from (`Checkpoint.location`): one, or Megatron's stages."""
     if location == "(top level)":
         return [""]
-    return [part.strip() for part in location.split(",")]
+    # "ema (the state_dict() of a pickled DetectionModel)": the entry is the first word
+    return [part.strip() for part in location.split(" (")[0].split(",")]
 
 
 def _averaged_name(full: str, ckpt: Checkpoint, load: LoadOptions) -> str | None:
@@ -325,13 +326,15 @@ def _named(path: Path, obj: Any, plan: ContainerPlan) -> dict[str, Any]:
             node = {k: v for k, v in obj.items() if not is_training_state(k, v)} if isinstance(obj, dict) else None
         if node is None:
             raise OutputError(f"{path}: the written file has no entry '{one_line(root, 80)}'.")
-        _collect(node, f"{root}." if "," in plan.location else "", tensors)
+        _collect(node, f"{root}." if len(_roots(plan.location)) > 1 else "", tensors)
     strip = plan.stripped_prefix
     tensors = {k[len(strip):] if k.startswith(strip) else k: v for k, v in tensors.items()}
     return change_prefix(path, tensors, plan.load.strip_prefix, plan.load.add_prefix)
 
 
 def _collect(node: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(node, torch.nn.Module):  # with trust_pickle, torch.load gives a pickled module itself
+        node = node.state_dict()
     if isinstance(node, torch.Tensor | LazyTensor):
         out[prefix[:-1]] = node
     elif isinstance(node, dict):
