@@ -31,11 +31,12 @@ from .reduce.tensor import CheckpointData, check_finite, work_bytes
 from .results import AverageResult, PlanReport, provenance, score_rows
 from .results import RowEvaluation as RowEvaluation  # the argument of `average`, importable from here too
 from .select import Selection, order_checkpoints, refuse_twice, select_checkpoints
-from .write.container import container_output, refuse_container
+from .write.container import refuse_container
 from .write.options import WriteOptions, output_format
 from .write.output import OpenOutput, Output, is_folder_output, plan_output
 from .write.safetensors import check_output
 from .write.templates import row_targets
+from .write.training import training_output
 
 Progress = Callable[[int, int], None]  # (bytes read so far, total bytes to read)
 """Called as the reduction reads. An object that also has ``step(phase, done, total)`` is told of the other
@@ -142,11 +143,11 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
         bn.check()
     report = _plan(found, plan, select, load, write.dtype, progress)
     rows = report.matrix.rows
-    if write.container:  # a copy of the newest input's training checkpoint around the average
-        out = container_output(output, report.specs, report.checkpoints, len(rows), load, write.keep_training_state,
-                               parts)
-        out.check(files_of(report.considered), write.force)
-        return Job(report, (out,), (row_metadata(report, 0, bn),), write, bn, evaluation)
+    copy = training_output(output, report.specs, report.checkpoints, len(rows), load, write.container,
+                           write.keep_training_state, parts)
+    if copy is not None:  # copies of the newest input's training checkpoints around the average
+        copy.check(files_of(report.considered), write.force)
+        return Job(report, (copy,), (row_metadata(report, 0, bn),), write, bn, evaluation)
     best_only = evaluation is not None and evaluation.keep == "best"
     # keeping the best row: a plain -o is its file; a template or folder is planned for every row, as the
     # name of the one written comes from the row that wins

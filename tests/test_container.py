@@ -315,9 +315,9 @@ def test_cli_folder_input_refused(tmp_path: Path) -> None:
     assert "folder" in line and "--container" in line
 
 
-def test_library_names_the_parameters() -> None:
+def test_library_names_the_parameters(tmp_path: Path) -> None:
     with pytest.raises(PlanError) as exc:
-        WriteOptions(keep_training_state=True)
+        average(TIMM, tmp_path / "avg.pt", write=WriteOptions(keep_training_state=True))
     assert exc.value.params == ("keep_training_state", "container")
 
 

@@ -69,6 +69,7 @@ class ContainerPlan:
     load: LoadOptions
     location: str
     stripped_prefix: str
+    prefix: str = ""  # of the averaged names, not of the stored ones (a Megatron rank's "mp_rank_00/")
     plain: bool = True  # only globals torch's weights-only loader accepts (known once pickled)
     _used: bool = field(default=False, repr=False)
 
@@ -93,7 +94,7 @@ class ContainerPlan:
             raise AssertionError("a container plan pickled twice")
         self._used = True
         for i, spec in enumerate(specs):
-            holder, slot = self.targets[spec.name]
+            holder, slot = self.targets[spec.name[len(self.prefix):]]
             old, new = get(holder, slot), tensor_ref(spec, str(i))
             put(holder, slot, old.rebuilt((new, *old.args[1:])) if old.where == PARAMETER else new)
         buf = io.BytesIO()
@@ -124,6 +125,9 @@ def container_output(output: PathLike, specs: Sequence[TensorSpec], ckpts: Seque
         PlanError: for a folder output, a safetensors name, several output rows, or folder inputs.
     """
     refuse_container(output)
+    if is_folder_output(output):
+        raise PlanError(f"output {output}: container writes one file, not a folder; give a file name.",
+                        params=("container", "output"))
     if rows != 1:
         raise PlanError(f"container writes one checkpoint, but the plan has {rows} output rows; give one value "
                         "(one decay, sigma_rel or window).", params=("container",))
@@ -141,11 +145,9 @@ def container_output(output: PathLike, specs: Sequence[TensorSpec], ckpts: Seque
 
 
 def refuse_container(output: PathLike) -> None:
-    """Refuse, before any work, an output `container` cannot write: a folder, or a safetensors file."""
+    """Refuse, before any work, an output `container` cannot write: a safetensors file. (A folder is refused
+    once the inputs are known: a legacy Megatron run's copies go to a folder.)"""
     text = os.fspath(output)
-    if is_folder_output(text):
-        raise PlanError(f"output {text}: container writes one file, not a folder; give a file name.",
-                        params=("container", "output"))
     if text.endswith(FORMATS["safetensors"]):
         raise PlanError(f"output {text}: container writes a torch checkpoint, not safetensors; give a name such as "
                         "avg.pt, or leave out container.", params=("container", "output"))
@@ -159,15 +161,16 @@ def is_training_state(key: Any, value: Any) -> bool:
 
 
 def plan_container(newest: Checkpoint, specs: Sequence[TensorSpec], load: LoadOptions,
-                   keep_training_state: bool) -> ContainerPlan:
-    """Read `newest`'s checkpoint (no tensor data) and find, for each averaged tensor, the entry it replaces.
+                   keep_training_state: bool, prefix: str = "") -> ContainerPlan:
+    """Read `newest`'s checkpoint (no tensor data) and find, for each averaged tensor, the entry it replaces
+    (the tensors of `specs` named `prefix` + a name of `newest`).
 
     Raises:
         CheckpointFormatError: for a file that is not a torch zip archive, holds a class outside the allow-list
             (without trust_pickle), or whose weights cannot be placed back (a layout this does not know).
     """
     tree = read_tree(newest.path, load.trust_pickle)
-    wanted = {s.name for s in specs}
+    wanted = {s.name[len(prefix):] for s in specs if s.name.startswith(prefix)}
     targets: dict[str, tuple[Any, Any]] = {}
     for full, holder, slot in tensor_leaves(tree.root):
         name = _averaged_name(full, newest, load)
@@ -182,7 +185,7 @@ def plan_container(newest: Checkpoint, specs: Sequence[TensorSpec], load: LoadOp
     top = mapping_items(tree.root) or []
     weights = set(_roots(newest.location))
     dropped = [] if keep_training_state else [k for k, v in top if k not in weights and is_training_state(k, v)]
-    return ContainerPlan(tree, targets, dropped, load, newest.location, newest.stripped_prefix)
+    return ContainerPlan(tree, targets, dropped, load, newest.location, newest.stripped_prefix, prefix)
 
 
 def _roots(location: str) -> list[str]:
@@ -329,7 +332,8 @@ def _named(path: Path, obj: Any, plan: ContainerPlan) -> dict[str, Any]:
         _collect(node, f"{root}." if len(_roots(plan.location)) > 1 else "", tensors)
     strip = plan.stripped_prefix
     tensors = {k[len(strip):] if k.startswith(strip) else k: v for k, v in tensors.items()}
-    return change_prefix(path, tensors, plan.load.strip_prefix, plan.load.add_prefix)
+    tensors = change_prefix(path, tensors, plan.load.strip_prefix, plan.load.add_prefix)
+    return {plan.prefix + k: v for k, v in tensors.items()}
 
 
 def _collect(node: Any, prefix: str, out: dict[str, Any]) -> None:

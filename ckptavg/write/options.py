@@ -45,7 +45,8 @@ class WriteOptions:
             extension (``.safetensors``; ``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.tar``).
         container: write a copy of the newest input's training checkpoint (a torch file) with its weights
             replaced by the average; its optimizer, scheduler, loss scaler and RNG state are dropped.
-        keep_training_state: with container, keep those too (copied from the newest input, not averaged).
+        keep_training_state: with container (or a legacy Megatron run's folder output), keep those too (copied
+            from the newest input, not averaged).
     """
 
     dtype: str | None = None
@@ -61,9 +62,6 @@ class WriteOptions:
     keep_training_state: bool = False
 
     def __post_init__(self) -> None:
-        if self.keep_training_state and not self.container:
-            raise PlanError("keep_training_state keeps the training state of a container output; pass container "
-                            "too.", params=("keep_training_state", "container"))
         if self.container and self.format == "safetensors":
             raise PlanError("container writes a torch file, a copy of the newest input's checkpoint; give format "
                             "torch, or leave out container.", params=("container", "format"))
