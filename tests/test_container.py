@@ -409,8 +409,6 @@ class AttributeDict(dict):  # type: ignore[type-arg]
 AttributeDict.__module__ = "lightning.fabric.utilities.data"
 
 
-@pytest.mark.xfail(strict=True, reason="read/torch_file.py: torch's weights-only unpickler refuses SETITEMS on the "
-                   "AttributeDict stand-in, so the reader (not the container writer) cannot open such a file yet")
 def test_attribute_dict_hyper_parameters_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
     import types
