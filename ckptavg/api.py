@@ -9,8 +9,9 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,15 @@ from .bn import BatchNormOptions, recalibrate
 from .errors import BatchNormError, CkptavgWarning
 from .layout import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout
 from .methods.base import Plan
+from .methods.lora import LoraAverage
+from .methods.lora_rows import average_adapters
 from .methods.uniform import Copy, Swa
 from .read.checkpoint import LoadOptions, PathLike, check_unchanged, files_of
 from .read.dedupe import dedupe, fill_path_meta, skipped_note
 from .read.describe import describe, refuse_folder
 from .read.discover import Found, discover, find_checkpoints
 from .read.layouts import is_checkpoint_folder, open_checkpoint
+from .read.peft import CONFIG, adapter_config
 from .reduce.stream import resolve_device, stream_rows
 from .reduce.tensor import CheckpointData, check_finite, work_bytes
 from .results import AverageResult, PlanReport, provenance, score_rows
@@ -41,13 +45,6 @@ Progress = Callable[[int, int], None]  # (bytes read so far, total bytes to read
 long passes too: graft's entropies, soup's and --eval's evaluations, BatchNorm batches (total 0: unknown)."""
 
 
-# What averaging PEFT adapters says while their tensors are averaged one by one like any others (methods/lora.py
-# has the exact ways, not yet wired in); here, not there, so that every run does not import the LoRA maths.
-FACTORS_NOTE = ("LoRA adapters are averaged factor by factor (the mean of the A and of the B matrices), which is not "
-                "the mean of their updates B·A: close, late checkpoints come out close, distant ones do not "
-                "(docs/ALGORITHMS.md §13).")
-
-
 def _steps_of(progress: Progress | None) -> Callable[[str, int, int], None] | None:
     step: Callable[[str, int, int], None] | None = getattr(progress, "step", None)
     return step
@@ -60,6 +57,7 @@ def plan_checkpoints(
     select: Selection = Selection(),
     load: LoadOptions = LoadOptions(),
     dtype: str | None = None,
+    lora: LoraAverage | None = None,
 ) -> PlanReport:
     """Find, order and select checkpoints and compute the plan's weights; read no tensor data (but for the
     plans that need it: graft and soup).
@@ -71,16 +69,18 @@ def plan_checkpoints(
         load: how to read them.
         dtype: output dtype for floating tensors (``float32``, ``float16``, ``bfloat16``); None keeps each
             tensor's input dtype.
+        lora: how to average LoRA adapters (`LoraAverage`: svd, concat or factors); None: svd at the adapters'
+            rank when the inputs are LoRA adapters. Their A and B factors are read to report each layer's error.
 
     Raises:
         CkptavgError: with a message naming the file, the key and the fix.
     """
     WriteOptions(dtype=dtype)
-    return _plan(discover(inputs), plan or Swa(), select, load, dtype)
+    return _plan(discover(inputs), plan or Swa(), select, load, dtype, lora=lora)
 
 
 def _plan(found: Found, plan: Plan, select: Selection, load: LoadOptions, dtype: str | None,
-          progress: Progress | None = None) -> PlanReport:
+          progress: Progress | None = None, lora: LoraAverage | None = None) -> PlanReport:
     with warnings.catch_warnings(record=True) as caught:  # kept in the report (for --json), and passed on
         warnings.simplefilter("always")
         opened = [open_checkpoint(c.path, load) for c in found.candidates]
@@ -93,15 +93,16 @@ def _plan(found: Found, plan: Plan, select: Selection, load: LoadOptions, dtype:
         chosen = select_checkpoints(ordered, select)
         refuse_twice(chosen, once.identity)
         specs = check_layout(chosen, OUT_DTYPES[dtype] if dtype else None)  # before the weights: graft reads tensors
-        matrix = plan.weights(chosen, CheckpointData(chosen, specs, _steps_of(progress)))
-        for note in plan.notes(chosen, matrix):
+        data = CheckpointData(chosen, specs, _steps_of(progress))
+        matrix = plan.weights(chosen, data)
+        adapters = average_adapters(lora, specs, matrix.rows, lambda: [adapter_config(c) for c in chosen], data)
+        for note in [*plan.notes(chosen, matrix), *(adapters.notes if adapters else ())]:
             warnings.warn(note, stacklevel=1)
-        if any(c.format.startswith("peft adapter") for c in chosen) and sum(w != 0 for w in matrix.rows[0].values) > 1:
-            warnings.warn(CkptavgWarning(FACTORS_NOTE), stacklevel=1)
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     notes = [w.message for w in caught if isinstance(w.message, CkptavgWarning)]
-    return PlanReport(plan, chosen, matrix, used, specs, select.metric, ordered, notes, skipped)
+    specs = adapters.resized(specs) if adapters else specs  # concat and svd at another rank change shapes
+    return PlanReport(plan, chosen, matrix, used, specs, select.metric, ordered, notes, skipped, adapters)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,8 @@ class Job:
 
 def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan, *, select: Selection,
             load: LoadOptions, write: WriteOptions, bn: BatchNormOptions | None, parts: int = 1,
-            evaluation: RowEvaluation | None = None, progress: Progress | None = None) -> Job:
+            evaluation: RowEvaluation | None = None, progress: Progress | None = None,
+            lora: LoraAverage | None = None) -> Job:
     """Plan the average and its output files (`parts` balanced files for a torchrun job), and check that they
     can be written, before any tensor data is read (but for the plans that need it: graft and soup)."""
     resolve_device(write.device)
@@ -137,7 +139,8 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
         output_format(Path(output), write.format)
     if bn is not None:
         bn.check()
-    report = _plan(found, plan, select, load, write.dtype, progress)
+    report = _plan(found, plan, select, load, write.dtype, progress, lora)
+    config = report.lora.config_text() if report.lora else None  # written, not copied: r and lora_alpha may change
     rows = report.matrix.rows
     best_only = evaluation is not None and evaluation.keep == "best"
     # keeping the best row: a plain -o is its file; a template or folder is planned for every row, as the
@@ -150,7 +153,7 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
         to_folder = sharded or (is_folder_output(target) if targets == [os.fspath(output)] else target.endswith(os.sep))
         out = plan_output(target, report.specs, report.checkpoints, to_folder=to_folder, max_bytes=write.max_bytes,
                           like_input=write.shards_like_input, parts=parts, make_parent=target != os.fspath(output),
-                          fmt=write.format)
+                          fmt=write.format, texts={CONFIG: config} if config else None)
         out.check(files_of(report.considered), write.force)  # unselected inputs are still inputs
         outs.append(out)
     metadata = tuple(row_metadata(report, r, bn) for r in range(len(outs)))
@@ -182,7 +185,8 @@ def _reduce(job: Job, specs: Sequence[TensorSpec], sinks: Sequence[Callable[[Ten
     """Stream every row of the plan into its sink, in the order of `specs`, reading each block once."""
     report, write = job.report, job.write
     ckpts, rows = report.checkpoints, report.matrix.rows
-    total = sum(work_bytes(s, ckpts, [r.for_tensor(s.name) for r in rows]) for s in specs)
+    fixed = report.lora.tensors if report.lora else ()  # LoRA factors averaged by the plan, one dict per row
+    total = sum(work_bytes(s, ckpts, [r.for_tensor(s.name) for r in rows]) for s in specs if not _fixed(s, fixed))
     done = 0
 
     def on_read(n: int) -> None:
@@ -198,8 +202,18 @@ def _reduce(job: Job, specs: Sequence[TensorSpec], sinks: Sequence[Callable[[Ten
             sink(spec, start, block)
         return check_then_write
 
-    stream_rows(specs, ckpts, lambda s: [r.for_tensor(s.name) for r in rows], [checked(s) for s in sinks],
-                accum_dtype=ACCUM_DTYPES[write.accum_dtype], device=write.device, on_read=on_read)
+    for computed, run in groupby(specs, lambda s: _fixed(s, fixed)):  # in order: writers take tensors in turn
+        if computed:
+            for s in run:
+                for sink, tensors in zip(sinks, fixed, strict=True):
+                    checked(sink)(s, 0, tensors[s.name].reshape(-1))
+            continue
+        stream_rows(list(run), ckpts, lambda s: [r.for_tensor(s.name) for r in rows], [checked(s) for s in sinks],
+                    accum_dtype=ACCUM_DTYPES[write.accum_dtype], device=write.device, on_read=on_read)
+
+
+def _fixed(spec: TensorSpec, fixed: Sequence[Mapping[str, torch.Tensor]]) -> bool:
+    return bool(fixed) and spec.name in fixed[0]
 
 
 def _states(job: Job, progress: Progress | None) -> list[dict[str, torch.Tensor]]:
@@ -239,6 +253,7 @@ def average(
     bn: BatchNormOptions | None = None,
     progress: Progress | None = None,
     evaluation: RowEvaluation | None = None,
+    lora: LoraAverage | None = None,
 ) -> AverageResult:
     """Average checkpoints into one safetensors file or a folder, streaming one tensor at a time; a plan with
     several output rows (a sweep, windows) writes one output per row, from one read of the inputs.
@@ -259,10 +274,11 @@ def average(
         bn: recompute BatchNorm statistics of the average (`torch.optim.swa_utils.update_bn` semantics).
         progress: called with (bytes read, total bytes) as the work advances.
         evaluation: score every row and keep the best (or all), `RowEvaluation`.
+        lora: how to average LoRA adapters, as for `plan_checkpoints`.
     """
     started = time.perf_counter()
     job = prepare(inputs, output, plan or Swa(), select=select, load=load, write=write, bn=bn, evaluation=evaluation,
-                  progress=progress)
+                  progress=progress, lora=lora)
     opened: list[OpenOutput] = []
     committed: list[OpenOutput] = []
     outputs, metadata, rows = list(job.outputs), list(job.metadata), list(range(len(job.outputs)))

@@ -58,6 +58,14 @@ class Format(str, Enum):
     TORCH = "torch"
 
 
+class LoraMode(str, Enum):
+    """`ckptavg.methods.lora.MODES`."""
+
+    SVD = "svd"
+    CONCAT = "concat"
+    FACTORS = "factors"
+
+
 class Shards(str, Enum):
     """How to shard an output folder."""
 
@@ -201,6 +209,11 @@ VerifyOpt = Annotated[bool, typer.Option(
     "--verify", rich_help_panel=OUTPUT,
     help="Re-open the written files and check every tensor before reporting success.")]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", rich_help_panel=OUTPUT, help="Overwrite an existing output.")]
+LoraOpt = Annotated[LoraMode | None, typer.Option(
+    metavar="MODE", rich_help_panel=OUTPUT,
+    help="LoRA: svd (default, rank r), concat (exact, rank N*r), factors.")]
+LoraRankOpt = Annotated[int | None, typer.Option(
+    min=1, metavar="N", rich_help_panel=OUTPUT, help="Rank of --lora svd (default: r).")]
 JsonOpt = Annotated[bool, typer.Option("--json", rich_help_panel=OUTPUT, help="Print JSON instead of text.")]
 QuietOpt = Annotated[bool, typer.Option(
     "--quiet", "-q", rich_help_panel=OUTPUT, help="No progress bar and no summary (warnings and errors still print).")]
@@ -235,6 +248,7 @@ PARAM_FLAGS: dict[str, str] = {
     "output": "--output", "format": "--format", "fmt": "--format", "max_shard_size": "--max-shard-size", "shards": "--shards",
     "shards_like_input": "--shards like-input", "dtype": "--dtype", "accum_dtype": "--accum-dtype",
     "device": "--device", "allow_nonfinite": "--allow-nonfinite", "verify": "--verify", "force": "--force",
+    "lora": "--lora", "lora.rank": "--lora-rank", "lora_rank": "--lora-rank",
     # BatchNorm (BatchNormOptions fields, and the command's own names)
     "bn_model": "--bn-model", "bn_data": "--bn-data", "bn_batches": "--bn-batches", "bn_batch_size": "--bn-batch-size",
     "bn_forward": "--bn-forward", "model": "--bn-model", "data": "--bn-data", "batches": "--bn-batches",
