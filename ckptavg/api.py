@@ -29,7 +29,7 @@ from .read.dedupe import dedupe, fill_path_meta, skipped_note
 from .read.describe import describe, refuse_folder
 from .read.discover import Found, discover, find_checkpoints
 from .read.layouts import is_checkpoint_folder, open_checkpoint
-from .read.peft import CONFIG, adapter_config
+from .read.peft import CONFIG, adapter_config, open_base
 from .reduce.stream import resolve_device, stream_rows
 from .reduce.tensor import CheckpointData, check_finite, work_bytes
 from .results import AverageResult, PlanReport, provenance, score_rows
@@ -95,14 +95,17 @@ def _plan(found: Found, plan: Plan, select: Selection, load: LoadOptions, dtype:
         specs = check_layout(chosen, OUT_DTYPES[dtype] if dtype else None)  # before the weights: graft reads tensors
         data = CheckpointData(chosen, specs, _steps_of(progress))
         matrix = plan.weights(chosen, data)
-        adapters = average_adapters(lora, specs, matrix.rows, lambda: [adapter_config(c) for c in chosen], data)
+        base = open_base(lora.base, load) if lora and lora.base is not None else None  # lora merge
+        base_data = CheckpointData([base], check_layout([base], OUT_DTYPES[dtype] if dtype else None)) if base else None
+        adapters = average_adapters(lora, specs, matrix.rows, lambda: [adapter_config(c) for c in chosen], data,
+                                    base_data)
         for note in [*plan.notes(chosen, matrix), *(adapters.notes if adapters else ())]:
             warnings.warn(note, stacklevel=1)
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     notes = [w.message for w in caught if isinstance(w.message, CkptavgWarning)]
     specs = adapters.resized(specs) if adapters else specs  # concat and svd at another rank change shapes
-    return PlanReport(plan, chosen, matrix, used, specs, select.metric, ordered, notes, skipped, adapters)
+    return PlanReport(plan, chosen, matrix, used, specs, select.metric, ordered, notes, skipped, adapters, base)
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,7 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
         bn.check()
     report = _plan(found, plan, select, load, write.dtype, progress, lora)
     config = report.lora.config_text() if report.lora else None  # written, not copied: r and lora_alpha may change
+    layout_from = [report.base] if report.base else report.checkpoints  # a merged model is laid out as its base
     rows = report.matrix.rows
     best_only = evaluation is not None and evaluation.keep == "best"
     # keeping the best row: a plain -o is its file; a template or folder is planned for every row, as the
@@ -151,10 +155,10 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
     for target in targets:
         # one output: an existing directory means a folder; a row's output is a folder only when asked (DIR/)
         to_folder = sharded or (is_folder_output(target) if targets == [os.fspath(output)] else target.endswith(os.sep))
-        out = plan_output(target, report.specs, report.checkpoints, to_folder=to_folder, max_bytes=write.max_bytes,
+        out = plan_output(target, report.specs, layout_from, to_folder=to_folder, max_bytes=write.max_bytes,
                           like_input=write.shards_like_input, parts=parts, make_parent=target != os.fspath(output),
                           fmt=write.format, texts={CONFIG: config} if config else None)
-        out.check(files_of(report.considered), write.force)  # unselected inputs are still inputs
+        out.check(files_of([*report.considered, *report.sources]), write.force)  # unselected inputs are still inputs
         outs.append(out)
     metadata = tuple(row_metadata(report, r, bn) for r in range(len(outs)))
     return Job(report, tuple(outs), metadata, write, bn, evaluation)
@@ -297,7 +301,7 @@ def average(
             _write_states(opened, states, rows)
         else:
             produce(job, opened, progress)
-        check_unchanged(job.report.checkpoints)  # a file rewritten mid-run would mix two saves into the average
+        check_unchanged(job.report.sources)  # a file rewritten mid-run would mix two saves into the average
         for into in opened:  # before the rename: a file that fails never appears
             into.finish(write.verify, not write.allow_nonfinite)
         for into in opened:

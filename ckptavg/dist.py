@@ -133,7 +133,7 @@ def average(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan 
                                                                                      strict=True) if o == ranks.rank]))
     try:  # finished temp files wait until every rank has finished its own, then are renamed
         agreed(ranks, lambda: api.produce(job, [into], progress))
-        agreed(ranks, lambda: check_unchanged(job.report.checkpoints))
+        agreed(ranks, lambda: check_unchanged(job.report.sources))
         agreed(ranks, lambda: into.finish(write.verify, not write.allow_nonfinite))
         agreed(ranks, lambda: into.commit(lead=ranks.rank == 0, force=write.force))
     except BaseException:

@@ -38,6 +38,12 @@ class PlanReport:
     warnings: list[CkptavgWarning] = field(default_factory=list)  # what the user should know (also on stderr)
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # inputs found but left out, and why
     lora: AdapterAverage | None = None  # the averaged LoRA layers of adapters, and their errors
+    base: Checkpoint | None = None  # the model that lora merge adds the mean update to
+
+    @property
+    def sources(self) -> list[Checkpoint]:
+        """Every checkpoint the output is read from: the selected ones, and a merge's base."""
+        return [*self.checkpoints, *([self.base] if self.base else [])]
 
     @property
     def weights(self) -> Weights:

@@ -92,8 +92,8 @@ def test_method_command_and_plan_twin_take_the_same_options(method: str) -> None
     assert {o.split()[0] for o in shaping} >= {"--last", "--best", "--metric", "--order", "--key", "--trust-pickle",
                                                "--window", "--stride"}
     rest = set(_options("plan", method)) - set(shaping)
-    assert rest == {"--dtype", "--json", "--plot", "--lora", "--lora-rank"}
-    for flag in ("--dtype", "--lora", "--lora-rank"):  # output options that the plan shows too
+    assert rest == {"--dtype", "--json", "--plot", "--lora", "--lora-rank", "--base"}
+    for flag in ("--dtype", "--lora", "--lora-rank", "--base"):  # output options that the plan shows too
         assert _options("plan", method)[flag] == _options(method)[flag]
     evaluation = set(_options(method, panels={options.EVALUATION}))
     assert evaluation == ({"--keep"} if method == "soup" else {"--eval", "--eval-mode", "--keep"})

@@ -234,3 +234,92 @@ def test_cli_refusals_are_one_line(cli: Cli, tmp_path: Path, args: list[str], sh
     assert r.exit_code == 1
     assert r.stderr.splitlines() == [shown]
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def _write_adapters(tmp_path: Path, shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]], config: dict[str, Any],
+                    n: int = 2) -> list[Path]:
+    """n adapter folders (PEFT's saved names) with random factors of `shapes` (layer -> A shape, B shape), a
+    modules_to_save head, and `config`."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(7)
+    folders = []
+    for i in range(n):
+        folder = tmp_path / f"checkpoint-{i + 1}"
+        folder.mkdir()
+        state = {"base_model.model.head.weight": torch.randn(2, 4, generator=g)}
+        for layer, (a, b) in shapes.items():
+            kind = "lora_embedding_{}" if layer == "emb" else "lora_{}.weight"
+            state[f"base_model.model.{layer}.{kind.format('A')}"] = torch.randn(a, generator=g)
+            state[f"base_model.model.{layer}.{kind.format('B')}"] = torch.randn(b, generator=g)
+        save_file(state, folder / "adapter_model.safetensors")
+        (folder / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 6, **config}))
+        folders.append(folder)
+    return folders
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_merge_orients_each_update_as_peft_applies_it(tmp_path: Path, fan_in_fan_out: bool) -> None:
+    """W + s Σ w_k ΔW_k with PEFT's ΔW: B·A (linear), (B·A)ᵀ (embedding; Conv1D with fan_in_fan_out), B·A reshaped
+    to the kernel (conv); modules_to_save replace the base's tensor; the rest is copied."""
+    from safetensors.torch import save_file
+
+    if fan_in_fan_out:  # GPT-2's Conv1D stores in × out, square or not
+        shapes = {"c_attn": ((2, 4), (12, 2)), "c_proj": ((2, 4), (4, 2))}
+        base = {"c_attn.weight": torch.randn(4, 12), "c_proj.weight": torch.randn(4, 4)}
+    else:
+        # a square embedding (4 × 4): only knowing it is one tells that its update is transposed
+        shapes = {"lin": ((2, 4), (6, 2)), "emb": ((2, 4), (4, 2)), "conv": ((2, 3, 3, 3), (5, 2, 1, 1))}
+        base = {"lin.weight": torch.randn(6, 4), "emb.weight": torch.randn(4, 4), "conv.weight": torch.randn(5, 3, 3, 3)}
+    base |= {"head.weight": torch.randn(2, 4), "lin.bias": torch.randn(6), "counter": torch.tensor(3)}
+    save_file(base, tmp_path / "base.safetensors")
+    folders = _write_adapters(tmp_path, shapes, {"fan_in_fan_out": fan_in_fan_out})
+    out = tmp_path / "merged.safetensors"
+    average(folders, out, lora=LoraAverage("merge", base=tmp_path / "base.safetensors"))
+    got, states = load_file(out), _adapters(folders)
+    assert set(got) == set(base)
+    for layer in shapes:
+        a_key, b_key = lora_pairs(states[0])[f"base_model.model.{layer}"]
+        update = sum((0.5 * 3 * (st[b_key].double().flatten(1) @ st[a_key].double().flatten(1)) for st in states),
+                     torch.zeros(()))
+        update = update.T if layer == "emb" or fan_in_fan_out else update.reshape(base[f"{layer}.weight"].shape)
+        want = (base[f"{layer}.weight"].double() + update).float()
+        torch.testing.assert_close(got[f"{layer}.weight"], want, rtol=1e-6, atol=1e-6)
+    head = (states[0]["base_model.model.head.weight"].double() + states[1]["base_model.model.head.weight"].double()) / 2
+    assert torch.equal(got["head.weight"], head.float())
+    assert torch.equal(got["lin.bias"], base["lin.bias"]) and torch.equal(got["counter"], base["counter"])
+    with safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()["ckptavg_lora"])["mode"] == "merge"
+
+
+def test_merge_refusals(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    folders = _write_adapters(tmp_path, {"lin": ((2, 4), (6, 2))}, {})
+    save_file({"lin.weight": torch.randn(4, 4), "head.weight": torch.randn(2, 4)}, tmp_path / "wrong.safetensors")
+    save_file({"other.weight": torch.randn(6, 4), "head.weight": torch.randn(2, 4)}, tmp_path / "other.safetensors")
+    with pytest.raises(IncompatibleCheckpointsError, match=r"base tensor lin.weight has shape \(4, 4\)"):
+        plan_checkpoints(folders, lora=LoraAverage("merge", base=tmp_path / "wrong.safetensors"))
+    with pytest.raises(IncompatibleCheckpointsError, match="base has no tensor lin.weight") as e:
+        plan_checkpoints(folders, lora=LoraAverage("merge", base=tmp_path / "other.safetensors"))
+    assert e.value.params == ("base",)
+    with pytest.raises(PlanError, match="give base") as p:
+        LoraAverage("merge")
+    assert p.value.params == ("base", "lora")
+    with pytest.raises(PlanError, match="base goes with lora merge"):
+        LoraAverage("svd", base=tmp_path)
+    for folder in folders:
+        (folder / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 6, "use_dora": True}))
+    with pytest.raises(PlanError, match="DoRA"):
+        plan_checkpoints(folders, lora=LoraAverage("merge", base=tmp_path / "wrong.safetensors"))
+
+
+def test_merge_to_a_folder_takes_the_bases_sidecars(cli: Cli, tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    r = cli("swa", *TRAINER, "--lora", "merge", "--base", PEFT / "lora-trainer-base", "-o", f"{out}/", "-q")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert set(load_file(out / "model.safetensors")) == set(load_file(PEFT / "lora-trainer-base" / "model.safetensors"))
+    r = cli("swa", *TRAINER, "--lora", "merge", "-o", tmp_path / "x.safetensors")
+    assert r.stderr.splitlines() == ["Error: --lora merge writes the --base model with the mean update added: give "
+                                     "--base, the model folder or file the adapters were trained on."]

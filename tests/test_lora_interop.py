@@ -99,3 +99,28 @@ def test_peft_loads_an_rslora_concat(cli: Callable[..., Result], tmp_path: Path)
         got = loaded(x).double()
         want = _merged(base(), *_mean_update(RSLORA))(x.double())
     assert float((got - want).norm() / want.norm()) < 1e-5
+
+
+def test_merge_loads_with_transformers_and_equals_peft_merge(cli: Callable[..., Result], tmp_path: Path) -> None:
+    """`--lora merge` writes a model folder that transformers loads, equal to peft's merge_and_unload of the
+    exact (concat) average, and to the base with the float64 mean update merged."""
+    peft, transformers = _libs()
+    merged, concat = tmp_path / "merged", tmp_path / "concat"
+    r = cli("swa", *TRAINER, "--lora", "merge", "--base", BASE, "-o", f"{merged}/")
+    assert r.exit_code == 0, r.output
+    assert "LoRA: merged into" in r.stdout
+    assert cli("swa", *TRAINER, "--lora", "concat", "-o", f"{concat}/", "-q").exit_code == 0
+    auto = transformers.AutoModelForSequenceClassification
+    ours = auto.from_pretrained(merged)
+    theirs = peft.PeftModel.from_pretrained(auto.from_pretrained(BASE), concat).merge_and_unload()
+    got, want = ours.state_dict(), theirs.state_dict()
+    assert set(got) == set(want)
+    base = load_file(BASE / "model.safetensors")
+    changed = {k for k in base if not torch.equal(load_file(merged / "model.safetensors")[k], base[k])}
+    assert changed == {"bert.encoder.layer.0.attention.self.query.weight",
+                       "bert.encoder.layer.0.attention.self.value.weight", "classifier.weight", "classifier.bias"}
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    exact = _bert_logits(_merged(auto.from_pretrained(BASE), *_mean_update(TRAINER)), torch.float64)
+    logits = _bert_logits(ours, torch.float64)
+    assert float((logits - exact).norm() / exact.norm()) < 1e-6

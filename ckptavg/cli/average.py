@@ -59,6 +59,7 @@ from .options import (
     AccumDtypeOpt,
     AddPrefixOpt,
     AllowNonfiniteOpt,
+    BaseOpt,
     BestOpt,
     BnBatchesOpt,
     BnBatchSizeOpt,
@@ -107,7 +108,7 @@ def swa(
     dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
-    lora: LoraOpt = None, lora_rank: LoraRankOpt = None,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
     bn_batch_size: BnBatchSizeOpt = 32, bn_forward: BnForwardOpt = None,
     window: WindowOpt = None, stride: StrideOpt = None,
@@ -128,7 +129,7 @@ def swa(
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
                         verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt,
-                        lora=lora, lora_rank=lora_rank),
+                        lora=lora, lora_rank=lora_rank, base=base),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 
@@ -142,7 +143,7 @@ def ema(
     dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
-    lora: LoraOpt = None, lora_rank: LoraRankOpt = None,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
     bn_batch_size: BnBatchSizeOpt = 32, bn_forward: BnForwardOpt = None,
     decay: DecayOpt = None, per: PerOpt = None, step_decay: StepDecayOpt = None, sigma_rel: SigmaRelOpt = None,
@@ -170,7 +171,7 @@ def ema(
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
                         verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt,
-                        lora=lora, lora_rank=lora_rank),
+                        lora=lora, lora_rank=lora_rank, base=base),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 
@@ -184,7 +185,7 @@ def graft(
     dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
-    lora: LoraOpt = None, lora_rank: LoraRankOpt = None,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
     bn_batch_size: BnBatchSizeOpt = 32, bn_forward: BnForwardOpt = None,
     a: GraftAOpt = GRAFT_A, c: GraftCOpt = GRAFT_C, bins: GraftBinsOpt = GRAFT_BINS,
@@ -207,7 +208,7 @@ def graft(
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
                         verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt,
-                        lora=lora, lora_rank=lora_rank),
+                        lora=lora, lora_rank=lora_rank, base=base),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 
@@ -221,7 +222,7 @@ def linear(
     dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
-    lora: LoraOpt = None, lora_rank: LoraRankOpt = None,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
     bn_batch_size: BnBatchSizeOpt = 32, bn_forward: BnForwardOpt = None,
     weights: WeightsOpt, normalize: NormalizeOpt = False, lr_power: LrPowerOpt = None, hold: LrHoldOpt = None,
@@ -246,7 +247,7 @@ def linear(
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
                         verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt,
-                        lora=lora, lora_rank=lora_rank),
+                        lora=lora, lora_rank=lora_rank, base=base),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 
@@ -260,7 +261,7 @@ def soup(
     dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
-    lora: LoraOpt = None, lora_rank: LoraRankOpt = None,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
     bn_batch_size: BnBatchSizeOpt = 32, bn_forward: BnForwardOpt = None,
     eval: EvalOpt = None, mode: SoupModeOpt = SoupMode.MAX, uniform: UniformOpt = False, strict: StrictOpt = False,
@@ -279,7 +280,7 @@ def soup(
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
                         verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt,
-                        lora=lora, lora_rank=lora_rank),
+                        lora=lora, lora_rank=lora_rank, base=base),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.soup_evaluation(eval, mode, keep))
 
 

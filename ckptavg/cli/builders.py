@@ -56,13 +56,14 @@ def windowed(plan: Plan, window: int | None, stride: int | None) -> Plan:
     return Windows(plan, window, stride or 1)
 
 
-def lora_average(lora: LoraMode | None, lora_rank: int | None) -> LoraAverage | None:
-    """The `LoraAverage` of --lora and --lora-rank (a rank alone means svd); None for the default."""
+def lora_average(lora: LoraMode | None, lora_rank: int | None, base: str | None) -> LoraAverage | None:
+    """The `LoraAverage` of --lora, --lora-rank and --base (a rank alone means svd, a base merge); None for the
+    default."""
     from ..methods.lora import LoraAverage
 
-    if lora is None and lora_rank is None:
+    if lora is None and lora_rank is None and base is None:
         return None
-    return LoraAverage(lora.value if lora else "svd", lora_rank)
+    return LoraAverage(lora.value if lora else "merge" if base is not None else "svd", lora_rank, base)
 
 
 def evaluation(eval: str | None, eval_mode: SoupMode, keep: Keep | None) -> RowEvaluation | None:

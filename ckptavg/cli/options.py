@@ -64,6 +64,7 @@ class LoraMode(str, Enum):
     SVD = "svd"
     CONCAT = "concat"
     FACTORS = "factors"
+    MERGE = "merge"
 
 
 class Shards(str, Enum):
@@ -211,9 +212,11 @@ VerifyOpt = Annotated[bool, typer.Option(
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", rich_help_panel=OUTPUT, help="Overwrite an existing output.")]
 LoraOpt = Annotated[LoraMode | None, typer.Option(
     metavar="MODE", rich_help_panel=OUTPUT,
-    help="LoRA: svd (default, rank r), concat (exact, rank N*r), factors.")]
+    help="LoRA: svd (default), concat (exact), factors or merge.")]
 LoraRankOpt = Annotated[int | None, typer.Option(
     min=1, metavar="N", rich_help_panel=OUTPUT, help="Rank of --lora svd (default: r).")]
+BaseOpt = Annotated[str | None, typer.Option(
+    metavar="MODEL", rich_help_panel=OUTPUT, help="Base model of --lora merge.")]
 JsonOpt = Annotated[bool, typer.Option("--json", rich_help_panel=OUTPUT, help="Print JSON instead of text.")]
 QuietOpt = Annotated[bool, typer.Option(
     "--quiet", "-q", rich_help_panel=OUTPUT, help="No progress bar and no summary (warnings and errors still print).")]
@@ -248,7 +251,7 @@ PARAM_FLAGS: dict[str, str] = {
     "output": "--output", "format": "--format", "fmt": "--format", "max_shard_size": "--max-shard-size", "shards": "--shards",
     "shards_like_input": "--shards like-input", "dtype": "--dtype", "accum_dtype": "--accum-dtype",
     "device": "--device", "allow_nonfinite": "--allow-nonfinite", "verify": "--verify", "force": "--force",
-    "lora": "--lora", "lora.rank": "--lora-rank", "lora_rank": "--lora-rank",
+    "lora": "--lora", "lora.rank": "--lora-rank", "lora_rank": "--lora-rank", "base": "--base",
     # BatchNorm (BatchNormOptions fields, and the command's own names)
     "bn_model": "--bn-model", "bn_data": "--bn-data", "bn_batches": "--bn-batches", "bn_batch_size": "--bn-batch-size",
     "bn_forward": "--bn-forward", "model": "--bn-model", "data": "--bn-data", "batches": "--bn-batches",

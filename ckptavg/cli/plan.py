@@ -67,6 +67,7 @@ from .method_options import (
 )
 from .options import (
     AddPrefixOpt,
+    BaseOpt,
     BestOpt,
     ComponentOpt,
     DtypeOpt,
@@ -104,7 +105,7 @@ def swa(
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
-    lora: LoraOpt = None, lora_rank: LoraRankOpt = None,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     window: WindowOpt = None, stride: StrideOpt = None,
 ) -> None:
     """Weights of `ckptavg swa`, without doing the work (reads metadata only)."""
@@ -113,7 +114,7 @@ def swa(
     show_plan(inputs, builders.windowed(Swa(), window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
               loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot,
-              builders.lora_average(lora, lora_rank))
+              builders.lora_average(lora, lora_rank, base))
 
 
 def ema(
@@ -123,7 +124,7 @@ def ema(
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
-    lora: LoraOpt = None, lora_rank: LoraRankOpt = None,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     decay: DecayOpt = None, per: PerOpt = None, step_decay: StepDecayOpt = None, sigma_rel: SigmaRelOpt = None,
     warmup: WarmupOpt = False, warmup_gamma: WarmupGammaOpt = WARMUP_GAMMA,
     warmup_power: WarmupPowerOpt = WARMUP_POWER, min_decay: MinDecayOpt = MIN_DECAY,
@@ -136,7 +137,7 @@ def ema(
     show_plan(inputs, builders.windowed(plan, window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
               loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot,
-              builders.lora_average(lora, lora_rank))
+              builders.lora_average(lora, lora_rank, base))
 
 
 def graft(
@@ -146,7 +147,7 @@ def graft(
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
-    lora: LoraOpt = None, lora_rank: LoraRankOpt = None,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     a: GraftAOpt = GRAFT_A, c: GraftCOpt = GRAFT_C, bins: GraftBinsOpt = GRAFT_BINS,
     mode: GraftModeOpt = GRAFT_MODE, groups: GraftGroupsOpt = GRAFT_GROUPS, round_digits: RoundDigitsOpt = "2",
     window: WindowOpt = None, stride: StrideOpt = None,
@@ -155,7 +156,7 @@ def graft(
     show_plan(inputs, builders.windowed(builders.graft_plan(a, c, bins, mode, groups, round_digits), window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
               loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot,
-              builders.lora_average(lora, lora_rank))
+              builders.lora_average(lora, lora_rank, base))
 
 
 def linear(
@@ -165,7 +166,7 @@ def linear(
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
-    lora: LoraOpt = None, lora_rank: LoraRankOpt = None,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     weights: WeightsOpt, normalize: NormalizeOpt = False, lr_power: LrPowerOpt = None, hold: LrHoldOpt = None,
     window: WindowOpt = None, stride: StrideOpt = None,
 ) -> None:
@@ -174,7 +175,7 @@ def linear(
     show_plan(inputs, builders.windowed(builders.linear_plan(weights, normalize, lr_power, hold), window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
               loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot,
-              builders.lora_average(lora, lora_rank))
+              builders.lora_average(lora, lora_rank, base))
 
 
 def soup(
@@ -184,7 +185,7 @@ def soup(
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
-    lora: LoraOpt = None, lora_rank: LoraRankOpt = None,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     eval: EvalOpt = None, mode: SoupModeOpt = SoupMode.MAX, uniform: UniformOpt = False, strict: StrictOpt = False,
     window: WindowOpt = None, stride: StrideOpt = None,
 ) -> None:
@@ -192,7 +193,7 @@ def soup(
     show_plan(inputs, builders.windowed(builders.soup_plan(eval, mode, uniform, strict), window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
               loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot,
-              builders.lora_average(lora, lora_rank))
+              builders.lora_average(lora, lora_rank, base))
 
 
 def wsm(
@@ -202,7 +203,7 @@ def wsm(
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
-    lora: LoraOpt = None, lora_rank: LoraRankOpt = None,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     schedule: ScheduleOpt = SCHEDULE, final: FinalOpt = None, factor: FactorOpt = None,
     milestones: MilestonesOpt = None, gamma: GammaOpt = None, timescale: TimescaleOpt = None,
     reverse: ReverseOpt = False, by_step: ByStepOpt = False, window: WindowOpt = None, stride: StrideOpt = None,
@@ -213,7 +214,7 @@ def wsm(
     show_plan(inputs, builders.windowed(plan, window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
               loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot,
-              builders.lora_average(lora, lora_rank))
+              builders.lora_average(lora, lora_rank, base))
 
 
 def phema(
@@ -223,7 +224,7 @@ def phema(
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
-    lora: LoraOpt = None, lora_rank: LoraRankOpt = None,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     sigma_rel: TargetSigmaRelOpt, snapshot_sigma_rel: SnapshotSigmaRelOpt = None,
     snapshot_gamma: SnapshotGammaOpt = None, at_step: AtStepOpt = None, raw: RawOpt = False,
     window: WindowOpt = None, stride: StrideOpt = None,
@@ -234,7 +235,7 @@ def phema(
     show_plan(inputs, builders.windowed(plan, window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
               loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot,
-              builders.lora_average(lora, lora_rank))
+              builders.lora_average(lora, lora_rank, base))
 
 
 COMMANDS: dict[str, Callable[..., None]] = {"swa": swa, "ema": ema, "graft": graft, "linear": linear, "soup": soup,

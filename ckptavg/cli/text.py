@@ -128,6 +128,8 @@ def _lora(report: PlanReport, table: bool = False) -> list[str]:
     if report.lora is None:
         return []
     first = report.lora.summary(0)
+    if first["mode"] == "merge":
+        return ["", f"LoRA: merged into {first['base']}: the exact mean update of {_count(first['layers'], 'layer')}"]
     worst = {layer: max(e[layer] for e in report.lora.errors) for layer in report.lora.layers}
     alpha = f", lora_alpha {first['lora_alpha']:g}" if first["lora_alpha"] is not None else ""
     lines = [f"LoRA: {first['mode']}" + (f", r {first['r']}" if first["r"] is not None else "") + alpha

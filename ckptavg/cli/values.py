@@ -43,6 +43,7 @@ class Destination:
     fmt: Format | None = None
     lora: LoraMode | None = None
     lora_rank: int | None = None
+    base: str | None = None
 
 
 def selection(last: int | None, best: int | None, metric: str | None, metric_mode: MetricMode | None,
@@ -100,7 +101,7 @@ def average(inputs: list[str], plan: Plan, select: Selection, load: LoadOptions,
                              dest.fmt.value if dest.fmt else None)
         result: AverageResult = dist.average(inputs, dest.output, plan, select=select, load=load, write=write, bn=bn,
                                              progress=bar, evaluation=evaluation,
-                                             lora=lora_average(dest.lora, dest.lora_rank))
+                                             lora=lora_average(dest.lora, dest.lora_rank, dest.base))
     finally:
         if bar:
             bar.close()

@@ -20,6 +20,7 @@ from ..errors import CkptavgWarning, IncompatibleCheckpointsError, PlanError
 from ..layout import TensorSpec
 from .base import TensorAccess, Weights
 from .lora import LoraAverage, adapter_config_for, lora_pairs
+from .lora_merge import MergedRow, merge_map
 
 FACTORS_NOTE = ("LoRA adapters are averaged factor by factor (the mean of the A and of the B matrices), which is not "
                 "the mean of their updates B·A: close, late checkpoints come out close, distant ones do not "
@@ -39,8 +40,10 @@ class AdapterAverage:
         layers: layer name -> (A key, B key).
         tensors: per row, factor key -> averaged factor in the output dtype; empty for ``factors`` (streamed).
         errors: per row, layer -> ``‖s·B·A − s Σ w_k B_k A_k‖_F / ‖s Σ w_k B_k A_k‖_F``.
-        config: the output's adapter_config.json (r and lora_alpha updated), None when the inputs have none.
+        config: the output's adapter_config.json (r and lora_alpha updated), None when the inputs have none
+            and for merge.
         notes: what the user should know (the factor-by-factor approximation).
+        output_specs: merge: the layout of the merged model (the base's), which replaces the adapters'.
     """
 
     how: LoraAverage
@@ -49,9 +52,13 @@ class AdapterAverage:
     errors: tuple[Mapping[str, float], ...]
     config: Mapping[str, Any] | None = None
     notes: tuple[CkptavgWarning, ...] = ()
+    output_specs: tuple[TensorSpec, ...] | None = None
 
     def resized(self, specs: Sequence[TensorSpec]) -> list[TensorSpec]:
-        """`specs` with the shapes of the averaged factors (concat: rank N·r; svd: the chosen rank)."""
+        """`specs` with the shapes of the averaged factors (concat: rank N·r; svd: the chosen rank); for merge,
+        the base's."""
+        if self.output_specs is not None:
+            return list(self.output_specs)
         first = self.tensors[0] if self.tensors else {}
         return [replace(s, shape=tuple(first[s.name].shape)) if s.name in first else s for s in specs]
 
@@ -63,7 +70,8 @@ class AdapterAverage:
         """Row `row`'s LoRA record (its output's ``ckptavg_lora`` metadata): mode, r, lora_alpha, the errors."""
         errors = self.errors[row]
         worst = max(errors, key=lambda k: errors[k]) if errors else None
-        return {"mode": self.how.mode, "rank": self.how.rank, "r": (self.config or {}).get("r"),
+        base = {"base": str(self.how.base)} if self.how.base is not None else {}
+        return base | {"mode": self.how.mode, "rank": self.how.rank, "r": (self.config or {}).get("r"),
                 "lora_alpha": (self.config or {}).get("lora_alpha"), "layers": len(self.layers),
                 "max_error": errors[worst] if worst else 0.0, "worst_layer": worst,
                 "mean_error": sum(errors.values()) / len(errors) if errors else 0.0, "errors": dict(errors)}
@@ -76,7 +84,8 @@ class AdapterAverage:
 
 
 def average_adapters(how: LoraAverage | None, specs: Sequence[TensorSpec], rows: Sequence[Weights],
-                     configs: Callable[[], Sequence[Config | None]], data: TensorAccess) -> AdapterAverage | None:
+                     configs: Callable[[], Sequence[Config | None]], data: TensorAccess,
+                     base: TensorAccess | None = None) -> AdapterAverage | None:
     """Average the LoRA layers found in `specs` for every row of weights; None when there are none.
 
     Args:
@@ -85,6 +94,7 @@ def average_adapters(how: LoraAverage | None, specs: Sequence[TensorSpec], rows:
         rows: the plan's weights, one row per output, over the checkpoints `data` reads.
         configs: each checkpoint's adapter_config.json, where it has one (read only for adapters).
         data: the checkpoints' tensors.
+        base: merge: the base model's tensors.
 
     Raises:
         PlanError: `how` given for inputs without LoRA factors; graft weights that differ between a layer's A
@@ -100,6 +110,12 @@ def average_adapters(how: LoraAverage | None, specs: Sequence[TensorSpec], rows:
     how = how or LoraAverage()
     config = _agreed_config(configs())
     weights = [{layer: _layer_weights(row, layer, keys) for layer, keys in layers.items()} for row in rows]
+    if how.mode == "merge":
+        assert base is not None, "the caller opens lora.base"
+        plan = merge_map(layers, specs, config, base)
+        merged = tuple(MergedRow(plan, row, data, base) for row in rows)
+        return AdapterAverage(how, layers, merged, tuple({layer: 0.0 for layer in layers} for _ in rows),
+                              output_specs=plan.specs)
     n = max((sum(x != 0 for x in w) for by_layer in weights for w in by_layer.values()), default=1)
     out_config = _output_config(how, config, n, specs, layers)
     by_name = {s.name: s for s in specs}

@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import Checkpoint
+from ..errors import CheckpointFormatError
+from .checkpoint import Checkpoint, LoadOptions, PathLike
+from .layouts import open_checkpoint
 from .sidecars import read_json
 
 CONFIG = "adapter_config.json"
@@ -32,3 +34,17 @@ def adapter_config(ckpt: Checkpoint) -> tuple[Path, dict[str, Any]] | None:
     """
     path = config_path(ckpt)
     return None if path is None else (path, read_json(path))
+
+
+def open_base(path: PathLike, load: LoadOptions) -> Checkpoint:
+    """The base model that ``lora merge`` adds the mean update to: a Hugging Face folder or a weights file, opened
+    lazily (only `load`'s trust_pickle applies: the other options describe the adapters).
+
+    Raises:
+        CheckpointFormatError: It does not exist or is not a checkpoint.
+    """
+    base = Path(path)
+    if not base.exists():
+        raise CheckpointFormatError(f"{base}: no such base model; give base, the folder or weights file the adapters "
+                                    "were trained on.", params=("base",))
+    return open_checkpoint(base, LoadOptions(trust_pickle=load.trust_pickle))
