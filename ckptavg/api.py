@@ -22,7 +22,7 @@ from .errors import BatchNormError, CkptavgWarning
 from .layout import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout
 from .methods.base import Plan
 from .methods.lora import LoraAverage
-from .methods.lora_rows import average_adapters
+from .methods.lora_rows import SHARDED_NOTE, average_adapters
 from .methods.uniform import Copy, Swa
 from .read.checkpoint import LoadOptions, PathLike, check_unchanged, files_of
 from .read.dedupe import dedupe, fill_path_meta, skipped_note
@@ -160,6 +160,8 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
                           fmt=write.format, texts={CONFIG: config} if config else None)
         out.check(files_of([*report.considered, *report.sources]), write.force)  # unselected inputs are still inputs
         outs.append(out)
+    if report.lora and report.base is None and any(o.indexed for o in outs):
+        warnings.warn(CkptavgWarning(SHARDED_NOTE, params=("max_shard_size", "shards_like_input")), stacklevel=1)
     metadata = tuple(row_metadata(report, r, bn) for r in range(len(outs)))
     return Job(report, tuple(outs), metadata, write, bn, evaluation)
 

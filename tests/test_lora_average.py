@@ -323,3 +323,12 @@ def test_merge_to_a_folder_takes_the_bases_sidecars(cli: Cli, tmp_path: Path) ->
     r = cli("swa", *TRAINER, "--lora", "merge", "-o", tmp_path / "x.safetensors")
     assert r.stderr.splitlines() == ["Error: --lora merge writes the --base model with the mean update added: give "
                                      "--base, the model folder or file the adapters were trained on."]
+
+
+def test_a_sharded_adapter_is_said_to_be_for_ckptavg_only(cli: Cli, tmp_path: Path) -> None:
+    out = tmp_path / "sh"
+    r = cli("swa", *TRAINER, "--lora", "concat", "--max-shard-size", "2KB", "-o", f"{out}/", "-q")
+    assert r.exit_code == 0, r.output
+    assert "PEFT loads an adapter from one adapter_model.safetensors" in r.stderr and "--max-shard-size" in r.stderr
+    assert (out / "adapter_model.safetensors.index.json").is_file() and _config(out)["r"] == 16
+    assert "PEFT loads" not in cli("swa", *TRAINER, "--lora", "concat", "-o", f"{tmp_path / 'one'}/", "-q").stderr

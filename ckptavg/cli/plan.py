@@ -93,8 +93,9 @@ from .options import (
 from .values import loading, selection, show_plan
 
 HELP = ("Show which checkpoints a method would use, in which order, with which weights, without writing "
-        "anything.\n\nswa, ema, linear, wsm and phema read only metadata; graft and soup read tensor data to "
-        "compute their weights (graft: layer entropies; soup: your --eval on candidate averages). Several "
+        "anything.\n\nswa, ema, linear, wsm and phema read only metadata (and LoRA adapters' factors, for each "
+        "layer's error); graft and soup read tensor data to compute their weights (graft: layer entropies; "
+        "soup: your --eval on candidate averages). Several "
         "outputs (comma lists, --window) show as a matrix: one column of weights per output.")
 
 

@@ -25,6 +25,8 @@ from .lora_merge import MergedRow, merge_map
 FACTORS_NOTE = ("LoRA adapters are averaged factor by factor (the mean of the A and of the B matrices), which is not "
                 "the mean of their updates B·A: close, late checkpoints come out close, distant ones do not "
                 "(docs/ALGORITHMS.md §13).")
+SHARDED_NOTE = ("PEFT loads an adapter from one adapter_model.safetensors; this sharded adapter folder is for "
+                "ckptavg and safetensors readers only (leave out max_shard_size and shards_like_input).")
 # What sets the scale s of every update: the adapters must agree on it, or Σ w_k B_k A_k mixes scales.
 SCALE_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
 
