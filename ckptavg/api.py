@@ -204,7 +204,7 @@ def _reduce(job: Job, specs: Sequence[TensorSpec], sinks: Sequence[Callable[[Ten
     def checked(sink: Callable[[TensorSpec, int, torch.Tensor], None]) -> Callable[[TensorSpec, int, torch.Tensor], None]:
         def check_then_write(spec: TensorSpec, start: int, block: torch.Tensor) -> None:
             if spec.averaged and not write.allow_nonfinite:
-                check_finite(spec, block, ckpts)
+                check_finite(spec, block, report.sources)  # a merge's base holds most of its tensors
             sink(spec, start, block)
         return check_then_write
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from typer.testing import Result
 
 from ckptavg.api import average, plan_checkpoints
-from ckptavg.errors import IncompatibleCheckpointsError, PlanError
+from ckptavg.errors import IncompatibleCheckpointsError, NonFiniteError, PlanError
 from ckptavg.methods.base import Entry, Plan, TensorAccess, WeightMatrix, Weights
 from ckptavg.methods.lora import LoraAverage, lora_pairs, scale
 
@@ -218,8 +218,10 @@ def test_library_refusals(tmp_path: Path) -> None:
     files = [tmp_path / f"a{i}.safetensors" for i in range(2)]
     for src, dst in zip(TRAINER, files, strict=False):
         shutil.copy(src / "adapter_model.safetensors", dst)
-    with pytest.raises(PlanError, match="no adapter_config.json"):
+    with pytest.raises(PlanError, match="no adapter_config.json") as e:
         plan_checkpoints(files, lora=LoraAverage("concat"))
+    assert e.value.with_names({"lora": "--lora", "lora.rank": "--lora-rank"}).endswith(
+        "or use --lora svd without --lora-rank.")
     assert plan_checkpoints(files).lora is not None  # svd at the same rank needs no config
 
 
@@ -308,6 +310,11 @@ def test_merge_refusals(tmp_path: Path) -> None:
     assert p.value.params == ("base", "lora")
     with pytest.raises(PlanError, match="base goes with lora merge"):
         LoraAverage("svd", base=tmp_path)
+    nan = tmp_path / "nan.safetensors"
+    save_file({"lin.weight": torch.randn(6, 4), "lin.bias": torch.tensor([float("nan")] * 6),
+               "head.weight": torch.randn(2, 4)}, nan)
+    with pytest.raises(NonFiniteError, match=r"nan.safetensors: 'lin.bias' contains NaN"):
+        average(folders, tmp_path / "m.safetensors", lora=LoraAverage("merge", base=nan))
     for folder in folders:
         (folder / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 6, "use_dora": True}))
     with pytest.raises(PlanError, match="DoRA"):

@@ -173,7 +173,7 @@ def _output_config(how: LoraAverage, config: Mapping[str, Any] | None, n: int, s
         if changes:
             raise PlanError(f"lora {how.mode} changes the adapters' rank, so lora_alpha must change with it, but no "
                             "adapter_config.json was found beside the inputs: average adapter folders, or use lora "
-                            "svd without lora.rank.", params=("lora.rank", "lora") if how.rank else ("lora",))
+                            "svd without lora.rank.", params=("lora.rank", "lora"))
         return None
     return adapter_config_for(dict(config), how.mode, n, rank=how.rank if how.mode == "svd" else None)
 
