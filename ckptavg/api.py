@@ -9,7 +9,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
@@ -69,8 +69,9 @@ def plan_checkpoints(
         load: how to read them.
         dtype: output dtype for floating tensors (``float32``, ``float16``, ``bfloat16``); None keeps each
             tensor's input dtype.
-        lora: how to average LoRA adapters (`LoraAverage`: svd, concat or factors); None: svd at the adapters'
-            rank when the inputs are LoRA adapters. Their A and B factors are read to report each layer's error.
+        lora: how to average LoRA adapters (`LoraAverage`: svd, concat, factors, or merge into a base model);
+            None: svd at the adapters' rank when the inputs are LoRA adapters. Their factors are read to report
+            each layer's error.
 
     Raises:
         CkptavgError: with a message naming the file, the key and the fix.
@@ -192,7 +193,8 @@ def _reduce(job: Job, specs: Sequence[TensorSpec], sinks: Sequence[Callable[[Ten
     report, write = job.report, job.write
     ckpts, rows = report.checkpoints, report.matrix.rows
     fixed = report.lora.tensors if report.lora else ()  # LoRA factors averaged by the plan, one dict per row
-    total = sum(work_bytes(s, ckpts, [r.for_tensor(s.name) for r in rows]) for s in specs if not _fixed(s, fixed))
+    computed = {name for row in fixed[:1] for name in row}  # (or a whole merged model)
+    total = sum(work_bytes(s, ckpts, [r.for_tensor(s.name) for r in rows]) for s in specs if s.name not in computed)
     done = 0
 
     def on_read(n: int) -> None:
@@ -208,18 +210,14 @@ def _reduce(job: Job, specs: Sequence[TensorSpec], sinks: Sequence[Callable[[Ten
             sink(spec, start, block)
         return check_then_write
 
-    for computed, run in groupby(specs, lambda s: _fixed(s, fixed)):  # in order: writers take tensors in turn
-        if computed:
+    for done_by_plan, run in groupby(specs, lambda s: s.name in computed):  # in order, as the writers take them
+        if done_by_plan:
             for s in run:
                 for sink, tensors in zip(sinks, fixed, strict=True):
                     checked(sink)(s, 0, tensors[s.name].reshape(-1))
             continue
         stream_rows(list(run), ckpts, lambda s: [r.for_tensor(s.name) for r in rows], [checked(s) for s in sinks],
                     accum_dtype=ACCUM_DTYPES[write.accum_dtype], device=write.device, on_read=on_read)
-
-
-def _fixed(spec: TensorSpec, fixed: Sequence[Mapping[str, torch.Tensor]]) -> bool:
-    return bool(fixed) and spec.name in fixed[0]
 
 
 def _states(job: Job, progress: Progress | None) -> list[dict[str, torch.Tensor]]:
