@@ -339,3 +339,15 @@ def test_a_sharded_adapter_is_said_to_be_for_ckptavg_only(cli: Cli, tmp_path: Pa
     assert "PEFT loads an adapter from one adapter_model.safetensors" in r.stderr and "--max-shard-size" in r.stderr
     assert (out / "adapter_model.safetensors.index.json").is_file() and _config(out)["r"] == 16
     assert "PEFT loads" not in cli("swa", *TRAINER, "--lora", "concat", "-o", f"{tmp_path / 'one'}/", "-q").stderr
+
+
+def test_graft_weighs_factors_apart(cli: Cli, tmp_path: Path) -> None:
+    """Graft gives A and B their own weights: no update B·A is their mean, so only factors averages them."""
+    r = cli("graft", *TRAINER, "-o", tmp_path / "g.safetensors")
+    assert r.exit_code == 1 and len(r.stderr.splitlines()) == 1
+    assert "get different weights" in r.stderr and "use --lora factors" in r.stderr
+    r = cli("graft", *TRAINER, "--lora", "factors", "-o", tmp_path / "g.safetensors", "--json")
+    assert r.exit_code == 0, r.output
+    lora = json.loads(r.stdout)["lora"]
+    assert (lora["max_error"], lora["worst_layer"], lora["outputs"]) == (None, None, [{}])
+    assert "A and B weighed apart" in cli("plan", "graft", *TRAINER, "--lora", "factors").stdout

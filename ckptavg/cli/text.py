@@ -130,11 +130,15 @@ def _lora(report: PlanReport, table: bool = False) -> list[str]:
     first = report.lora.summary(0)
     if first["mode"] == "merge":
         return ["", f"LoRA: merged into {first['base']}: the exact mean update of {_count(first['layers'], 'layer')}"]
-    worst = {layer: max(e[layer] for e in report.lora.errors) for layer in report.lora.layers}
+    worst = {layer: max(e[layer] for e in report.lora.errors if layer in e) for layer in report.lora.layers
+             if any(layer in e for e in report.lora.errors)}
     alpha = f", lora_alpha {first['lora_alpha']:g}" if first["lora_alpha"] is not None else ""
-    lines = [f"LoRA: {first['mode']}" + (f", r {first['r']}" if first["r"] is not None else "") + alpha
-             + f"; relative error of the mean update: max {max(worst.values()):.3g} ({max(worst, key=worst.__getitem__)})"
-             f", mean {sum(worst.values()) / len(worst):.3g} over {_count(len(worst), 'layer')}"]
+    head = f"LoRA: {first['mode']}" + (f", r {first['r']}" if first["r"] is not None else "") + alpha
+    if not worst:  # graft weighed every A and B apart: there is no one mean update
+        return ["", head + "; A and B weighed apart, so no error of the mean update"]
+    lines = [head + f"; relative error of the mean update: max {max(worst.values()):.3g} "
+             f"({max(worst, key=worst.__getitem__)}), mean {sum(worst.values()) / len(worst):.3g} over "
+             f"{_count(len(worst), 'layer')}"]
     if table:
         lines += [_table([["layer", "error"]] + [[layer, f"{e:.4g}"] for layer, e in worst.items()])]
     return [""] + lines

@@ -75,8 +75,8 @@ class AdapterAverage:
         base = {"base": str(self.how.base)} if self.how.base is not None else {}
         return base | {"mode": self.how.mode, "rank": self.how.rank, "r": (self.config or {}).get("r"),
                 "lora_alpha": (self.config or {}).get("lora_alpha"), "layers": len(self.layers),
-                "max_error": errors[worst] if worst else 0.0, "worst_layer": worst,
-                "mean_error": sum(errors.values()) / len(errors) if errors else 0.0, "errors": dict(errors)}
+                "max_error": errors[worst] if worst else None, "worst_layer": worst,  # None: graft weighed A, B apart
+                "mean_error": sum(errors.values()) / len(errors) if errors else None, "errors": dict(errors)}
 
     def to_json(self) -> dict[str, Any]:
         """The ``lora`` entry of `plan --json`: the first row's record, and every row's errors."""
@@ -111,22 +111,25 @@ def average_adapters(how: LoraAverage | None, specs: Sequence[TensorSpec], rows:
         return None
     how = how or LoraAverage()
     config = _agreed_config(configs())
-    weights = [{layer: _layer_weights(row, layer, keys) for layer, keys in layers.items()} for row in rows]
+    weights = [{layer: w for layer, keys in layers.items() if (w := _layer_weights(row, layer, keys, how)) is not None}
+               for row in rows]
     if how.mode == "merge":
         assert base is not None, "the caller opens lora.base"
         plan = merge_map(layers, specs, config, base)
         merged = tuple(MergedRow(plan, row, data, base) for row in rows)
         return AdapterAverage(how, layers, merged, tuple({layer: 0.0 for layer in layers} for _ in rows),
                               output_specs=plan.specs)
-    n = max((sum(x != 0 for x in w) for by_layer in weights for w in by_layer.values()), default=1)
+    n = max((sum(x != 0 for x in w) for by_layer in weights for w in by_layer.values()), default=1) or 1
     out_config = _output_config(how, config, n, specs, layers)
     by_name = {s.name: s for s in specs}
     tensors: list[dict[str, torch.Tensor]] = [{} for _ in rows]
     errors: list[dict[str, float]] = [{} for _ in rows]
     for i, (layer, (a_key, b_key)) in enumerate(layers.items()):
-        used = sorted({k for by_layer in weights for k, x in enumerate(by_layer[layer]) if x != 0})
+        used = sorted({k for by_layer in weights for k, x in enumerate(by_layer.get(layer, ())) if x != 0})
         loaded = {k: (data.load(k, a_key), data.load(k, b_key)) for k in used}
         for r, by_layer in enumerate(weights):
+            if layer not in by_layer:  # factors weighed apart (graft): no single update to measure against
+                continue
             w = by_layer[layer]
             pairs = [(loaded[k], x) for k, x in enumerate(w) if x != 0]
             a, b, errors[r][layer] = _average_layer(how, [p for p, _ in pairs], [x for _, x in pairs], n,
@@ -139,9 +142,12 @@ def average_adapters(how: LoraAverage | None, specs: Sequence[TensorSpec], rows:
     return AdapterAverage(how, layers, tuple(tensors), tuple(errors), out_config, notes)
 
 
-def _layer_weights(row: Weights, layer: str, keys: tuple[str, str]) -> tuple[float, ...]:
-    """One weight per checkpoint for both factors of a layer (graft may weigh tensors apart: refused)."""
+def _layer_weights(row: Weights, layer: str, keys: tuple[str, str], how: LoraAverage) -> tuple[float, ...] | None:
+    """One weight per checkpoint for both factors of a layer. Graft may weigh tensors apart: refused, but for
+    factors, which are averaged one by one anyway (None: the layer's error is not computed)."""
     w_a, w_b = row.for_tensor(keys[0]), row.for_tensor(keys[1])
+    if w_a != w_b and how.mode == "factors":
+        return None
     if w_a != w_b:
         raise PlanError(f"LoRA layer {layer}: its A and B factors get different weights ({keys[0]}, {keys[1]}); "
                         "an update B·A needs one weight per layer: use lora factors.", params=("lora",))
