@@ -121,9 +121,19 @@ def average_adapters(how: LoraAverage | None, specs: Sequence[TensorSpec], rows:
                               output_specs=plan.specs)
     n = max((sum(x != 0 for x in w) for by_layer in weights for w in by_layer.values()), default=1) or 1
     out_config = _output_config(how, config, n, specs, layers)
-    by_name = {s.name: s for s in specs}
-    tensors: list[dict[str, torch.Tensor]] = [{} for _ in rows]
-    errors: list[dict[str, float]] = [{} for _ in rows]
+    tensors, errors = _average_layers(how, layers, weights, n, {s.name: s for s in specs}, data)
+    multiple = any(sum(x != 0 for x in row.values) > 1 for row in rows)
+    notes = (CkptavgWarning(FACTORS_NOTE, params=("lora",)),) if how.mode == "factors" and multiple else ()
+    return AdapterAverage(how, layers, tuple(tensors), tuple(errors), out_config, notes)
+
+
+def _average_layers(how: LoraAverage, layers: Mapping[str, tuple[str, str]],
+                    weights: Sequence[Mapping[str, tuple[float, ...]]], n: int, by_name: Mapping[str, TensorSpec],
+                    data: TensorAccess) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, float]]]:
+    """Each row's averaged factors (none for factors: streamed) and errors, reading each layer's factors once
+    for all rows; `n`: the most adapters a row weighs (concat's rank N·r)."""
+    tensors: list[dict[str, torch.Tensor]] = [{} for _ in weights]
+    errors: list[dict[str, float]] = [{} for _ in weights]
     for i, (layer, (a_key, b_key)) in enumerate(layers.items()):
         used = sorted({k for by_layer in weights for k, x in enumerate(by_layer.get(layer, ())) if x != 0})
         loaded = {k: (data.load(k, a_key), data.load(k, b_key)) for k in used}
@@ -137,9 +147,7 @@ def average_adapters(how: LoraAverage | None, specs: Sequence[TensorSpec], rows:
             if how.mode != "factors":  # factors are plain means: the streaming reducer writes them
                 tensors[r][a_key], tensors[r][b_key] = a, b
         data.progress("LoRA layers", i + 1, len(layers))
-    multiple = any(sum(x != 0 for x in row.values) > 1 for row in rows)
-    notes = (CkptavgWarning(FACTORS_NOTE, params=("lora",)),) if how.mode == "factors" and multiple else ()
-    return AdapterAverage(how, layers, tuple(tensors), tuple(errors), out_config, notes)
+    return tensors, errors
 
 
 def _layer_weights(row: Weights, layer: str, keys: tuple[str, str], how: LoraAverage) -> tuple[float, ...] | None:
