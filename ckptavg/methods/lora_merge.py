@@ -58,20 +58,19 @@ def merge_map(layers: Mapping[str, tuple[str, str]], specs: Sequence[TensorSpec]
         raise PlanError("lora merge does not merge DoRA or LoRA-bias adapters; use lora concat or svd, and merge "
                         "with peft's merge_and_unload.", params=("lora",))
     names = {s.name: s for s in base.specs}
+    keys = list(names)
     by_name = {s.name: s for s in specs}
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     merged: dict[str, tuple[str, str, str]] = {}
     scales: dict[str, float] = {}
     for layer, (a_key, b_key) in layers.items():
         module = layer.split("[")[0].removeprefix(PEFT_PREFIX)
-        key = _base_key(module + ".weight", a_key, list(names))
+        key = _base_key(module + ".weight", a_key, keys)
         merged[key] = (layer, a_key, b_key)
-        a, b = by_name[a_key].shape, by_name[b_key].shape
-        scales[layer] = scale(a[0], _alpha(config, module), bool(config.get("use_rslora", False)))
-        update = torch.empty((b[0], math.prod(a[1:])), device="meta")  # only its shape: checked before any work
-        _oriented(update, torch.Size(names[key].shape), "lora_embedding_A" in a_key, fan_in_fan_out, key)
+        scales[layer] = scale(by_name[a_key].shape[0], _alpha(config, module), bool(config.get("use_rslora", False)))
+        _check_shape(by_name[a_key], by_name[b_key], names[key], fan_in_fan_out)
     factors = {k for pair in layers.values() for k in pair}
-    replaced = {_base_key(s.name.removeprefix(PEFT_PREFIX), s.name, list(names)): s.name
+    replaced = {_base_key(s.name.removeprefix(PEFT_PREFIX), s.name, keys): s.name
                 for s in specs if s.name not in factors}
     for key, adapter_key in replaced.items():
         if tuple(names[key].shape) != tuple(by_name[adapter_key].shape):
@@ -79,6 +78,12 @@ def merge_map(layers: Mapping[str, tuple[str, str]], specs: Sequence[TensorSpec]
                                                f"base tensor {key} {names[key].shape}; give base, the model the "
                                                "adapters were trained on.", params=("base",))
     return MergeMap(tuple(base.specs), merged, replaced, scales, fan_in_fan_out)
+
+
+def _check_shape(a: TensorSpec, b: TensorSpec, weight: TensorSpec, fan_in_fan_out: bool) -> None:
+    """Refuse, before any work, a layer whose update does not fit its base weight (however it is oriented)."""
+    update = torch.empty((b.shape[0], math.prod(a.shape[1:])), device="meta")  # a shape, no data
+    _oriented(update, torch.Size(weight.shape), "lora_embedding_A" in a.name, fan_in_fan_out, weight.name)
 
 
 def _base_key(name: str, adapter_key: str, names: Sequence[str]) -> str:
