@@ -351,3 +351,11 @@ def test_graft_weighs_factors_apart(cli: Cli, tmp_path: Path) -> None:
     lora = json.loads(r.stdout)["lora"]
     assert (lora["max_error"], lora["worst_layer"], lora["outputs"]) == (None, None, [{}])
     assert "A and B weighed apart" in cli("plan", "graft", *TRAINER, "--lora", "factors").stdout
+
+
+def test_a_base_alone_means_merge(cli: Cli) -> None:
+    r = cli("plan", "swa", *TRAINER, "--base", PEFT / "lora-trainer-base", "--json")
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.stdout)
+    assert plan["lora"]["mode"] == "merge" and plan["lora"]["base"] == str(PEFT / "lora-trainer-base")
+    assert plan["tensors"] == len(load_file(PEFT / "lora-trainer-base" / "model.safetensors"))  # the base's layout
