@@ -359,3 +359,14 @@ def test_a_base_alone_means_merge(cli: Cli) -> None:
     plan = json.loads(r.stdout)
     assert plan["lora"]["mode"] == "merge" and plan["lora"]["base"] == str(PEFT / "lora-trainer-base")
     assert plan["tensors"] == len(load_file(PEFT / "lora-trainer-base" / "model.safetensors"))  # the base's layout
+
+
+def test_dora_adapters_are_said_to_be_approximate(tmp_path: Path) -> None:
+    folders = []
+    for src in TRAINER[:2]:
+        folders.append(tmp_path / src.name)
+        shutil.copytree(src, folders[-1])
+        (folders[-1] / "adapter_config.json").write_text(json.dumps(_config(src) | {"use_dora": True}))
+    with pytest.warns(UserWarning, match="DoRA adapters: .* not the mean of the adapted weights"):
+        report = plan_checkpoints(folders)
+    assert any("DoRA" in w for w in report.warning_texts())

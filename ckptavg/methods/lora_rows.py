@@ -25,6 +25,8 @@ from .lora_merge import MergedRow, merge_map
 FACTORS_NOTE = ("LoRA adapters are averaged factor by factor (the mean of the A and of the B matrices), which is not "
                 "the mean of their updates B·A: close, late checkpoints come out close, distant ones do not "
                 "(docs/ALGORITHMS.md §13).")
+DORA_NOTE = ("DoRA adapters: the update B·A is averaged as said, but each layer's magnitude vector is averaged on "
+             "its own, and DoRA rescales W + s·B·A by it, so the result is not the mean of the adapted weights.")
 SHARDED_NOTE = ("PEFT loads an adapter from one adapter_model.safetensors; this sharded adapter folder is for "
                 "ckptavg and safetensors readers only (leave out max_shard_size and shards_like_input).")
 # What sets the scale s of every update: the adapters must agree on it, or Σ w_k B_k A_k mixes scales.
@@ -123,8 +125,10 @@ def average_adapters(how: LoraAverage | None, specs: Sequence[TensorSpec], rows:
     out_config = _output_config(how, config, n, specs, layers)
     tensors, errors = _average_layers(how, layers, weights, n, {s.name: s for s in specs}, data)
     multiple = any(sum(x != 0 for x in row.values) > 1 for row in rows)
-    notes = (CkptavgWarning(FACTORS_NOTE, params=("lora",)),) if how.mode == "factors" and multiple else ()
-    return AdapterAverage(how, layers, tuple(tensors), tuple(errors), out_config, notes)
+    notes = [CkptavgWarning(FACTORS_NOTE, params=("lora",))] if how.mode == "factors" and multiple else []
+    if config and config.get("use_dora") and multiple:
+        notes.append(CkptavgWarning(DORA_NOTE))
+    return AdapterAverage(how, layers, tuple(tensors), tuple(errors), out_config, tuple(notes))
 
 
 def _average_layers(how: LoraAverage, layers: Mapping[str, tuple[str, str]],
