@@ -21,6 +21,7 @@ _HOMES = {
     "PlanError": "errors", "SelectionError": "errors",
     "PLANS": "methods", "Plan": "methods.base", "WeightMatrix": "methods.base", "Weights": "methods.base",
     "Ema": "methods.ema", "Graft": "methods.graft", "GraftGroup": "methods.graft", "Linear": "methods.linear",
+    "LoraAverage": "methods.lora",
     "Soup": "methods.soup", "Swa": "methods.uniform",
     "Checkpoint": "read.checkpoint", "LoadOptions": "read.checkpoint", "find_checkpoints": "read.discover",
     "open_checkpoint": "read.layouts",
@@ -31,7 +32,7 @@ _ALIASES = {"Group": "GraftGroup"}  # its name before graft groups and torchrun 
 __all__ = [
     "AverageResult", "BatchNormError", "BatchNormOptions", "Checkpoint", "CheckpointFormatError", "CkptavgError",
     "CkptavgWarning", "Ema", "Graft", "GraftGroup", "Group", "IncompatibleCheckpointsError", "Linear",
-    "LoadOptions", "NonFiniteError", "OutputError", "PLANS", "Plan", "PlanError", "PlanReport", "RowEvaluation",
+    "LoadOptions", "LoraAverage", "NonFiniteError", "OutputError", "PLANS", "Plan", "PlanError", "PlanReport", "RowEvaluation",
     "Selection", "SelectionError", "Soup", "Swa", "WeightMatrix", "Weights", "WriteOptions", "__version__",
     "average", "average_checkpoints", "find_checkpoints", "inspect_checkpoint", "open_checkpoint",
     "plan_checkpoints", "recalibrate_bn",
@@ -71,6 +72,7 @@ if TYPE_CHECKING:  # what a type checker and an IDE see: the same names, importe
     from .methods.graft import Graft, GraftGroup
     from .methods.graft import GraftGroup as Group
     from .methods.linear import Linear
+    from .methods.lora import LoraAverage
     from .methods.soup import Soup
     from .methods.uniform import Swa
     from .read.checkpoint import Checkpoint, LoadOptions

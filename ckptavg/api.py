@@ -11,6 +11,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,15 @@ from .bn import BatchNormOptions, recalibrate
 from .errors import BatchNormError, CkptavgWarning
 from .layout import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout
 from .methods.base import Plan
+from .methods.lora import LoraAverage
+from .methods.lora_rows import SHARDED_NOTE, average_adapters
 from .methods.uniform import Copy, Swa
 from .read.checkpoint import LoadOptions, PathLike, check_unchanged, files_of
 from .read.dedupe import dedupe, fill_path_meta, skipped_note
 from .read.describe import describe, refuse_folder
 from .read.discover import Found, discover, find_checkpoints
 from .read.layouts import is_checkpoint_folder, open_checkpoint
+from .read.peft import CONFIG, adapter_config, open_base
 from .reduce.stream import resolve_device, stream_rows
 from .reduce.tensor import CheckpointData, check_finite, work_bytes
 from .results import AverageResult, PlanReport, provenance, score_rows
@@ -43,13 +47,6 @@ Progress = Callable[[int, int], None]  # (bytes read so far, total bytes to read
 long passes too: graft's entropies, soup's and --eval's evaluations, BatchNorm batches (total 0: unknown)."""
 
 
-# What averaging PEFT adapters says while their tensors are averaged one by one like any others (methods/lora.py
-# has the exact ways, not yet wired in); here, not there, so that every run does not import the LoRA maths.
-FACTORS_NOTE = ("LoRA adapters are averaged factor by factor (the mean of the A and of the B matrices), which is not "
-                "the mean of their updates B·A: close, late checkpoints come out close, distant ones do not "
-                "(docs/ALGORITHMS.md §13).")
-
-
 def _steps_of(progress: Progress | None) -> Callable[[str, int, int], None] | None:
     step: Callable[[str, int, int], None] | None = getattr(progress, "step", None)
     return step
@@ -62,6 +59,7 @@ def plan_checkpoints(
     select: Selection = Selection(),
     load: LoadOptions = LoadOptions(),
     dtype: str | None = None,
+    lora: LoraAverage | None = None,
 ) -> PlanReport:
     """Find, order and select checkpoints and compute the plan's weights; read no tensor data (but for the
     plans that need it: graft and soup).
@@ -73,16 +71,19 @@ def plan_checkpoints(
         load: how to read them.
         dtype: output dtype for floating tensors (``float32``, ``float16``, ``bfloat16``); None keeps each
             tensor's input dtype.
+        lora: how to average LoRA adapters (`LoraAverage`: svd, concat, factors, or merge into a base model);
+            None: svd at the adapters' rank when the inputs are LoRA adapters. Their factors are read to report
+            each layer's error.
 
     Raises:
         CkptavgError: with a message naming the file, the key and the fix.
     """
     WriteOptions(dtype=dtype)
-    return _plan(discover(inputs), plan or Swa(), select, load, dtype)
+    return _plan(discover(inputs), plan or Swa(), select, load, dtype, lora=lora)
 
 
 def _plan(found: Found, plan: Plan, select: Selection, load: LoadOptions, dtype: str | None,
-          progress: Progress | None = None) -> PlanReport:
+          progress: Progress | None = None, lora: LoraAverage | None = None) -> PlanReport:
     with warnings.catch_warnings(record=True) as caught:  # kept in the report (for --json), and passed on
         warnings.simplefilter("always")
         opened = [open_checkpoint(c.path, load) for c in found.candidates]
@@ -95,15 +96,19 @@ def _plan(found: Found, plan: Plan, select: Selection, load: LoadOptions, dtype:
         chosen = select_checkpoints(ordered, select)
         refuse_twice(chosen, once.identity)
         specs = check_layout(chosen, OUT_DTYPES[dtype] if dtype else None)  # before the weights: graft reads tensors
-        matrix = plan.weights(chosen, CheckpointData(chosen, specs, _steps_of(progress)))
-        for note in plan.notes(chosen, matrix):
+        data = CheckpointData(chosen, specs, _steps_of(progress))
+        matrix = plan.weights(chosen, data)
+        base = open_base(lora.base, load) if lora and lora.base is not None else None  # lora merge
+        base_data = CheckpointData([base], check_layout([base], OUT_DTYPES[dtype] if dtype else None)) if base else None
+        adapters = average_adapters(lora, specs, matrix.rows, lambda: [adapter_config(c) for c in chosen], data,
+                                    base_data)
+        for note in [*plan.notes(chosen, matrix), *(adapters.notes if adapters else ())]:
             warnings.warn(note, stacklevel=1)
-        if any(c.format.startswith("peft adapter") for c in chosen) and sum(w != 0 for w in matrix.rows[0].values) > 1:
-            warnings.warn(CkptavgWarning(FACTORS_NOTE), stacklevel=1)
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     notes = [w.message for w in caught if isinstance(w.message, CkptavgWarning)]
-    return PlanReport(plan, chosen, matrix, used, specs, select.metric, ordered, notes, skipped)
+    specs = adapters.resized(specs) if adapters else specs  # concat and svd at another rank change shapes
+    return PlanReport(plan, chosen, matrix, used, specs, select.metric, ordered, notes, skipped, adapters, base)
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,8 @@ class Job:
 
 def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan, *, select: Selection,
             load: LoadOptions, write: WriteOptions, bn: BatchNormOptions | None, parts: int = 1,
-            evaluation: RowEvaluation | None = None, progress: Progress | None = None) -> Job:
+            evaluation: RowEvaluation | None = None, progress: Progress | None = None,
+            lora: LoraAverage | None = None) -> Job:
     """Plan the average and its output files (`parts` balanced files for a torchrun job), and check that they
     can be written, before any tensor data is read (but for the plans that need it: graft and soup)."""
     resolve_device(write.device)
@@ -141,7 +147,9 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
         output_format(Path(output), "torch" if write.container else write.format)
     if bn is not None:
         bn.check()
-    report = _plan(found, plan, select, load, write.dtype, progress)
+    report = _plan(found, plan, select, load, write.dtype, progress, lora)
+    config = report.lora.config_text() if report.lora else None  # written, not copied: r and lora_alpha may change
+    layout_from = [report.base] if report.base else report.checkpoints  # a merged model is laid out as its base
     rows = report.matrix.rows
     copy = training_output(output, report.specs, report.checkpoints, len(rows), load, write.container,
                            write.keep_training_state, parts)
@@ -157,11 +165,13 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
     for target in targets:
         # one output: an existing directory means a folder; a row's output is a folder only when asked (DIR/)
         to_folder = sharded or (is_folder_output(target) if targets == [os.fspath(output)] else target.endswith(os.sep))
-        out = plan_output(target, report.specs, report.checkpoints, to_folder=to_folder, max_bytes=write.max_bytes,
+        out = plan_output(target, report.specs, layout_from, to_folder=to_folder, max_bytes=write.max_bytes,
                           like_input=write.shards_like_input, parts=parts, make_parent=target != os.fspath(output),
-                          fmt=write.format)
-        out.check(files_of(report.considered), write.force)  # unselected inputs are still inputs
+                          fmt=write.format, texts={CONFIG: config} if config else None)
+        out.check(files_of([*report.considered, *report.sources]), write.force)  # unselected inputs are still inputs
         outs.append(out)
+    if report.lora and report.base is None and any(o.indexed for o in outs):
+        warnings.warn(CkptavgWarning(SHARDED_NOTE, params=("max_shard_size", "shards_like_input")), stacklevel=1)
     metadata = tuple(row_metadata(report, r, bn) for r in range(len(outs)))
     return Job(report, tuple(outs), metadata, write, bn, evaluation)
 
@@ -191,7 +201,9 @@ def _reduce(job: Job, specs: Sequence[TensorSpec], sinks: Sequence[Callable[[Ten
     """Stream every row of the plan into its sink, in the order of `specs`, reading each block once."""
     report, write = job.report, job.write
     ckpts, rows = report.checkpoints, report.matrix.rows
-    total = sum(work_bytes(s, ckpts, [r.for_tensor(s.name) for r in rows]) for s in specs)
+    fixed = report.lora.tensors if report.lora else ()  # LoRA factors averaged by the plan, one dict per row
+    computed = {name for row in fixed[:1] for name in row}  # (or a whole merged model)
+    total = sum(work_bytes(s, ckpts, [r.for_tensor(s.name) for r in rows]) for s in specs if s.name not in computed)
     done = 0
 
     def on_read(n: int) -> None:
@@ -203,12 +215,18 @@ def _reduce(job: Job, specs: Sequence[TensorSpec], sinks: Sequence[Callable[[Ten
     def checked(sink: Callable[[TensorSpec, int, torch.Tensor], None]) -> Callable[[TensorSpec, int, torch.Tensor], None]:
         def check_then_write(spec: TensorSpec, start: int, block: torch.Tensor) -> None:
             if spec.averaged and not write.allow_nonfinite:
-                check_finite(spec, block, ckpts)
+                check_finite(spec, block, report.sources)  # a merge's base holds most of its tensors
             sink(spec, start, block)
         return check_then_write
 
-    stream_rows(specs, ckpts, lambda s: [r.for_tensor(s.name) for r in rows], [checked(s) for s in sinks],
-                accum_dtype=ACCUM_DTYPES[write.accum_dtype], device=write.device, on_read=on_read)
+    for done_by_plan, run in groupby(specs, lambda s: s.name in computed):  # in order, as the writers take them
+        if done_by_plan:
+            for s in run:
+                for sink, tensors in zip(sinks, fixed, strict=True):
+                    checked(sink)(s, 0, tensors[s.name].reshape(-1))
+            continue
+        stream_rows(list(run), ckpts, lambda s: [r.for_tensor(s.name) for r in rows], [checked(s) for s in sinks],
+                    accum_dtype=ACCUM_DTYPES[write.accum_dtype], device=write.device, on_read=on_read)
 
 
 def _states(job: Job, progress: Progress | None) -> list[dict[str, torch.Tensor]]:
@@ -248,6 +266,7 @@ def average(
     bn: BatchNormOptions | None = None,
     progress: Progress | None = None,
     evaluation: RowEvaluation | None = None,
+    lora: LoraAverage | None = None,
 ) -> AverageResult:
     """Average checkpoints into one safetensors file or a folder, streaming one tensor at a time; a plan with
     several output rows (a sweep, windows) writes one output per row, from one read of the inputs.
@@ -268,10 +287,11 @@ def average(
         bn: recompute BatchNorm statistics of the average (`torch.optim.swa_utils.update_bn` semantics).
         progress: called with (bytes read, total bytes) as the work advances.
         evaluation: score every row and keep the best (or all), `RowEvaluation`.
+        lora: how to average LoRA adapters, as for `plan_checkpoints`.
     """
     started = time.perf_counter()
     job = prepare(inputs, output, plan or Swa(), select=select, load=load, write=write, bn=bn, evaluation=evaluation,
-                  progress=progress)
+                  progress=progress, lora=lora)
     opened: list[OpenOutput] = []
     committed: list[OpenOutput] = []
     outputs, metadata, rows = list(job.outputs), list(job.metadata), list(range(len(job.outputs)))
@@ -290,7 +310,7 @@ def average(
             _write_states(opened, states, rows)
         else:
             produce(job, opened, progress)
-        check_unchanged(job.report.checkpoints)  # a file rewritten mid-run would mix two saves into the average
+        check_unchanged(job.report.sources)  # a file rewritten mid-run would mix two saves into the average
         for into in opened:  # before the rename: a file that fails never appears
             into.finish(write.verify, not write.allow_nonfinite)
         for into in opened:

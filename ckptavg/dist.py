@@ -27,6 +27,7 @@ from .api import Progress
 from .bn import BatchNormOptions
 from .errors import CkptavgError, PlanError
 from .methods.base import Plan
+from .methods.lora import LoraAverage
 from .methods.uniform import Swa
 from .read.checkpoint import LoadOptions, PathLike, check_unchanged
 from .reduce.stream import resolve_device
@@ -109,7 +110,7 @@ def agreed(group: Ranks | None, step: Callable[[], T]) -> T:
 def average(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan | None = None, *,
             select: Selection = Selection(), load: LoadOptions = LoadOptions(), write: WriteOptions = WriteOptions(),
             bn: BatchNormOptions | None = None, progress: Progress | None = None,
-            evaluation: RowEvaluation | None = None) -> AverageResult:
+            evaluation: RowEvaluation | None = None, lora: LoraAverage | None = None) -> AverageResult:
     """`api.average` on every rank of a torchrun job, or `api.average` itself when not launched by torchrun.
 
     Every rank plans the same folder of `world` balanced shards and writes the ones `balance` gives it; the
@@ -119,20 +120,20 @@ def average(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan 
     ranks = join(resolve_device(write.device))
     if ranks is None:
         return api.average(inputs, output, plan, select=select, load=load, write=write, bn=bn, progress=progress,
-                           evaluation=evaluation)
+                           evaluation=evaluation, lora=lora)
     started = time.perf_counter()
     if bn is not None:
         raise PlanError("BatchNorm recalibration needs the whole model in one process; run it without torchrun.")
     if evaluation is not None:
         raise PlanError("evaluate needs the whole model in one process; run it without torchrun.",
                         params=("evaluate",))
-    job = agreed(ranks, lambda: _prepared(inputs, output, plan or Swa(), select, load, write, ranks.world))
+    job = agreed(ranks, lambda: _prepared(inputs, output, plan or Swa(), select, load, write, ranks.world, lora))
     owner = balance([sh.nbytes for sh in job.output.shards], ranks.world)
     into = agreed(ranks, lambda: job.output.open(job.metadata[0], [sh for sh, o in zip(job.output.shards, owner,
                                                                                      strict=True) if o == ranks.rank]))
     try:  # finished temp files wait until every rank has finished its own, then are renamed
         agreed(ranks, lambda: api.produce(job, [into], progress))
-        agreed(ranks, lambda: check_unchanged(job.report.checkpoints))
+        agreed(ranks, lambda: check_unchanged(job.report.sources))
         agreed(ranks, lambda: into.finish(write.verify, not write.allow_nonfinite))
         agreed(ranks, lambda: into.commit(lead=ranks.rank == 0, force=write.force))
     except BaseException:
@@ -144,8 +145,8 @@ def average(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan 
 
 
 def _prepared(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan, select: Selection,
-              load: LoadOptions, write: WriteOptions, world: int) -> api.Job:
-    job = api.prepare(inputs, output, plan, select=select, load=load, write=write, bn=None, parts=world)
+              load: LoadOptions, write: WriteOptions, world: int, lora: LoraAverage | None = None) -> api.Job:
+    job = api.prepare(inputs, output, plan, select=select, load=load, write=write, bn=None, parts=world, lora=lora)
     if len(job.outputs) > 1:
         raise PlanError(f"this plan gives {len(job.outputs)} outputs; a torchrun job writes one: run it without "
                         "torchrun, or one row at a time.")

@@ -21,6 +21,8 @@ from .write.output import WrittenFile
 if TYPE_CHECKING:
     import torch
 
+    from .methods.lora_rows import AdapterAverage
+
 
 @dataclass
 class PlanReport:
@@ -35,6 +37,13 @@ class PlanReport:
     considered: list[Checkpoint] = field(default_factory=list)  # every checkpoint found, before selection
     warnings: list[CkptavgWarning] = field(default_factory=list)  # what the user should know (also on stderr)
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # inputs found but left out, and why
+    lora: AdapterAverage | None = None  # the averaged LoRA layers of adapters, and their errors
+    base: Checkpoint | None = None  # the model that lora merge adds the mean update to
+
+    @property
+    def sources(self) -> list[Checkpoint]:
+        """Every checkpoint the output is read from: the selected ones, and a merge's base."""
+        return [*self.checkpoints, *([self.base] if self.base else [])]
 
     @property
     def weights(self) -> Weights:
@@ -69,7 +78,7 @@ class PlanReport:
             "outputs": [{"name": r.name, "params": dict(r.params), "weights": list(r.values), "residual": r.residual}
                         for r in self.matrix.rows],
             "skipped": [{"path": str(p), "reason": why} for p, why in self.skipped],
-        } | self.details())
+        } | self.details() | ({"lora": self.lora.to_json()} if self.lora else {}))
         return body
 
     def warning_texts(self, names: Mapping[str, str] | None = None) -> list[str]:
@@ -142,6 +151,8 @@ class AverageResult:
             out["outputs"] = [{"path": str(p), "name": w.name, "params": dict(w.params)} for p, w in self.written()]
         if self.scores:
             out["scores"] = self.scores
+        if r.lora is not None:
+            out["lora"] = r.lora.to_json()
         strict: dict[str, Any] = strict_json(out)
         return strict
 
@@ -177,7 +188,8 @@ def provenance(report: PlanReport, row: int = 0) -> dict[str, str]:
         "ckptavg_order": report.order,
         "ckptavg_residual": repr(weights.residual),
         "ckptavg_inputs": json.dumps(inputs),
-    } | named | ({"ckptavg_details": json.dumps(details)} if (details := report.details()) else {})
+    } | named | ({"ckptavg_details": json.dumps(details)} if (details := report.details()) else {}) | (
+        {"ckptavg_lora": json.dumps(strict_json(report.lora.summary(row)), sort_keys=True)} if report.lora else {})
 
 
 @dataclass(frozen=True)

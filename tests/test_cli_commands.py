@@ -92,8 +92,9 @@ def test_method_command_and_plan_twin_take_the_same_options(method: str) -> None
     assert {o.split()[0] for o in shaping} >= {"--last", "--best", "--metric", "--order", "--key", "--trust-pickle",
                                                "--window", "--stride"}
     rest = set(_options("plan", method)) - set(shaping)
-    assert rest == {"--dtype", "--json", "--plot"}
-    assert _options("plan", method)["--dtype"] == _options(method)["--dtype"]
+    assert rest == {"--dtype", "--json", "--plot", "--lora", "--lora-rank", "--base"}
+    for flag in ("--dtype", "--lora", "--lora-rank", "--base"):  # output options that the plan shows too
+        assert _options("plan", method)[flag] == _options(method)[flag]
     evaluation = set(_options(method, panels={options.EVALUATION}))
     assert evaluation == ({"--keep"} if method == "soup" else {"--eval", "--eval-mode", "--keep"})
     arguments = [[(p.name, p.nargs, p.required) for p in c.params if p.param_type_name == "argument"]
@@ -111,6 +112,7 @@ def test_method_command_and_plan_twin_take_the_same_options(method: str) -> None
     (options.OutDtype, "ckptavg.layout:OUT_DTYPES"),
     (options.Format, "ckptavg.write.options:FORMATS"),
     (options.AccumDtype, "ckptavg.layout:ACCUM_DTYPES"),
+    (options.LoraMode, "ckptavg.methods.lora:MODES"),
 ])
 def test_choices_equal_the_librarys(choices: type[Enum], library: str) -> None:
     """The CLI spells its choice lists out (so `--help` needs no torch); they must be the library's, in order."""

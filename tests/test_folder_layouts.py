@@ -55,14 +55,17 @@ def test_diffusers_loads_the_average(tmp_path: Path) -> None:
         torch.testing.assert_close(state[k].to(want[k].dtype), want[k], rtol=0, atol=1e-6)
 
 
-def test_a_peft_adapter_keeps_its_layout_and_the_approximation_is_said(tmp_path: Path) -> None:
-    """PEFT adapters average into adapter_model.safetensors + adapter_config.json (what PeftModel loads), and
-    the factor-by-factor average says it is not the mean of the updates."""
+@pytest.mark.parametrize(("flags", "noted"), [([], False), (["--lora", "factors"], True)])
+def test_a_peft_adapter_keeps_its_layout_and_the_approximation_is_said(tmp_path: Path, flags: list[str],
+                                                                        noted: bool) -> None:
+    """PEFT adapters average into adapter_model.safetensors + adapter_config.json (what PeftModel loads); the
+    factor-by-factor average (--lora factors, not the default svd) says it is not the mean of the updates."""
     out = tmp_path / "adapter"
-    result = CliRunner().invoke(app, ["swa", str(REAL.parent / "peft" / "lora-trainer"), "-o", f"{out}/"])
+    result = CliRunner().invoke(app, ["swa", str(REAL.parent / "peft" / "lora-trainer"), *flags, "-o", f"{out}/"])
     assert result.exit_code == 0, result.output
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in out.iterdir()}
-    assert "averaged factor by factor" in result.stderr and "not the mean of their updates" in result.stderr
+    said = "averaged factor by factor" in result.stderr and "not the mean of their updates" in result.stderr
+    assert said == noted
 
 
 @pytest.mark.interop

@@ -59,6 +59,7 @@ from .options import (
     AccumDtypeOpt,
     AddPrefixOpt,
     AllowNonfiniteOpt,
+    BaseOpt,
     BestOpt,
     BnBatchesOpt,
     BnBatchSizeOpt,
@@ -78,6 +79,8 @@ from .options import (
     KeepTrainingStateOpt,
     KeyOpt,
     LastOpt,
+    LoraOpt,
+    LoraRankOpt,
     MaxShardSizeOpt,
     MetricModeOnlyOpt,
     MetricModeOpt,
@@ -108,6 +111,7 @@ def swa(
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
     container: ContainerOpt = False, keep_training_state: KeepTrainingStateOpt = False,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
     bn_batch_size: BnBatchSizeOpt = 32, bn_forward: BnForwardOpt = None,
     window: WindowOpt = None, stride: StrideOpt = None,
@@ -128,7 +132,8 @@ def swa(
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
                         verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt,
-                        container=container, keep_training_state=keep_training_state),
+                        container=container, keep_training_state=keep_training_state,
+                        lora=lora, lora_rank=lora_rank, base=base),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 
@@ -143,6 +148,7 @@ def ema(
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
     container: ContainerOpt = False, keep_training_state: KeepTrainingStateOpt = False,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
     bn_batch_size: BnBatchSizeOpt = 32, bn_forward: BnForwardOpt = None,
     decay: DecayOpt = None, per: PerOpt = None, step_decay: StepDecayOpt = None, sigma_rel: SigmaRelOpt = None,
@@ -170,7 +176,8 @@ def ema(
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
                         verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt,
-                        container=container, keep_training_state=keep_training_state),
+                        container=container, keep_training_state=keep_training_state,
+                        lora=lora, lora_rank=lora_rank, base=base),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 
@@ -185,6 +192,7 @@ def graft(
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
     container: ContainerOpt = False, keep_training_state: KeepTrainingStateOpt = False,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
     bn_batch_size: BnBatchSizeOpt = 32, bn_forward: BnForwardOpt = None,
     a: GraftAOpt = GRAFT_A, c: GraftCOpt = GRAFT_C, bins: GraftBinsOpt = GRAFT_BINS,
@@ -207,7 +215,8 @@ def graft(
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
                         verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt,
-                        container=container, keep_training_state=keep_training_state),
+                        container=container, keep_training_state=keep_training_state,
+                        lora=lora, lora_rank=lora_rank, base=base),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 
@@ -222,6 +231,7 @@ def linear(
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
     container: ContainerOpt = False, keep_training_state: KeepTrainingStateOpt = False,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
     bn_batch_size: BnBatchSizeOpt = 32, bn_forward: BnForwardOpt = None,
     weights: WeightsOpt, normalize: NormalizeOpt = False, lr_power: LrPowerOpt = None, hold: LrHoldOpt = None,
@@ -246,7 +256,8 @@ def linear(
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
                         verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt,
-                        container=container, keep_training_state=keep_training_state),
+                        container=container, keep_training_state=keep_training_state,
+                        lora=lora, lora_rank=lora_rank, base=base),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 
@@ -261,6 +272,7 @@ def soup(
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
     container: ContainerOpt = False, keep_training_state: KeepTrainingStateOpt = False,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
     bn_batch_size: BnBatchSizeOpt = 32, bn_forward: BnForwardOpt = None,
     eval: EvalOpt = None, mode: SoupModeOpt = SoupMode.MAX, uniform: UniformOpt = False, strict: StrictOpt = False,
@@ -279,7 +291,8 @@ def soup(
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
                         verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt,
-                        container=container, keep_training_state=keep_training_state),
+                        container=container, keep_training_state=keep_training_state,
+                        lora=lora, lora_rank=lora_rank, base=base),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.soup_evaluation(eval, mode, keep))
 
 

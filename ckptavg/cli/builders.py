@@ -12,10 +12,11 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .lists import Floats, Ints, Names
-from .options import Keep, Per, SoupMode
+from .options import Keep, LoraMode, Per, SoupMode
 
 if TYPE_CHECKING:
     from ..methods.base import Plan
+    from ..methods.lora import LoraAverage
     from ..results import RowEvaluation
 
 
@@ -53,6 +54,16 @@ def windowed(plan: Plan, window: int | None, stride: int | None) -> Plan:
             raise PlanError("stride goes with window: give window K too.", params=("stride", "window"))
         return plan
     return Windows(plan, window, stride or 1)
+
+
+def lora_average(lora: LoraMode | None, lora_rank: int | None, base: str | None) -> LoraAverage | None:
+    """The `LoraAverage` of --lora, --lora-rank and --base (a rank alone means svd, a base merge); None for the
+    default."""
+    from ..methods.lora import LoraAverage
+
+    if lora is None and lora_rank is None and base is None:
+        return None
+    return LoraAverage(lora.value if lora else "merge" if base is not None else "svd", lora_rank, base)
 
 
 def evaluation(eval: str | None, eval_mode: SoupMode, keep: Keep | None) -> RowEvaluation | None:

@@ -58,6 +58,15 @@ class Format(str, Enum):
     TORCH = "torch"
 
 
+class LoraMode(str, Enum):
+    """`ckptavg.methods.lora.MODES`."""
+
+    SVD = "svd"
+    CONCAT = "concat"
+    FACTORS = "factors"
+    MERGE = "merge"
+
+
 class Shards(str, Enum):
     """How to shard an output folder."""
 
@@ -206,6 +215,13 @@ ContainerOpt = Annotated[bool, typer.Option(
 KeepTrainingStateOpt = Annotated[bool, typer.Option(
     "--keep-state", rich_help_panel=OUTPUT, help="--container: keep optimizer, RNG.")]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", rich_help_panel=OUTPUT, help="Overwrite an existing output.")]
+LoraOpt = Annotated[LoraMode | None, typer.Option(
+    metavar="MODE", rich_help_panel=OUTPUT,
+    help="LoRA: svd (default), concat (exact), factors or merge.")]
+LoraRankOpt = Annotated[int | None, typer.Option(
+    min=1, metavar="N", rich_help_panel=OUTPUT, help="Rank of --lora svd (default: r).")]
+BaseOpt = Annotated[str | None, typer.Option(
+    metavar="MODEL", rich_help_panel=OUTPUT, help="Base model of --lora merge.")]
 JsonOpt = Annotated[bool, typer.Option("--json", rich_help_panel=OUTPUT, help="Print JSON instead of text.")]
 QuietOpt = Annotated[bool, typer.Option(
     "--quiet", "-q", rich_help_panel=OUTPUT, help="No progress bar and no summary (warnings and errors still print).")]
@@ -241,6 +257,7 @@ PARAM_FLAGS: dict[str, str] = {
     "shards_like_input": "--shards like-input", "dtype": "--dtype", "accum_dtype": "--accum-dtype",
     "device": "--device", "allow_nonfinite": "--allow-nonfinite", "verify": "--verify", "force": "--force",
     "container": "--container", "keep_training_state": "--keep-state",
+    "lora": "--lora", "lora.rank": "--lora-rank", "lora_rank": "--lora-rank", "base": "--base",
     # BatchNorm (BatchNormOptions fields, and the command's own names)
     "bn_model": "--bn-model", "bn_data": "--bn-data", "bn_batches": "--bn-batches", "bn_batch_size": "--bn-batch-size",
     "bn_forward": "--bn-forward", "model": "--bn-model", "data": "--bn-data", "batches": "--bn-batches",

@@ -67,6 +67,7 @@ from .method_options import (
 )
 from .options import (
     AddPrefixOpt,
+    BaseOpt,
     BestOpt,
     ComponentOpt,
     DtypeOpt,
@@ -76,6 +77,8 @@ from .options import (
     KeepPrefixOpt,
     KeyOpt,
     LastOpt,
+    LoraOpt,
+    LoraRankOpt,
     MetricModeOnlyOpt,
     MetricModeOpt,
     MetricOpt,
@@ -90,8 +93,9 @@ from .options import (
 from .values import loading, selection, show_plan
 
 HELP = ("Show which checkpoints a method would use, in which order, with which weights, without writing "
-        "anything.\n\nswa, ema, linear, wsm and phema read only metadata; graft and soup read tensor data to "
-        "compute their weights (graft: layer entropies; soup: your --eval on candidate averages). Several "
+        "anything.\n\nswa, ema, linear, wsm and phema read only metadata (and LoRA adapters' factors, for each "
+        "layer's error); graft and soup read tensor data to compute their weights (graft: layer entropies; "
+        "soup: your --eval on candidate averages). Several "
         "outputs (comma lists, --window) show as a matrix: one column of weights per output.")
 
 
@@ -102,6 +106,7 @@ def swa(
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     window: WindowOpt = None, stride: StrideOpt = None,
 ) -> None:
     """Weights of `ckptavg swa`, without doing the work (reads metadata only)."""
@@ -109,7 +114,8 @@ def swa(
 
     show_plan(inputs, builders.windowed(Swa(), window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
-              loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot)
+              loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot,
+              builders.lora_average(lora, lora_rank, base))
 
 
 def ema(
@@ -119,6 +125,7 @@ def ema(
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     decay: DecayOpt = None, per: PerOpt = None, step_decay: StepDecayOpt = None, sigma_rel: SigmaRelOpt = None,
     warmup: WarmupOpt = False, warmup_gamma: WarmupGammaOpt = WARMUP_GAMMA,
     warmup_power: WarmupPowerOpt = WARMUP_POWER, min_decay: MinDecayOpt = MIN_DECAY,
@@ -130,7 +137,8 @@ def ema(
                              update_after_step, hold, init)
     show_plan(inputs, builders.windowed(plan, window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
-              loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot)
+              loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot,
+              builders.lora_average(lora, lora_rank, base))
 
 
 def graft(
@@ -140,6 +148,7 @@ def graft(
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     a: GraftAOpt = GRAFT_A, c: GraftCOpt = GRAFT_C, bins: GraftBinsOpt = GRAFT_BINS,
     mode: GraftModeOpt = GRAFT_MODE, groups: GraftGroupsOpt = GRAFT_GROUPS, round_digits: RoundDigitsOpt = "2",
     window: WindowOpt = None, stride: StrideOpt = None,
@@ -147,7 +156,8 @@ def graft(
     """Weights of `ckptavg graft`, without writing anything (reads every tensor for its entropy)."""
     show_plan(inputs, builders.windowed(builders.graft_plan(a, c, bins, mode, groups, round_digits), window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
-              loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot)
+              loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot,
+              builders.lora_average(lora, lora_rank, base))
 
 
 def linear(
@@ -157,6 +167,7 @@ def linear(
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     weights: WeightsOpt, normalize: NormalizeOpt = False, lr_power: LrPowerOpt = None, hold: LrHoldOpt = None,
     window: WindowOpt = None, stride: StrideOpt = None,
 ) -> None:
@@ -164,7 +175,8 @@ def linear(
     doing the work (reads metadata only)."""
     show_plan(inputs, builders.windowed(builders.linear_plan(weights, normalize, lr_power, hold), window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
-              loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot)
+              loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot,
+              builders.lora_average(lora, lora_rank, base))
 
 
 def soup(
@@ -174,13 +186,15 @@ def soup(
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     eval: EvalOpt = None, mode: SoupModeOpt = SoupMode.MAX, uniform: UniformOpt = False, strict: StrictOpt = False,
     window: WindowOpt = None, stride: StrideOpt = None,
 ) -> None:
     """Weights of `ckptavg soup`, without writing anything (runs --eval on the candidate averages)."""
     show_plan(inputs, builders.windowed(builders.soup_plan(eval, mode, uniform, strict), window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
-              loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot)
+              loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot,
+              builders.lora_average(lora, lora_rank, base))
 
 
 def wsm(
@@ -190,6 +204,7 @@ def wsm(
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     schedule: ScheduleOpt = SCHEDULE, final: FinalOpt = None, factor: FactorOpt = None,
     milestones: MilestonesOpt = None, gamma: GammaOpt = None, timescale: TimescaleOpt = None,
     reverse: ReverseOpt = False, by_step: ByStepOpt = False, window: WindowOpt = None, stride: StrideOpt = None,
@@ -199,7 +214,8 @@ def wsm(
     plan = builders.wsm_plan(schedule, final, factor, milestones, gamma, timescale, reverse, by_step)
     show_plan(inputs, builders.windowed(plan, window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
-              loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot)
+              loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot,
+              builders.lora_average(lora, lora_rank, base))
 
 
 def phema(
@@ -209,6 +225,7 @@ def phema(
     key: KeyOpt = None, component: ComponentOpt = None, strip_prefix: StripPrefixOpt = None,
     add_prefix: AddPrefixOpt = None, keep_prefix: KeepPrefixOpt = False, trust_pickle: TrustPickleOpt = False,
     dtype: DtypeOpt = None, json_out: JsonOpt = False, plot: PlotOpt = None,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     sigma_rel: TargetSigmaRelOpt, snapshot_sigma_rel: SnapshotSigmaRelOpt = None,
     snapshot_gamma: SnapshotGammaOpt = None, at_step: AtStepOpt = None, raw: RawOpt = False,
     window: WindowOpt = None, stride: StrideOpt = None,
@@ -218,7 +235,8 @@ def phema(
     plan = builders.phema_plan(sigma_rel, snapshot_sigma_rel, snapshot_gamma, at_step, raw)
     show_plan(inputs, builders.windowed(plan, window, stride),
               selection(last, best, metric, metric_mode, start, every, upto, order),
-              loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot)
+              loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix), dtype, json_out, plot,
+              builders.lora_average(lora, lora_rank, base))
 
 
 COMMANDS: dict[str, Callable[..., None]] = {"swa": swa, "ema": ema, "graft": graft, "linear": linear, "soup": soup,

@@ -32,6 +32,7 @@ from .options import (
     AccumDtypeOpt,
     AddPrefixOpt,
     AllowNonfiniteOpt,
+    BaseOpt,
     BestOpt,
     BnBatchesOpt,
     BnBatchSizeOpt,
@@ -51,6 +52,8 @@ from .options import (
     KeepTrainingStateOpt,
     KeyOpt,
     LastOpt,
+    LoraOpt,
+    LoraRankOpt,
     MaxShardSizeOpt,
     MetricModeOpt,
     MetricOpt,
@@ -80,6 +83,7 @@ def wsm(
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
     container: ContainerOpt = False, keep_training_state: KeepTrainingStateOpt = False,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
     bn_batch_size: BnBatchSizeOpt = 32, bn_forward: BnForwardOpt = None,
     schedule: ScheduleOpt = SCHEDULE, final: FinalOpt = None, factor: FactorOpt = None,
@@ -105,7 +109,8 @@ def wsm(
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
                         verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt,
-                        container=container, keep_training_state=keep_training_state),
+                        container=container, keep_training_state=keep_training_state,
+                        lora=lora, lora_rank=lora_rank, base=base),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 
@@ -120,6 +125,7 @@ def phema(
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
     container: ContainerOpt = False, keep_training_state: KeepTrainingStateOpt = False,
+    lora: LoraOpt = None, lora_rank: LoraRankOpt = None, base: BaseOpt = None,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
     bn_batch_size: BnBatchSizeOpt = 32, bn_forward: BnForwardOpt = None,
     sigma_rel: TargetSigmaRelOpt, snapshot_sigma_rel: SnapshotSigmaRelOpt = None,
@@ -146,7 +152,8 @@ def phema(
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
                         verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt,
-                        container=container, keep_training_state=keep_training_state),
+                        container=container, keep_training_state=keep_training_state,
+                        lora=lora, lora_rank=lora_rank, base=base),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 

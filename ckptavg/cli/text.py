@@ -53,7 +53,8 @@ def format_plan(report: PlanReport) -> str:
             lines += ["", _table(table), ""]
     lines.append(f"output: {len(report.specs)} tensors, {human_bytes(report.nbytes)}"
                  + (f" each, {len(rows)} outputs" if len(rows) > 1 else ""))
-    return "\n".join(lines + _method_lines(report) + _skipped(report) + _groups(report) + _scores(report))
+    return "\n".join(lines + _method_lines(report) + _lora(report, table=True) + _skipped(report) + _groups(report)
+                     + _scores(report))
 
 
 def describe(plan: Plan) -> tuple[str, dict[str, Any], list[str]]:
@@ -122,6 +123,27 @@ def _method_lines(report: PlanReport) -> list[str]:
     return [""] + lines if lines else []
 
 
+def _lora(report: PlanReport, table: bool = False) -> list[str]:
+    """How LoRA adapters are averaged, and the relative error of each layer's update (the worst over outputs)."""
+    if report.lora is None:
+        return []
+    first = report.lora.summary(0)
+    if first["mode"] == "merge":
+        return ["", f"LoRA: merged into {first['base']}: the exact mean update of {_count(first['layers'], 'layer')}"]
+    worst = {layer: max(e[layer] for e in report.lora.errors if layer in e) for layer in report.lora.layers
+             if any(layer in e for e in report.lora.errors)}
+    alpha = f", lora_alpha {first['lora_alpha']:g}" if first["lora_alpha"] is not None else ""
+    head = f"LoRA: {first['mode']}" + (f", r {first['r']}" if first["r"] is not None else "") + alpha
+    if not worst:  # graft weighed every A and B apart: there is no one mean update
+        return ["", head + "; A and B weighed apart, so no error of the mean update"]
+    lines = [head + f"; relative error of the mean update: max {max(worst.values()):.3g} "
+             f"({max(worst, key=worst.__getitem__)}), mean {sum(worst.values()) / len(worst):.3g} over "
+             f"{_count(len(worst), 'layer')}"]
+    if table:
+        lines += [_table([["layer", "error"]] + [[layer, f"{e:.4g}"] for layer, e in worst.items()])]
+    return [""] + lines
+
+
 def _skipped(report: PlanReport) -> list[str]:
     if not report.skipped:
         return []
@@ -185,7 +207,7 @@ def format_summary(result: AverageResult) -> str:
     scores = {s["row"]: s["score"] for s in result.scores}
     rows = [[str(path), w.name or "-", f"score {scores[i]:.6g}" if i in scores else ""]
             for (path, w), i in zip(written, result.rows or range(len(written)), strict=False)] if len(written) > 1 else []
-    lines = [head] + (["  " + line for line in _table(rows).splitlines()] if rows else [])
+    lines = [head] + (["  " + line for line in _table(rows).splitlines()] if rows else []) + _lora(r)[1:]
     if result.scores and (len(written) == 1 or len(written) < len(r.matrix.rows)):  # --keep best: every row's
         lines.append("scores:")
         table = [[s["name"] or f"output {s['row']}", f"{s['score']:.6g}", "kept" if s["kept"] else ""] for s in result.scores]

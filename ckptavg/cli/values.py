@@ -12,13 +12,14 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .options import PARAM_FLAGS, AccumDtype, Format, MetricMode, Order, OutDtype, Shards
+from .options import PARAM_FLAGS, AccumDtype, Format, LoraMode, MetricMode, Order, OutDtype, Shards
 from .progress import ProgressBar
 from .text import format_plan, format_summary
 
 if TYPE_CHECKING:
     from ..bn import BatchNormOptions
     from ..methods.base import Plan
+    from ..methods.lora import LoraAverage
     from ..read.checkpoint import LoadOptions
     from ..results import AverageResult, RowEvaluation
     from ..select import Selection
@@ -42,6 +43,9 @@ class Destination:
     fmt: Format | None = None
     container: bool = False
     keep_training_state: bool = False
+    lora: LoraMode | None = None
+    lora_rank: int | None = None
+    base: str | None = None
 
 
 def selection(last: int | None, best: int | None, metric: str | None, metric_mode: MetricMode | None,
@@ -85,6 +89,7 @@ def average(inputs: list[str], plan: Plan, select: Selection, load: LoadOptions,
     """Run one average (under torchrun, this rank's share of it) and print the summary."""
     from .. import api, dist  # noqa: F401 - api: imported before the freeze below, as dist imports it late
     from ..write.options import WriteOptions
+    from .builders import lora_average
 
     if gc.get_freeze_count():
         # main() froze what it had imported before torch; freeze torch's ~500k objects too, so that no
@@ -97,7 +102,8 @@ def average(inputs: list[str], plan: Plan, select: Selection, load: LoadOptions,
                              dest.force, dest.device, dest.max_shard_size, dest.shards is not None, dest.verify,
                              dest.fmt.value if dest.fmt else None, dest.container, dest.keep_training_state)
         result: AverageResult = dist.average(inputs, dest.output, plan, select=select, load=load, write=write, bn=bn,
-                                             progress=bar, evaluation=evaluation)
+                                             progress=bar, evaluation=evaluation,
+                                             lora=lora_average(dest.lora, dest.lora_rank, dest.base))
     finally:
         if bar:
             bar.close()
@@ -106,7 +112,7 @@ def average(inputs: list[str], plan: Plan, select: Selection, load: LoadOptions,
 
 
 def show_plan(inputs: list[str], plan: Plan, select: Selection, load: LoadOptions, dtype: OutDtype | None,
-              json_out: bool, plot: str | None = None) -> None:
+              json_out: bool, plot: str | None = None, lora: LoraAverage | None = None) -> None:
     """Print the checkpoints, order and weights that `plan` gives, as a table or as JSON; with `plot`, draw the
     weights of every output into that file too."""
     from ..api import plan_checkpoints
@@ -114,7 +120,7 @@ def show_plan(inputs: list[str], plan: Plan, select: Selection, load: LoadOption
 
     if plot is not None:
         check_plot(plot)  # before any work: a missing matplotlib or a bad suffix
-    report = plan_checkpoints(inputs, plan, select=select, load=load, dtype=dtype.value if dtype else None)
+    report = plan_checkpoints(inputs, plan, select=select, load=load, dtype=dtype.value if dtype else None, lora=lora)
     if plot is not None:
         plot_weights(report, plot)
     print(json.dumps(report.to_json(PARAM_FLAGS), indent=2, allow_nan=False) if json_out else format_plan(report))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -18,8 +19,8 @@ import torch
 
 from ..errors import CheckpointFormatError, IncompatibleCheckpointsError, PlanError, listing
 
-Mode = Literal["svd", "concat", "factors"]
-MODES: tuple[Mode, ...] = ("svd", "concat", "factors")
+Mode = Literal["svd", "concat", "factors", "merge"]
+MODES: tuple[Mode, ...] = ("svd", "concat", "factors", "merge")
 
 # Saved files drop the adapter name (`q.lora_A.weight`, `emb.lora_embedding_A`); live state dicts keep it
 # (`q.lora_A.default.weight`, `emb.lora_embedding_A.default`). Conv layers use the lora_A/lora_B form too.
@@ -217,15 +218,19 @@ class LoraAverage:
     """How to store the average of LoRA adapters (docs/ALGORITHMS.md §13), checked when built.
 
     Args:
-        mode: ``svd`` (best rank-r approximation), ``concat`` (exact, rank N·r) or ``factors`` (mean A and mean B).
+        mode: ``svd`` (best rank-r approximation), ``concat`` (exact, rank N·r), ``factors`` (mean A and mean B),
+            or ``merge``: full weights, the base's with the exact mean update added (methods/lora_merge.py).
         rank: svd only: the output rank; None keeps each layer's input rank.
+        base: merge only: the base model (a Hugging Face folder or a weights file) the adapters apply to.
 
     Raises:
-        PlanError: An unknown mode, a rank below 1, or a rank with another mode than svd.
+        PlanError: An unknown mode, a rank below 1, or a rank with another mode than svd; merge without a base,
+            or a base with another mode.
     """
 
     mode: Mode = "svd"
     rank: int | None = None
+    base: str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -235,6 +240,10 @@ class LoraAverage:
                 raise PlanError(f"lora.rank must be an integer >= 1, not {self.rank!r}.", params=("lora.rank",))
             if self.mode != "svd":
                 raise PlanError(f"lora.rank applies to svd only, not to {self.mode}.", params=("lora.rank",))
+        if (self.base is None) == (self.mode == "merge"):
+            raise PlanError("lora merge writes the base model with the mean update added: give base, the model "
+                            "folder or file the adapters were trained on." if self.base is None else
+                            f"base goes with lora merge, not with lora {self.mode}.", params=("base", "lora"))
 
     def average(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], weights: Sequence[float]) -> LoraLayer:
         """The stored A, B of one layer from each checkpoint's ``(A, B)``, and the relative error of the update
@@ -242,7 +251,7 @@ class LoraAverage:
         costs QRs of (out + in) × (N+1)·r stacks, like svd."""
         As = [a for a, _ in pairs]
         Bs = [b for _, b in pairs]
-        if self.mode == "concat":
+        if self.mode in ("concat", "merge"):  # merge: the exact update, applied to the base by lora_merge
             a, b = average_concat(As, Bs, weights)
             return LoraLayer(a, b, 0.0)
         if self.mode == "factors":
@@ -264,6 +273,9 @@ def adapter_config_for(config: dict[str, Any], mode: Mode, n: int, *, rank: int 
         PlanError: An unknown mode, a bad rank, or svd at another rank with rank_pattern/alpha_pattern.
         CheckpointFormatError: The config has no usable ``r`` or ``lora_alpha``.
     """
+    if mode == "merge":
+        raise PlanError("lora merge writes full weights, not an adapter: it has no adapter_config.json.",
+                        params=("lora",))
     LoraAverage(mode, rank if mode == "svd" else None)
     out = copy.deepcopy(config)
     r, alpha = config.get("r"), config.get("lora_alpha")

@@ -26,7 +26,6 @@ from .torch_zip import _data_records as _data_records  # tests check records wit
 from .torch_zip import check_torch_zip
 from .walk import Cycle, rebuild
 
-
 # Plain data containers seen in real training checkpoints; none can run code when rebuilt. Lightning's
 # AttributeDict (a dict subclass holding hyper_parameters) is read as a plain dict: torch's weights-only
 # unpickler fills only exact dicts (SETITEMS), and the weights never depend on it.

@@ -136,7 +136,7 @@ def check_finite(spec: TensorSpec, result: torch.Tensor, ckpts: Sequence[Checkpo
     if _all_finite(result):
         return
     for c in ckpts:  # find the culprit; this costs a second read of one tensor, only on failure
-        if not bool(torch.isfinite(widen(c.tensors[spec.name].load())).all()):
+        if spec.name in c.tensors and not bool(torch.isfinite(widen(c.tensors[spec.name].load())).all()):
             raise NonFiniteError(
                 f"{c.path}: '{spec.name}' contains NaN or Inf; pass allow_nonfinite to average it anyway.",
                 params=("allow_nonfinite",))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -96,7 +96,7 @@ class Output:
     format: str = "safetensors"  # of a single file; folders are safetensors shards
     stem: str = "model"  # a folder's weights: model.safetensors, or diffusers' diffusion_pytorch_model.safetensors
     container: Any = None  # a `container.ContainerPlan` (or one per rank): copies of training checkpoints
-    texts: tuple[tuple[str, str], ...] = ()  # small files written last (Megatron's latest_checkpointed_iteration.txt)
+    texts: tuple[tuple[str, str], ...] = ()  # small files we write (an adapter_config.json, Megatron's tracker file)
 
     def check(self, inputs: Sequence[Path], force: bool) -> None:
         """Refuse an output that is an input, would overwrite something (without `force`), or cannot be made."""
@@ -106,8 +106,8 @@ class Output:
         if not self.to_folder:
             check_output(self.path, inputs, force)
             return
-        names = [sh.name for sh in self.shards] + [p.name for p in self.copies] + ([self.index] if self.indexed else [])
-        names += [name for name, _ in self.texts]
+        names = [sh.name for sh in self.shards] + [p.name for p in self.copies] + [n for n, _ in self.texts]
+        names += [self.index] if self.indexed else []
         check_folder(self.path, names, inputs, force)
 
     @property
@@ -161,11 +161,12 @@ def _remove_folders(created: Sequence[Path]) -> None:
 
 def plan_output(output: str | os.PathLike[str], specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], *,
                 to_folder: bool, max_bytes: int | None = None, like_input: bool = False, parts: int = 1,
-                make_parent: bool = False, fmt: str | None = None) -> Output:
+                make_parent: bool = False, fmt: str | None = None, texts: Mapping[str, str] | None = None) -> Output:
     """The files that `-o output` means for tensors `specs` from `ckpts` (the newest last).
 
     A folder is sharded by `max_bytes`, like the first input (`like_input`), or into `parts` files of
-    balanced size (one per torchrun rank); it gets the sidecars of the newest input folder.
+    balanced size (one per torchrun rank); it gets the sidecars of the newest input folder, but for those
+    `texts` writes instead (name -> contents).
     """
     out = Path(output)
     if not to_folder:
@@ -176,7 +177,9 @@ def plan_output(output: str | os.PathLike[str], specs: Sequence[TensorSpec], ckp
                         "name ending in .pt, or leave out format.", params=("output", "format"))
     stem = weights_stem(ckpts)
     shards = plan_shards(specs, max_bytes, ckpts[0] if like_input else None, parts=parts, stem=stem)
-    return Output(out, out, True, tuple(shards), tuple(sidecars(ckpts)), make_parent, stem=stem)
+    written = tuple(sorted((texts or {}).items()))
+    copies = tuple(p for p in sidecars(ckpts) if p.name not in dict(written))
+    return Output(out, out, True, tuple(shards), copies, make_parent, stem=stem, texts=written)
 
 
 @dataclass
@@ -244,7 +247,7 @@ class OpenOutput:
                 if self.output.indexed:
                     index = self.output.index
                     temps.append((write_text_temp(folder, index, index_json(self.output.shards)), folder / index))
-                for name, text in self.output.texts:
+                for name, text in self.output.texts:  # last: Megatron's tracker file names a complete folder
                     temps.append((write_text_temp(folder, name, text), folder / name))
             for i, (tmp, final) in enumerate(temps):
                 place(tmp, final, force)
