@@ -22,6 +22,7 @@ from .layout import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout
 from .methods.base import Plan
 from .methods.uniform import Copy, Swa
 from .read.checkpoint import LoadOptions, PathLike, check_unchanged, files_of
+from .read.dcp import extra_state_note
 from .read.dedupe import dedupe, fill_path_meta, skipped_note
 from .read.describe import describe, refuse_folder
 from .read.discover import Found, discover, find_checkpoints
@@ -92,6 +93,8 @@ def _plan(found: Found, plan: Plan, select: Selection, load: LoadOptions, dtype:
         ordered, used = order_checkpoints(once.kept, select.order, once.identity, plan.combines_profiles)
         chosen = select_checkpoints(ordered, select)
         refuse_twice(chosen, once.identity)
+        if (extra := extra_state_note(chosen)) is not None:  # once per run, not once per checkpoint
+            warnings.warn(extra, stacklevel=1)
         specs = check_layout(chosen, OUT_DTYPES[dtype] if dtype else None)  # before the weights: graft reads tensors
         matrix = plan.weights(chosen, CheckpointData(chosen, specs, _steps_of(progress)))
         for note in plan.notes(chosen, matrix):

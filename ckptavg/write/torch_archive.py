@@ -263,18 +263,27 @@ def state_dict_pickle(specs: Sequence[TensorSpec]) -> bytes:
     return buf.getvalue()
 
 
+def tensor_pickle(spec: TensorSpec) -> bytes:
+    """data.pkl of ``torch.save(tensor)`` for one tensor (storage record ``data/0``): what a DCP data file
+    holds for each tensor chunk."""
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(_tensor_ref(spec, "0"))
+    return buf.getvalue()
+
+
 def metadata_json(metadata: dict[str, str]) -> bytes:
     """The extra metadata record: keys sorted, compact, UTF-8 (as a safetensors header's ``__metadata__``)."""
     return json.dumps(dict(sorted(metadata.items())), separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def plan_archive(specs: Sequence[TensorSpec], metadata: dict[str, str]) -> tuple[list[Record], list[bytes]]:
+def plan_archive(specs: Sequence[TensorSpec], metadata: dict[str, str], data_pkl: bytes | None = None
+                 ) -> tuple[list[Record], list[bytes]]:
     """The records of the file in the order they lie in it, and the contents of those before the tensors.
 
     Records: the leading ones (whose contents are returned), one per spec (``data/<i>``), then ``version``
-    and ``.data/serialization_id``.
+    and ``.data/serialization_id``. `data_pkl` replaces the state dict's pickle (`tensor_pickle`: one tensor).
     """
-    head = [("data.pkl", state_dict_pickle(specs)), (".format_version", FORMAT_VERSION),
+    head = [("data.pkl", state_dict_pickle(specs) if data_pkl is None else data_pkl), (".format_version", FORMAT_VERSION),
             (".storage_alignment", str(ALIGN).encode()), ("byteorder", b"little")]
     if metadata:
         head.append((EXTRA_METADATA, metadata_json(metadata)))
