@@ -160,9 +160,18 @@ def plan_output(output: str | os.PathLike[str], specs: Sequence[TensorSpec], ckp
     """The files that `-o output` means for tensors `specs` from `ckpts` (the newest last).
 
     A folder is sharded by `max_bytes`, like the first input (`like_input`), or into `parts` files of
-    balanced size (one per torchrun rank); it gets the sidecars of the newest input folder.
+    balanced size (one per torchrun rank); it gets the sidecars of the newest input folder. From DCP inputs, or
+    with `fmt` ``dcp``, a folder is a DCP folder (`dcp_folder`).
     """
     out = Path(output)
+    if fmt == "dcp" or (fmt is None and to_folder):
+        from .dcp_folder import dcp_note, plan_dcp_output, wants_dcp  # here: dcp_folder builds on this module
+
+        if wants_dcp(ckpts, fmt, to_folder):
+            dcp = plan_dcp_output(out, specs, ckpts, to_folder=to_folder, max_bytes=max_bytes, like_input=like_input,
+                                  parts=parts, make_parent=make_parent)
+            dcp_note(dcp)
+            return dcp
     if not to_folder:
         return Output(out, out.parent, False, (Shard(out.name, tuple(specs)),), make_parent=make_parent,
                       format=output_format(out, fmt))
@@ -227,15 +236,10 @@ class OpenOutput:
         the same output) this raises OutputError, and the files this commit already placed, new ones, are
         removed again. With `force`, existing regular files are replaced.
         """
-        folder = self.output.folder
         temps = [(w.done, w.path) for w in self.writers if w.done is not None]
         try:
             if lead:
-                for src in self.output.copies:  # one at a time: a failed copy must not lose the earlier temps
-                    temps.append((copy_temp(src, folder), folder / src.name))
-                if self.output.indexed:
-                    index = self.output.index
-                    temps.append((write_text_temp(folder, index, index_json(self.output.shards)), folder / index))
+                self._lead_temps(temps)
             for i, (tmp, final) in enumerate(temps):
                 place(tmp, final, force)
                 temps[i] = (final, final)
@@ -247,6 +251,15 @@ class OpenOutput:
             if not force:  # what this commit placed was new: take it back, all or nothing
                 self._unplace()
             raise
+
+    def _lead_temps(self, temps: list[tuple[Path, Path]]) -> None:
+        """Add to `temps` the (temp, final) files that follow the weights: sidecar copies, then the index."""
+        folder = self.output.folder
+        for src in self.output.copies:  # one at a time: a failed copy must not lose the earlier temps
+            temps.append((copy_temp(src, folder), folder / src.name))
+        if self.output.indexed:
+            index = self.output.index
+            temps.append((write_text_temp(folder, index, index_json(self.output.shards)), folder / index))
 
     def _unplace(self) -> None:
         for final in self._placed:
