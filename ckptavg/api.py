@@ -32,6 +32,7 @@ from .reduce.tensor import CheckpointData, check_finite, work_bytes
 from .results import AverageResult, PlanReport, provenance, score_rows
 from .results import RowEvaluation as RowEvaluation  # the argument of `average`, importable from here too
 from .select import Selection, order_checkpoints, refuse_twice, select_checkpoints
+from .write.dcp_folder import plan_dcp_output, wants_dcp
 from .write.options import WriteOptions, output_format
 from .write.output import OpenOutput, Output, is_folder_output, plan_output
 from .write.safetensors import check_output
@@ -151,9 +152,10 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
     for target in targets:
         # one output: an existing directory means a folder; a row's output is a folder only when asked (DIR/)
         to_folder = sharded or (is_folder_output(target) if targets == [os.fspath(output)] else target.endswith(os.sep))
-        out = plan_output(target, report.specs, report.checkpoints, to_folder=to_folder, max_bytes=write.max_bytes,
-                          like_input=write.shards_like_input, parts=parts, make_parent=target != os.fspath(output),
-                          fmt=write.format)
+        planned = plan_dcp_output if wants_dcp(report.checkpoints, write.format, to_folder) else plan_output
+        out = planned(target, report.specs, report.checkpoints, to_folder=to_folder, max_bytes=write.max_bytes,
+                   like_input=write.shards_like_input, parts=parts, make_parent=target != os.fspath(output),
+                   fmt=write.format)
         out.check(files_of(report.considered), write.force)  # unselected inputs are still inputs
         outs.append(out)
     metadata = tuple(row_metadata(report, r, bn) for r in range(len(outs)))

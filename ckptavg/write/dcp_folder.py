@@ -62,9 +62,10 @@ class DcpPlan:
 
 
 def plan_dcp_output(output: str | os.PathLike[str], specs: Sequence[TensorSpec], ckpts: Sequence[Checkpoint], *,
-                    to_folder: bool, max_bytes: int | None, like_input: bool, parts: int,
-                    make_parent: bool) -> DcpOutput:
-    """The files of a DCP output at `output` for tensors `specs` from `ckpts` (the newest last)."""
+                    to_folder: bool, max_bytes: int | None = None, like_input: bool = False, parts: int = 1,
+                    make_parent: bool = False, fmt: str | None = "dcp") -> DcpOutput:
+    """The files of a DCP output at `output` for tensors `specs` from `ckpts` (the newest last); the same
+    parameters as `output.plan_output` (`fmt`: ``dcp`` or None), and a note of what will be written."""
     out = Path(output)
     if not to_folder:
         raise PlanError(f"output {out}: format dcp writes a folder; give a folder (DIR/), or another format.",
@@ -88,7 +89,10 @@ def plan_dcp_output(output: str | os.PathLike[str], specs: Sequence[TensorSpec],
             folder, tracker = out / f"iter_{step:07d}", out / TRACKER
     shards = _files(specs, carried, max_bytes)
     plan = DcpPlan(names, carried, planner_data, tracker, step if tracker is not None else None)
-    return DcpOutput(out, folder, True, tuple(shards), copies, make_parent, format="dcp", dcp=plan)
+    dcp = DcpOutput(out, folder, True, tuple(shards), copies, make_parent, format="dcp", dcp=plan)
+    warnings.warn(CkptavgWarning(f"DCP output {dcp.describe()}. Optimizer and RNG state are not written."),
+                  stacklevel=2)
+    return dcp
 
 
 def _fqn(spec: TensorSpec, newest: Checkpoint) -> str:
@@ -247,10 +251,3 @@ def _bytes_temp(folder: Path, name: str, data: bytes) -> Path:
     from .hf_folder import _filled_temp
 
     return _filled_temp(folder, name, lambda f: f.write(data), "cannot write")
-
-
-def dcp_note(out: Output) -> None:
-    """Say what a DCP output will write (a note of the plan)."""
-    if isinstance(out, DcpOutput):
-        warnings.warn(CkptavgWarning(f"DCP output {out.describe()}. Optimizer and RNG state are not written."),
-                      stacklevel=2)

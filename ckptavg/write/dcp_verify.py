@@ -96,8 +96,8 @@ def _check_values(view: Path, spec: TensorSpec, t: torch.Tensor, crcs: Mapping[s
 def _torchs(view: Path, specs: Sequence[TensorSpec], crcs: Mapping[str, int]) -> None:
     """torch's reader: its own unpickling of `.metadata` (names, sizes, dtypes), then `load` in groups."""
     from torch.distributed.checkpoint.filesystem import FileSystemReader
-    from torch.distributed.checkpoint.state_dict_loader import load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict_loader import load
 
     reader = "torch.distributed.checkpoint"
     try:

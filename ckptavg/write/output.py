@@ -160,18 +160,10 @@ def plan_output(output: str | os.PathLike[str], specs: Sequence[TensorSpec], ckp
     """The files that `-o output` means for tensors `specs` from `ckpts` (the newest last).
 
     A folder is sharded by `max_bytes`, like the first input (`like_input`), or into `parts` files of
-    balanced size (one per torchrun rank); it gets the sidecars of the newest input folder. From DCP inputs, or
-    with `fmt` ``dcp``, a folder is a DCP folder (`dcp_folder`).
+    balanced size (one per torchrun rank); it gets the sidecars of the newest input folder. (DCP folders:
+    `dcp_folder.plan_dcp_output`.)
     """
     out = Path(output)
-    if fmt == "dcp" or (fmt is None and to_folder):
-        from .dcp_folder import dcp_note, plan_dcp_output, wants_dcp  # here: dcp_folder builds on this module
-
-        if wants_dcp(ckpts, fmt, to_folder):
-            dcp = plan_dcp_output(out, specs, ckpts, to_folder=to_folder, max_bytes=max_bytes, like_input=like_input,
-                                  parts=parts, make_parent=make_parent)
-            dcp_note(dcp)
-            return dcp
     if not to_folder:
         return Output(out, out.parent, False, (Shard(out.name, tuple(specs)),), make_parent=make_parent,
                       format=output_format(out, fmt))
