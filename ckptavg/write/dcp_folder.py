@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import CkptavgWarning, OutputError, PlanError
+from ..errors import CkptavgWarning, OutputError, PlanError, listing, one_line
 from ..layout import TensorSpec
 from ..read.checkpoint import Checkpoint
 from ..read.dcp import METADATA, TRAINING_ENTRIES, dcp_entries, is_dcp_folder
@@ -118,14 +118,16 @@ def _training(fqn: str) -> bool:
 
 
 def _files(specs: Sequence[TensorSpec], carried: Sequence[Carried], max_bytes: int | None) -> list[Shard]:
-    """Tensors in order into `__0_<i>.distcp` files of at most `max_bytes` (a larger tensor gets its own file)."""
+    """Tensors in order into `__0_<i>.distcp` files of at most `max_bytes` (a larger tensor gets its own file);
+    the first file starts with the carried entries (and may hold only them)."""
     from .dcp_writer import TensorArchive  # sizes of the archives, which the limit counts
 
     groups: list[list[TensorSpec]] = [[]]
     size = sum(c.stored.length for c in carried)
     for spec in specs:
         n = TensorArchive.of(spec).size
-        if max_bytes is not None and groups[-1] and size + n > max_bytes:
+        taken = bool(groups[-1]) or (len(groups) == 1 and bool(carried))  # the first file holds the carried entries
+        if max_bytes is not None and taken and size + n > max_bytes:
             groups.append([])
             size = 0
         groups[-1].append(spec)
@@ -183,7 +185,8 @@ class DcpOutput(Output):
         if self.dcp.tracker is not None:
             what += f"; {self.dcp.tracker} naming iteration {self.dcp.iteration}"
         if self.dcp.carried:
-            what += f"; {len(self.dcp.carried)} non-tensor entries (such as _extra_state) of the newest checkpoint"
+            what += (f"; the newest checkpoint's non-tensor entries "
+                     f"{listing([one_line(c.fqn, 60) for c in self.dcp.carried], 2)}")
         return what
 
 
