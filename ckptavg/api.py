@@ -152,7 +152,8 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
     for target in targets:
         # one output: an existing directory means a folder; a row's output is a folder only when asked (DIR/)
         to_folder = sharded or (is_folder_output(target) if targets == [os.fspath(output)] else target.endswith(os.sep))
-        planned = plan_dcp_output if wants_dcp(report.checkpoints, write.format, to_folder) else plan_output
+        # DCP inputs give a DCP folder, written by one process: a torchrun job writes safetensors shards
+        planned = plan_dcp_output if wants_dcp(report.checkpoints, write.format, to_folder and parts == 1) else plan_output
         out = planned(target, report.specs, report.checkpoints, to_folder=to_folder, max_bytes=write.max_bytes,
                    like_input=write.shards_like_input, parts=parts, make_parent=target != os.fspath(output),
                    fmt=write.format)

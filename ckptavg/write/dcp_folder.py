@@ -32,7 +32,7 @@ from ..read.checkpoint import Checkpoint
 from ..read.dcp import METADATA, TRAINING_ENTRIES, dcp_entries, is_dcp_folder
 from ..read.dcp_chunks import BytesEntry, DcpTensor
 from ..read.megatron import MEGATRON_METADATA, TRACKER, is_torch_dist, megatron_step
-from .dcp_writer import Carried, DcpWriter, metadata_pickle
+from .dcp_writer import Carried, DcpWriter, TensorArchive, metadata_pickle
 from .hf_folder import Shard, check_folder, copy_temp, write_text_temp
 from .output import OpenOutput, Output, Writer, _make_folder, _remove_folders
 from .placing import check_replaceable
@@ -44,7 +44,8 @@ _ITER_NAME = re.compile(r"iter_\d+|release")
 
 
 def wants_dcp(ckpts: Sequence[Checkpoint], fmt: str | None, to_folder: bool) -> bool:
-    """A folder output is a DCP folder when asked (`fmt` ``dcp``), or by default when every input is one."""
+    """An output is a DCP folder when asked (`fmt` ``dcp``), or by default when it is a folder (`to_folder`)
+    and every input is a DCP folder."""
     if fmt is not None:
         return fmt == "dcp"
     return to_folder and bool(ckpts) and all(c.format == "dcp" and is_dcp_folder(c.path) for c in ckpts)
@@ -79,7 +80,7 @@ def plan_dcp_output(output: str | os.PathLike[str], specs: Sequence[TensorSpec],
     carried, planner_data = _carried(newest, set(names.values())) if from_dcp else ((), None)
     if planner_data is not None or not from_dcp:  # every written entry has a key path, as dcp.save gives them
         given = planner_data or {}
-        planner_data = {fqn: given.get(fqn, (fqn,)) for fqn in [*names.values(), *(c.fqn for c in carried)]}
+        planner_data = {fqn: _key_path(fqn, given.get(fqn)) for fqn in [*names.values(), *(c.fqn for c in carried)]}
     copies: tuple[Path, ...] = ()
     folder, tracker, step = out, None, None
     if from_dcp and is_torch_dist(newest.path):
@@ -111,6 +112,14 @@ def _carried(newest: Checkpoint, written: set[str]) -> tuple[tuple[Carried, ...]
     return carried, planner_data if isinstance(planner_data, dict) else None
 
 
+def _key_path(fqn: str, given: Any) -> tuple[str | int, ...]:
+    """The input's key path for `fqn` when it is one (names and list indices that join to `fqn`), else `(fqn,)`."""
+    if isinstance(given, tuple | list) and all(isinstance(p, str) or type(p) is int for p in given) \
+            and ".".join(map(str, given)) == fqn:
+        return tuple(given)
+    return (fqn,)
+
+
 def _training(fqn: str) -> bool:
     """An entry under a training-state subtree: `optim.*`, `app.optim.*` (the DCP recipe), `rng_state/shard_*`."""
     parts = fqn.split("/")[0].split(".")
@@ -120,8 +129,6 @@ def _training(fqn: str) -> bool:
 def _files(specs: Sequence[TensorSpec], carried: Sequence[Carried], max_bytes: int | None) -> list[Shard]:
     """Tensors in order into `__0_<i>.distcp` files of at most `max_bytes` (a larger tensor gets its own file);
     the first file starts with the carried entries (and may hold only them)."""
-    from .dcp_writer import TensorArchive  # sizes of the archives, which the limit counts
-
     groups: list[list[TensorSpec]] = [[]]
     size = sum(c.stored.length for c in carried)
     for spec in specs:
