@@ -370,3 +370,25 @@ def test_output_into_the_input_run_is_refused(tmp_path: Path) -> None:
     result = cli("swa", run, "-o", f"{run}/", "--force")
     assert result.exit_code == 1 and "input" in stderr_lines(result)[0], result.output
     assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in RUN.iterdir())
+
+
+def test_a_torchrun_job_writes_safetensors_shards_unless_dcp_is_asked(tmp_path: Path) -> None:
+    """A DCP output is written by one process: under torchrun (parts > 1) the default stays a safetensors folder,
+    and an explicit format dcp is refused before any work."""
+    from ckptavg.api import prepare
+    from ckptavg.methods.uniform import Swa
+    from ckptavg.read.checkpoint import LoadOptions
+    from ckptavg.select import Selection
+    from ckptavg.write.dcp_folder import DcpOutput
+
+    def job(fmt: str | None, parts: int) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CkptavgWarning)
+            return prepare(RUN, f"{tmp_path / 'avg'}/", Swa(), select=Selection(), load=LoadOptions(),
+                           write=WriteOptions(format=fmt), bn=None, parts=parts)
+
+    assert isinstance(job(None, 1).output, DcpOutput)
+    shards = job(None, 2).output
+    assert not isinstance(shards, DcpOutput) and all(sh.name.endswith(".safetensors") for sh in shards.shards)
+    with pytest.raises(PlanError, match="torchrun"):
+        job("dcp", 2)
