@@ -76,7 +76,7 @@ def test_megatron_run_to_a_run_folder_that_torch_reads_as_the_exact_mean(tmp_pat
     iteration = out / "iter_0000009"
     assert sorted(p.name for p in out.iterdir()) == ["iter_0000009", "latest_checkpointed_iteration.txt"]
     assert (out / "latest_checkpointed_iteration.txt").read_text() == "9"  # as Megatron writes it
-    assert sorted(p.name for p in iteration.iterdir()) == [".metadata", "__0_0.distcp", "common.pt", "metadata.json"]
+    assert sorted(p.name for p in iteration.iterdir()) == [".metadata", "__0_0.distcp", "ckptavg.json", "common.pt", "metadata.json"]
     for name in ("common.pt", "metadata.json"):  # copied byte for byte from the newest iteration
         assert (iteration / name).read_bytes() == (NEWEST / name).read_bytes()
     state, refs = torch_view(iteration, tmp_path), [expected(n) for n in ITERS]
@@ -112,7 +112,7 @@ def test_an_iteration_folder_output_has_no_tracker(tmp_path: Path) -> None:
     out = tmp_path / "run" / "iter_0000042"
     (tmp_path / "run").mkdir()
     quiet_average([RUN / n for n in ITERS], f"{out}/")
-    assert sorted(p.name for p in out.iterdir()) == [".metadata", "__0_0.distcp", "common.pt", "metadata.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".metadata", "__0_0.distcp", "ckptavg.json", "common.pt", "metadata.json"]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["iter_0000042"]
 
 
@@ -123,6 +123,14 @@ def test_our_reader_reads_the_output_as_a_megatron_iteration(tmp_path: Path) -> 
     assert set(ckpt.tensors) == set(refs[0]) and ckpt.meta.step == 9 and len(ckpt.extra_state) == 4
     for key, lazy in ckpt.tensors.items():
         exact(lazy.load(), mean_of(refs, key), key)
+
+
+def test_inspect_shows_the_provenance(tmp_path: Path) -> None:
+    from ckptavg.api import inspect_checkpoint
+
+    quiet_average(RUN, f"{tmp_path / 'avg'}/")
+    info = inspect_checkpoint(tmp_path / "avg" / "iter_0000009")
+    assert info["ckptavg"]["method"] == "swa" and len(info["ckptavg"]["inputs"]) == 3, info["ckptavg"]
 
 
 def test_the_output_is_byte_deterministic(tmp_path: Path) -> None:
@@ -202,7 +210,7 @@ def test_recipe_average_loads_with_dcp_load_and_holds_no_optimizer(tmp_path: Pat
     out = tmp_path / "avg"
     result = cli("swa", tmp_path / "run", "-o", f"{out}/", "--verify")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == [".metadata", "__0_0.distcp"]
+    assert sorted(p.name for p in out.iterdir()) == [".metadata", "__0_0.distcp", "ckptavg.json"]
     md = FileSystemReader(out).read_metadata()
     assert not any("optim" in k for k in md.state_dict_metadata)
     assert set(md.state_dict_metadata) == {f"app.model.{k}" for k in states[0]} | {"step"}

@@ -14,6 +14,7 @@ torch.distributed code runs and nothing outside the list can be constructed.
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from .locate import locate_weights, select_prefix
 from .metadata import meta_from_mapping, meta_from_name
 
 METADATA = ".metadata"
+PROVENANCE = "ckptavg.json"  # what ckptavg writes beside a DCP output's .metadata: its provenance
 RANK_METADATA = "__0.metadata"  # rank-local metadata, written by dcp.save(..., use_collectives=False)
 # Subtrees that torchtitan keeps next to top-level model weights; never weights themselves.
 TRAINING_ENTRIES = (
@@ -206,9 +208,20 @@ def open_dcp_folder(path: Path, options: LoadOptions) -> Checkpoint:
     version = getattr(md, "version", None)
     return Checkpoint(
         path, "dcp", tensors, location, meta.fill(meta_from_name(path.name, folder=True)),
-        file_metadata={"dcp_version": version} if isinstance(version, str) else {}, other_entries=others,
+        file_metadata=({"dcp_version": version} if isinstance(version, str) else {}) | _provenance(path), other_entries=others,
         stamps=stamps, extra_state=extra,
     )
+
+
+def _provenance(path: Path) -> dict[str, str]:
+    """The provenance ckptavg wrote beside a DCP output (`PROVENANCE`), or nothing: it only informs `inspect`."""
+    try:
+        with open(path / PROVENANCE, "rb") as f:
+            found = json.loads(f.read(MAX_SCALAR_BYTES))
+    except (OSError, ValueError):
+        return {}
+    ok = isinstance(found, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in found.items())
+    return found if ok else {}
 
 
 def dcp_entries(path: Path, trust_pickle: bool = False, stamps: dict[Path, Stamp] | None = None

@@ -1,7 +1,8 @@
 """DCP folder outputs: the average as a PyTorch Distributed Checkpoint that `torch.distributed.checkpoint.load`,
 `dcp_to_torch_save`, megatron-core's `dist_checkpointing.load` and ckptavg's reader accept.
 
-The folder holds `__0_0.distcp` (or `__0_<i>.distcp` files of at most `max_shard_size`) and `.metadata`. The
+The folder holds `__0_0.distcp` (or `__0_<i>.distcp` files of at most `max_shard_size`), `.metadata`, and
+`ckptavg.json` (the provenance that a safetensors output keeps in its header; DCP readers ignore it). The
 tensors keep the newest input's fully qualified names (`app.model.layer.weight`, Megatron's stacked
 `decoder.layers.*` with their global shapes), each one chunk. The newest input's non-tensor entries that are not
 training state (Transformer Engine's `_extra_state`, counters) are carried verbatim; optimizer, scheduler, RNG
@@ -13,11 +14,13 @@ and RNG state in the sharded files, which are not carried). ``-o DIR/`` writes `
 ``DIR/latest_checkpointed_iteration.txt`` naming N, the newest input's iteration, so that ``--load DIR`` finds
 it; ``-o DIR/iter_000000N/`` (or ``release/``) writes just that folder.
 
-Everything goes to temp names and is renamed in this order: data files, copies, `.metadata`, the tracker file.
+Everything goes to temp names and is renamed in this order: data files, copies, `ckptavg.json`, `.metadata`,
+the tracker file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -29,7 +32,7 @@ from typing import Any
 from ..errors import CkptavgWarning, OutputError, PlanError, listing, one_line
 from ..layout import TensorSpec
 from ..read.checkpoint import Checkpoint
-from ..read.dcp import METADATA, TRAINING_ENTRIES, dcp_entries, is_dcp_folder
+from ..read.dcp import METADATA, PROVENANCE, TRAINING_ENTRIES, dcp_entries, is_dcp_folder
 from ..read.dcp_chunks import BytesEntry, DcpTensor
 from ..read.megatron import MEGATRON_METADATA, TRACKER, is_torch_dist, megatron_step
 from .dcp_writer import Carried, DcpWriter, TensorArchive, metadata_pickle
@@ -151,7 +154,7 @@ class DcpOutput(Output):
     @property
     def file_names(self) -> list[str]:
         """The names written in `folder`."""
-        return [sh.name for sh in self.shards] + [p.name for p in self.copies] + [METADATA]
+        return [sh.name for sh in self.shards] + [p.name for p in self.copies] + [PROVENANCE, METADATA]
 
     def check(self, inputs: Sequence[Path], force: bool) -> None:
         """Refuse an output that is an input, would overwrite something (without `force`), or would mix with
@@ -246,6 +249,8 @@ class OpenDcpOutput(OpenOutput):
         out = self.dcp_output
         for src in out.copies:
             temps.append((copy_temp(src, out.folder), out.folder / src.name))
+        provenance = json.dumps(dict(sorted(self.metadata.items())), indent=1, ensure_ascii=False) + "\n"
+        temps.append((write_text_temp(out.folder, PROVENANCE, provenance), out.folder / PROVENANCE))
         meta = self.metadata_bytes()
         temps.append((_bytes_temp(out.folder, METADATA, meta), out.folder / METADATA))
         if out.dcp.tracker is not None:
