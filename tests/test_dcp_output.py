@@ -400,3 +400,23 @@ def test_a_torchrun_job_writes_safetensors_shards_unless_dcp_is_asked(tmp_path: 
     assert not isinstance(shards, DcpOutput) and all(sh.name.endswith(".safetensors") for sh in shards.shards)
     with pytest.raises(PlanError, match="torchrun"):
         job("dcp", 2)
+
+
+def test_every_dtype_and_odd_shape_reads_back_in_torch(tmp_path: Path) -> None:
+    """float8 and uint16 (pickled through untyped storages), bool, float16, a 0-d and an empty tensor."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "in").mkdir()
+    states = [{"f8": torch.full((3,), float(i)).to(torch.float8_e4m3fn), "u16": torch.arange(4).to(torch.uint16) * (i + 1),
+               "empty": torch.zeros(0, 3), "scalar": torch.tensor(float(i)), "b": torch.tensor([True, False]),
+               "h": torch.full((2, 2), 1.5 * i, dtype=torch.float16)} for i in range(2)]
+    for i, st in enumerate(states):
+        save_file(st, tmp_path / "in" / f"c{i}.safetensors")
+    result = cli("swa", tmp_path / "in", "-o", f"{tmp_path / 'out'}/", "--format", "dcp", "--verify")
+    assert result.exit_code == 0, result.output
+    got = torch_view(tmp_path / "out", tmp_path)
+    assert set(got) == set(states[0])
+    for key in ("f8", "empty", "scalar", "h"):
+        exact(got[key], mean_of(states, key), key)
+    exact(got["u16"], states[-1]["u16"], "u16")  # integers are copied from the newest
+    exact(got["b"], states[-1]["b"], "b")
