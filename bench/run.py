@@ -5,6 +5,7 @@
     python bench/run.py memory     # peak RSS, 2 vs 16 checkpoints, 100 MiB and 500 MiB
     python bench/run.py distributed  # 4 x 2 GiB sharded transformer: 1 process vs torchrun with 2
     python bench/run.py sweep      # 8 x 100 MiB: 1 output row, 5 rows from one read, 5 separate runs (issue 19)
+    python bench/run.py outputs    # 8 x 100 MiB: the same average written as safetensors and as a torch .pt
 
 Checkpoints are generated once under --data (default /tmp/ckptavg-bench, about 20 GB for everything).
 Every command runs once to warm the page cache, then --reps times; the median wall time and peak RSS
@@ -184,9 +185,31 @@ def sweep(a: argparse.Namespace) -> None:
                   f"{rss - base['rss']:.1f} | {rss - ref_rss:+.1f} |", flush=True)
 
 
+def outputs(a: argparse.Namespace) -> None:
+    """The same average written as safetensors and as a `.pt` (our streaming torch.save writer), reps
+    interleaved (issue 16: the torch writer streams too, so time and memory match safetensors')."""
+    base = measure([PY, "-c", "import torch"], a.reps)
+    size, n = a.sizes[0], a.ns[0]
+    view = first_n(dataset(a.data, a.mix, size, "float32", "safetensors", n), n, a.data / "views")
+    variants = {suffix: a.data / f"out{suffix}" for suffix in (".safetensors", ".pt")}
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
+    for _ in range(a.reps):
+        for suffix, out in variants.items():
+            runs[suffix].append(measure([PY, "-m", "ckptavg", "swa", str(view), "-o", str(out), "-q"], 1, fresh=out))
+    print("| N x MiB | output | wall s (median) | wall s (min-max) | peak RSS MiB | RSS - import torch | file MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for suffix, ms in runs.items():
+        walls = [m["wall"] for m in ms]
+        wall, rss = statistics.median(walls), statistics.median(m["rss"] for m in ms)
+        record({"bench": "outputs", "mix": a.mix, "size": size, "n": n, "output": suffix, "wall": wall, "rss": rss,
+                "walls": walls, "import_rss": base["rss"]})
+        print(f"| {n} x {size} | `{suffix}` | {wall:.2f} | {min(walls):.2f}-{max(walls):.2f} | {rss:.0f} | "
+              f"{rss - base['rss']:.1f} | {variants[suffix].stat().st_size / MiB:.1f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["speed", "scaling", "memory", "distributed", "sweep"])
+    ap.add_argument("what", choices=["speed", "scaling", "memory", "distributed", "sweep", "outputs"])
     ap.add_argument("--data", type=Path, default=Path("/tmp/ckptavg-bench"))
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--mix", choices=["resnet", "transformer"], default="resnet")
@@ -208,6 +231,9 @@ def main() -> None:
     elif a.what == "sweep":
         a.sizes, a.ns = a.sizes or [100], a.ns if a.ns != [2, 4, 8, 16] else [8]
         sweep(a)
+    elif a.what == "outputs":
+        a.sizes, a.ns = a.sizes or [100], a.ns if a.ns != [2, 4, 8, 16] else [8]
+        outputs(a)
     else:
         a.sizes = a.sizes or [2048]
         distributed(a)

@@ -32,11 +32,13 @@ from .reduce.tensor import CheckpointData, check_finite, work_bytes
 from .results import AverageResult, PlanReport, provenance, score_rows
 from .results import RowEvaluation as RowEvaluation  # the argument of `average`, importable from here too
 from .select import Selection, order_checkpoints, refuse_twice, select_checkpoints
+from .write.container import refuse_container
 from .write.dcp_folder import plan_dcp_output, wants_dcp
 from .write.options import WriteOptions, output_format
 from .write.output import OpenOutput, Output, is_folder_output, plan_output
 from .write.safetensors import check_output
 from .write.templates import row_targets
+from .write.training import training_output
 
 Progress = Callable[[int, int], None]  # (bytes read so far, total bytes to read)
 """Called as the reduction reads. An object that also has ``step(phase, done, total)`` is told of the other
@@ -133,16 +135,23 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
     can be written, before any tensor data is read (but for the plans that need it: graft and soup)."""
     resolve_device(write.device)
     found = discover(inputs)
+    if write.container:
+        refuse_container(output)
     single = not is_folder_output(output) and "{" not in os.fspath(output)
     if single and not (write.max_bytes is not None or write.shards_like_input or parts > 1):
         # fail fast, before a graft or soup plan reads tensors; a file of an input folder is an input too
         inside = [f for p in found.paths if p.is_dir() for f in p.iterdir() if f.is_file()]
         check_output(Path(output), [*found.paths, *inside], write.force)
-        output_format(Path(output), write.format)
+        output_format(Path(output), "torch" if write.container else write.format)
     if bn is not None:
         bn.check()
     report = _plan(found, plan, select, load, write.dtype, progress)
     rows = report.matrix.rows
+    copy = training_output(output, report.specs, report.checkpoints, len(rows), load, write.container,
+                           write.keep_training_state, parts)
+    if copy is not None:  # copies of the newest input's training checkpoints around the average
+        copy.check(files_of(report.considered), write.force)
+        return Job(report, (copy,), (row_metadata(report, 0, bn),), write, bn, evaluation)
     best_only = evaluation is not None and evaluation.keep == "best"
     # keeping the best row: a plain -o is its file; a template or folder is planned for every row, as the
     # name of the one written comes from the row that wins
@@ -155,8 +164,8 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
         # DCP inputs give a DCP folder, written by one process: a torchrun job writes safetensors shards
         planned = plan_dcp_output if wants_dcp(report.checkpoints, write.format, to_folder and parts == 1) else plan_output
         out = planned(target, report.specs, report.checkpoints, to_folder=to_folder, max_bytes=write.max_bytes,
-                   like_input=write.shards_like_input, parts=parts, make_parent=target != os.fspath(output),
-                   fmt=write.format)
+                      like_input=write.shards_like_input, parts=parts, make_parent=target != os.fspath(output),
+                      fmt=write.format)
         out.check(files_of(report.considered), write.force)  # unselected inputs are still inputs
         outs.append(out)
     metadata = tuple(row_metadata(report, r, bn) for r in range(len(outs)))

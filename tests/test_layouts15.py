@@ -153,6 +153,21 @@ def test_ultralytics_with_trust_pickle_equals_its_loader() -> None:
         assert all(torch.equal(got[k].to(w.dtype), w) for k, w in want.items())
 
 
+@pytest.mark.interop
+def test_ultralytics_run_averages_each_epoch_once(cli: Callable[..., Result], tmp_path: Path) -> None:
+    """The README's command on a real Ultralytics run: last.pt and best.pt (copies of epochs) left out, the
+    epochs' ema modules averaged exactly."""
+    pytest.importorskip("ultralytics")
+    r = cli("swa", REAL / "ultralytics/train/weights", "--trust-pickle", "-o", tmp_path / "avg.safetensors")
+    assert r.exit_code == 0, r.output
+    assert "best.pt" in r.output and "last.pt" in r.output and "swa of 3 checkpoints" in r.output
+    epochs = [load_file(REAL / f"ultralytics/expected/epoch{i}.safetensors") for i in range(3)]
+    got = load_file(tmp_path / "avg.safetensors")
+    assert set(got) == set(epochs[0])
+    for k, g in got.items():
+        assert torch.equal(g, (sum(e[k].double() for e in epochs) / 3).to(g.dtype)), k
+
+
 def test_optimizer_state_is_never_weights(tmp_path: Path) -> None:
     w = torch.nn.Linear(2, 2)
     opt = torch.optim.Adam(w.parameters())

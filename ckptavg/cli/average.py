@@ -66,6 +66,7 @@ from .options import (
     BnForwardOpt,
     BnModelOpt,
     ComponentOpt,
+    ContainerOpt,
     DeviceOpt,
     DtypeOpt,
     EveryOpt,
@@ -74,6 +75,7 @@ from .options import (
     InputsArg,
     JsonOpt,
     KeepPrefixOpt,
+    KeepTrainingStateOpt,
     KeyOpt,
     LastOpt,
     MaxShardSizeOpt,
@@ -105,6 +107,7 @@ def swa(
     dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
+    container: ContainerOpt = False, keep_training_state: KeepTrainingStateOpt = False,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
     bn_batch_size: BnBatchSizeOpt = 32, bn_forward: BnForwardOpt = None,
     window: WindowOpt = None, stride: StrideOpt = None,
@@ -124,7 +127,8 @@ def swa(
                                                                            upto, order),
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
-                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt),
+                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt,
+                        container=container, keep_training_state=keep_training_state),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 
@@ -138,6 +142,7 @@ def ema(
     dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
+    container: ContainerOpt = False, keep_training_state: KeepTrainingStateOpt = False,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
     bn_batch_size: BnBatchSizeOpt = 32, bn_forward: BnForwardOpt = None,
     decay: DecayOpt = None, per: PerOpt = None, step_decay: StepDecayOpt = None, sigma_rel: SigmaRelOpt = None,
@@ -164,7 +169,8 @@ def ema(
             selection(last, best, metric, metric_mode, start, every, upto, order),
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
-                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt),
+                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt,
+                        container=container, keep_training_state=keep_training_state),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 
@@ -178,6 +184,7 @@ def graft(
     dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
+    container: ContainerOpt = False, keep_training_state: KeepTrainingStateOpt = False,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
     bn_batch_size: BnBatchSizeOpt = 32, bn_forward: BnForwardOpt = None,
     a: GraftAOpt = GRAFT_A, c: GraftCOpt = GRAFT_C, bins: GraftBinsOpt = GRAFT_BINS,
@@ -199,7 +206,8 @@ def graft(
             selection(last, best, metric, metric_mode, start, every, upto, order),
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
-                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt),
+                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt,
+                        container=container, keep_training_state=keep_training_state),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 
@@ -213,6 +221,7 @@ def linear(
     dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
+    container: ContainerOpt = False, keep_training_state: KeepTrainingStateOpt = False,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
     bn_batch_size: BnBatchSizeOpt = 32, bn_forward: BnForwardOpt = None,
     weights: WeightsOpt, normalize: NormalizeOpt = False, lr_power: LrPowerOpt = None, hold: LrHoldOpt = None,
@@ -236,7 +245,8 @@ def linear(
             selection(last, best, metric, metric_mode, start, every, upto, order),
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
-                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt),
+                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt,
+                        container=container, keep_training_state=keep_training_state),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 
@@ -250,6 +260,7 @@ def soup(
     dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
+    container: ContainerOpt = False, keep_training_state: KeepTrainingStateOpt = False,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
     bn_batch_size: BnBatchSizeOpt = 32, bn_forward: BnForwardOpt = None,
     eval: EvalOpt = None, mode: SoupModeOpt = SoupMode.MAX, uniform: UniformOpt = False, strict: StrictOpt = False,
@@ -267,7 +278,8 @@ def soup(
             selection(last, best, metric, metric_mode, start, every, upto, order),
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
-                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt),
+                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt,
+                        container=container, keep_training_state=keep_training_state),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.soup_evaluation(eval, mode, keep))
 
 

@@ -180,8 +180,7 @@ OutputOpt = Annotated[str, typer.Option(
     "Several outputs (comma lists, --window): a template such as 'ema-{decay}.safetensors', or a folder.")]
 FormatOpt = Annotated[Format | None, typer.Option(
     "--format", metavar="FORMAT", rich_help_panel=OUTPUT,
-    help="safetensors, torch (.pt) or dcp (a DCP folder, the default for DIR/ from DCP "
-    "inputs). Default: from the -o name.")]
+    help="safetensors, torch (.pt) or dcp (DCP folder). Default: from -o.")]
 MaxShardSizeOpt = Annotated[str | None, typer.Option(
     metavar="SIZE", rich_help_panel=OUTPUT,
     help="Write a folder of safetensors shards of at most SIZE (5GB, 500MB, 2GiB) and their index.")]
@@ -202,6 +201,11 @@ AllowNonfiniteOpt = Annotated[bool, typer.Option(
 VerifyOpt = Annotated[bool, typer.Option(
     "--verify", rich_help_panel=OUTPUT,
     help="Re-open the written files and check every tensor before reporting success.")]
+ContainerOpt = Annotated[bool, typer.Option(
+    "--container", rich_help_panel=OUTPUT,
+    help="Copy the newest input's checkpoint, weights averaged.")]
+KeepTrainingStateOpt = Annotated[bool, typer.Option(
+    "--keep-state", rich_help_panel=OUTPUT, help="--container: keep optimizer, RNG.")]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", rich_help_panel=OUTPUT, help="Overwrite an existing output.")]
 JsonOpt = Annotated[bool, typer.Option("--json", rich_help_panel=OUTPUT, help="Print JSON instead of text.")]
 QuietOpt = Annotated[bool, typer.Option(
@@ -237,6 +241,7 @@ PARAM_FLAGS: dict[str, str] = {
     "output": "--output", "format": "--format", "fmt": "--format", "max_shard_size": "--max-shard-size", "shards": "--shards",
     "shards_like_input": "--shards like-input", "dtype": "--dtype", "accum_dtype": "--accum-dtype",
     "device": "--device", "allow_nonfinite": "--allow-nonfinite", "verify": "--verify", "force": "--force",
+    "container": "--container", "keep_training_state": "--keep-state",
     # BatchNorm (BatchNormOptions fields, and the command's own names)
     "bn_model": "--bn-model", "bn_data": "--bn-data", "bn_batches": "--bn-batches", "bn_batch_size": "--bn-batch-size",
     "bn_forward": "--bn-forward", "model": "--bn-model", "data": "--bn-data", "batches": "--bn-batches",

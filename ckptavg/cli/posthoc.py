@@ -39,6 +39,7 @@ from .options import (
     BnForwardOpt,
     BnModelOpt,
     ComponentOpt,
+    ContainerOpt,
     DeviceOpt,
     DtypeOpt,
     EveryOpt,
@@ -47,6 +48,7 @@ from .options import (
     InputsArg,
     JsonOpt,
     KeepPrefixOpt,
+    KeepTrainingStateOpt,
     KeyOpt,
     LastOpt,
     MaxShardSizeOpt,
@@ -77,6 +79,7 @@ def wsm(
     dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
+    container: ContainerOpt = False, keep_training_state: KeepTrainingStateOpt = False,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
     bn_batch_size: BnBatchSizeOpt = 32, bn_forward: BnForwardOpt = None,
     schedule: ScheduleOpt = SCHEDULE, final: FinalOpt = None, factor: FactorOpt = None,
@@ -101,7 +104,8 @@ def wsm(
             selection(last, best, metric, metric_mode, start, every, upto, order),
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
-                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt),
+                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt,
+                        container=container, keep_training_state=keep_training_state),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 
@@ -115,6 +119,7 @@ def phema(
     dtype: DtypeOpt = None,
     accum_dtype: AccumDtypeOpt = AccumDtype.FLOAT64, device: DeviceOpt = "cpu", allow_nonfinite: AllowNonfiniteOpt = False,
     verify: VerifyOpt = False, force: ForceOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
+    container: ContainerOpt = False, keep_training_state: KeepTrainingStateOpt = False,
     bn_model: BnModelOpt = None, bn_data: BnDataOpt = None, bn_batches: BnBatchesOpt = None,
     bn_batch_size: BnBatchSizeOpt = 32, bn_forward: BnForwardOpt = None,
     sigma_rel: TargetSigmaRelOpt, snapshot_sigma_rel: SnapshotSigmaRelOpt = None,
@@ -140,7 +145,8 @@ def phema(
             selection(last, best, metric, metric_mode, start, every, upto, order),
             loading(key, keep_prefix, trust_pickle, component, strip_prefix, add_prefix),
             Destination(output, max_shard_size, shards, dtype, accum_dtype, device, allow_nonfinite=allow_nonfinite,
-                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt),
+                        verify=verify, force=force, json_out=json_out, quiet=quiet, fmt=fmt,
+                        container=container, keep_training_state=keep_training_state),
             batchnorm(bn_model, bn_data, bn_batches, bn_batch_size, bn_forward), builders.evaluation(eval, eval_mode, keep))
 
 

@@ -40,6 +40,8 @@ class Destination:
     json_out: bool = False
     quiet: bool = False
     fmt: Format | None = None
+    container: bool = False
+    keep_training_state: bool = False
 
 
 def selection(last: int | None, best: int | None, metric: str | None, metric_mode: MetricMode | None,
@@ -93,7 +95,7 @@ def average(inputs: list[str], plan: Plan, select: Selection, load: LoadOptions,
     try:
         write = WriteOptions(dest.dtype.value if dest.dtype else None, dest.accum_dtype.value, dest.allow_nonfinite,
                              dest.force, dest.device, dest.max_shard_size, dest.shards is not None, dest.verify,
-                             dest.fmt.value if dest.fmt else None)
+                             dest.fmt.value if dest.fmt else None, dest.container, dest.keep_training_state)
         result: AverageResult = dist.average(inputs, dest.output, plan, select=select, load=load, write=write, bn=bn,
                                              progress=bar, evaluation=evaluation)
     finally:

@@ -43,8 +43,24 @@ class GatheredTensor(LazyTensor):
 
     @property
     def streamable(self) -> bool:
-        """False: the bytes are not one range of one file."""
-        return False
+        """True: any run of elements maps to byte ranges of the pieces (`ranges`), so it is read block by block."""
+        return True
+
+    def ranges(self, start: int, count: int) -> list[tuple[Path, int, int]]:
+        """The byte runs of elements `start` to `start + count`: the parts of the pieces they fall in."""
+        size, lo, hi = self.dtype.itemsize, start * self.dtype.itemsize, (start + count) * self.dtype.itemsize
+        runs, at = [], 0
+        for p in self.pieces:
+            a, b = max(lo, at), min(hi, at + p.nbytes)
+            if a < b:
+                runs.append((p.path, p.offset + a - at, b - a))
+            at += p.nbytes
+            if at >= hi:
+                break
+        if sum(n for _, _, n in runs) != count * size:
+            raise CheckpointFormatError(f"{self.path}: elements {start}-{start + count} lie outside the ranks' partitions "
+                                        f"({at // size} elements); the checkpoint is corrupt.")
+        return runs
 
     def load(self) -> torch.Tensor:
         """Read the pieces, in order, into one new tensor."""

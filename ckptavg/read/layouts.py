@@ -18,14 +18,15 @@ from .hf_folder import is_hf_folder, open_hf_folder
 from .lazy import LazyTensor
 from .locate import change_prefix, strip_prefixes
 from .megatron import is_torch_dist, megatron_step, open_megatron_folder
-from .megatron_legacy import open_megatron_legacy
+from .megatron_legacy import is_legacy_iteration, open_legacy_iteration, open_megatron_legacy
 from .safetensors_file import sniff
 
 
 def is_checkpoint_folder(path: Path) -> bool:
     """A folder that is one checkpoint (Hugging Face, diffusers, PEFT, DCP, a DeepSpeed tag, or several models),
     not a folder of checkpoints."""
-    return is_hf_folder(path) or is_dcp_folder(path) or is_deepspeed_tag(path) or is_component_folder(path)
+    return (is_hf_folder(path) or is_dcp_folder(path) or is_deepspeed_tag(path) or is_component_folder(path)
+            or is_legacy_iteration(path))
 
 
 def open_checkpoint(path: PathLike, options: LoadOptions = LoadOptions()) -> Checkpoint:
@@ -45,6 +46,8 @@ def open_checkpoint(path: PathLike, options: LoadOptions = LoadOptions()) -> Che
             ckpt = open_dcp_folder(path, options)
         elif is_deepspeed_tag(path):
             ckpt = open_deepspeed(path, options)
+        elif is_legacy_iteration(path):  # a Megatron iter_N/ of mp_rank_XX/model_optim_rng.pt files
+            ckpt = open_legacy_iteration(path, options)
         else:
             raise CheckpointFormatError(
                 f"{path}: is a directory, not a checkpoint folder (no model.safetensors, pytorch_model.bin, "

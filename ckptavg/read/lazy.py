@@ -60,6 +60,12 @@ class LazyTensor:
         """
         return self.eager is None and self.stride is None
 
+    def ranges(self, start: int, count: int) -> list[tuple[Path, int, int]]:
+        """Where elements `start` to `start + count` of a `streamable` tensor lie: (file, byte offset, bytes)
+        runs, in order. One run here; a tensor gathered from several files has more."""
+        size = self.dtype.itemsize
+        return [(self.path, self.file_offset + start * size, count * size)]
+
     def load(self) -> torch.Tensor:
         """Read the tensor into a new CPU tensor that owns its memory."""
         if self.eager is not None:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointFormatError, first_line, one_line
+from ..errors import CheckpointFormatError, CkptavgWarning, first_line, one_line
 from .checkpoint import Checkpoint, LoadOptions, stamp
 from .deepspeed_pickle import unwrap
 from .fastpickle import Extended, _Tensor
@@ -30,6 +31,8 @@ from .metadata import Meta, meta_from_mapping
 from .pickle_scan import scan
 from .safe_pickle import Refused, refusal
 from .torch_zip import check_torch_zip
+
+LEGACY_FORMAT = "megatron legacy ranks"  # the format of an iter_N folder opened by `open_legacy_iteration`
 
 
 class Inert:
@@ -172,3 +175,25 @@ def legacy_ranks(iterations: list[Path]) -> list[tuple[str, list[Path]]]:
                 "rank by rank (merge them to one rank with Megatron's tools/checkpoint first)."
             )
     return [(rank, [files[rank] for files in per_iteration]) for rank in ranks]
+
+
+def is_legacy_iteration(path: Path) -> bool:
+    """An `iter_N` folder of legacy rank files (`mp_rank_XX/model_optim_rng.pt`)."""
+    return megatron_step(path) is not None and path.is_dir() and bool(legacy_rank_files(path))
+
+
+def open_legacy_iteration(path: Path, options: LoadOptions = LoadOptions()) -> Checkpoint:
+    """Open a legacy `iter_N` folder as one checkpoint of all its ranks' weights, named ``<rank>/<name>``
+    (``mp_rank_01/decoder.layers.0.mlp.linear_fc1.weight``): averaging it with other iterations averages rank by
+    rank, and `write.training` writes each rank's average back into a copy of its own newest file."""
+    ranks = legacy_rank_files(path)
+    opened = {rank: open_megatron_legacy(file, options) for rank, file in ranks.items()}
+    first = next(iter(opened.values()))
+    tensors = {f"{rank}/{name}": t for rank, ckpt in opened.items() for name, t in ckpt.tensors.items()}
+    stamps = {p: s for ckpt in opened.values() for p, s in ckpt.stamps.items()}
+    warnings.warn(CkptavgWarning(
+        f"legacy Megatron checkpoints of {len(ranks)} model-parallel rank(s) ({one_line(', '.join(ranks), 120)}): "
+        "averaged rank by rank; a folder output (-o DIR/) gets each rank's average in a copy of its newest file."),
+        stacklevel=2)
+    return Checkpoint(path, LEGACY_FORMAT, tensors, first.location, first.meta, other_entries=first.other_entries,
+                      stamps=stamps)

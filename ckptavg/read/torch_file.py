@@ -26,17 +26,14 @@ from .torch_zip import _data_records as _data_records  # tests check records wit
 from .torch_zip import check_torch_zip
 from .walk import Cycle, rebuild
 
-
-class _AttributeDict(dict):  # type: ignore[type-arg]
-    """Stand-in for Lightning's AttributeDict (a plain dict subclass) so safe loading accepts it."""
-
-
-# Plain data containers seen in real training checkpoints; none can run code when rebuilt.
+# Plain data containers seen in real training checkpoints; none can run code when rebuilt. Lightning's
+# AttributeDict (a dict subclass holding hyper_parameters) is read as a plain dict: torch's weights-only
+# unpickler fills only exact dicts (SETITEMS), and the weights never depend on it.
 _SAFE_EXTRAS: list[Any] = [
     argparse.Namespace,
-    (_AttributeDict, "lightning.fabric.utilities.data.AttributeDict"),
-    (_AttributeDict, "pytorch_lightning.utilities.parsing.AttributeDict"),
-    (_AttributeDict, "lightning_fabric.utilities.data.AttributeDict"),
+    (dict, "lightning.fabric.utilities.data.AttributeDict"),
+    (dict, "pytorch_lightning.utilities.parsing.AttributeDict"),
+    (dict, "lightning_fabric.utilities.data.AttributeDict"),
 ]
 
 

@@ -199,12 +199,11 @@ def widest_itemsize(ckpts: Sequence[Checkpoint]) -> int:
 def read_share(files: FileHandles, batch: Batch, lazies: Sequence[LazyTensor], view: memoryview) -> int:
     """Read one checkpoint's share of `batch` (a lazy tensor per piece) into `view`, the pieces one after
     another; return its size in bytes."""
-    itemsize = lazies[0].dtype.itemsize
     at = 0
     for piece, lazy in zip(batch.pieces, lazies, strict=True):
-        n = piece.count * itemsize
-        pread_exact(files.fd(lazy.path), lazy.path, lazy.file_offset + piece.start * itemsize, view[at : at + n])
-        at += n
+        for path, offset, n in lazy.ranges(piece.start, piece.count):  # one run, or a gathered tensor's several
+            pread_exact(files.fd(path), path, offset, view[at : at + n])
+            at += n
     return at
 
 

@@ -52,7 +52,7 @@ class TensorArchive:
 
     @staticmethod
     def of(spec: TensorSpec) -> TensorArchive:
-        records, head = arc.plan_archive([spec], {}, arc.tensor_pickle(spec))
+        records, head = arc.plan_archive([spec], {}, pickled=arc.tensor_pickle(spec))
         return TensorArchive(records, head)
 
     @property

@@ -45,6 +45,10 @@ class WriteOptions:
         format: ``safetensors``, ``torch`` (a ``torch.save`` state dict) or ``dcp`` (a PyTorch Distributed
             Checkpoint folder, the default for a folder output from DCP inputs); None follows the output's
             extension (``.safetensors``; ``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.tar``).
+        container: write a copy of the newest input's training checkpoint (a torch file) with its weights
+            replaced by the average; its optimizer, scheduler, loss scaler and RNG state are dropped.
+        keep_training_state: with container (or a legacy Megatron run's folder output), keep those too (copied
+            from the newest input, not averaged).
     """
 
     dtype: str | None = None
@@ -56,8 +60,17 @@ class WriteOptions:
     shards_like_input: bool = False
     verify: bool = False
     format: str | None = None
+    container: bool = False
+    keep_training_state: bool = False
 
     def __post_init__(self) -> None:
+        if self.container and self.format == "safetensors":
+            raise PlanError("container writes a torch file, a copy of the newest input's checkpoint; give format "
+                            "torch, or leave out container.", params=("container", "format"))
+        if self.container and (self.max_shard_size is not None or self.shards_like_input):
+            raise PlanError("container writes one torch file, a copy of the newest input's checkpoint; leave out "
+                            "max_shard_size and shards_like_input.",
+                            params=("container", "max_shard_size", "shards_like_input"))
         if self.format is not None and self.format not in FORMATS:
             raise PlanError(f"format must be one of {', '.join(FORMATS)}, not {self.format!r}.", params=("format",))
         if self.format == "torch" and (self.max_shard_size is not None or self.shards_like_input):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -95,6 +95,8 @@ class Output:
     make_parent: bool = False  # one of several outputs in a folder that `open` creates
     format: str = "safetensors"  # of a single file; folders are safetensors shards
     stem: str = "model"  # a folder's weights: model.safetensors, or diffusers' diffusion_pytorch_model.safetensors
+    container: Any = None  # a `container.ContainerPlan` (or one per rank): copies of training checkpoints
+    texts: tuple[tuple[str, str], ...] = ()  # small files written last (Megatron's latest_checkpointed_iteration.txt)
 
     def check(self, inputs: Sequence[Path], force: bool) -> None:
         """Refuse an output that is an input, would overwrite something (without `force`), or cannot be made."""
@@ -105,6 +107,7 @@ class Output:
             check_output(self.path, inputs, force)
             return
         names = [sh.name for sh in self.shards] + [p.name for p in self.copies] + ([self.index] if self.indexed else [])
+        names += [name for name, _ in self.texts]
         check_folder(self.path, names, inputs, force)
 
     @property
@@ -114,7 +117,7 @@ class Output:
 
     @property
     def indexed(self) -> bool:
-        return self.to_folder and len(self.shards) > 1
+        return self.to_folder and len(self.shards) > 1 and self.container is None
 
     def open(self, metadata: dict[str, str], only: Sequence[Shard] | None = None) -> OpenOutput:
         """Create the temp files (of `only` these shards: a torchrun rank's share) with their headers.
@@ -128,6 +131,8 @@ class Output:
                 _make_folder(self.path.parent, created)
             if self.to_folder:
                 _make_folder(self.folder, created)
+            for sub in dict.fromkeys(p for sh in self.shards for p in reversed(Path(sh.name).parents[:-1])):
+                _make_folder(self.folder / sub, created)  # a Megatron folder's iter_N/mp_rank_XX/
             return OpenOutput(self, list(self.shards if only is None else only), metadata, created=created)
         except BaseException:
             _remove_folders(created)
@@ -189,7 +194,8 @@ class OpenOutput:
     _placed: list[Path] = field(default_factory=list)  # files `commit` renamed into place
 
     def __post_init__(self) -> None:
-        kind: type[Writer] = TorchWriter if self.output.format == "torch" else SafetensorsWriter
+        kind: Any = TorchWriter if self.output.format == "torch" else SafetensorsWriter
+        kind = kind if self.output.container is None else self.output.container.writer
         try:
             for sh in self.shards:
                 w = self._stack.enter_context(kind(self.output.folder / sh.name, sh.specs, self.metadata, rename=False))
@@ -217,6 +223,8 @@ class OpenOutput:
                 if w.done is not None:
                     try:
                         check = verify_torch_file if self.output.format == "torch" else verify_output
+                        if self.output.container is not None:
+                            check = self.output.container.verify
                         check(w.done, w.order, check_finite)
                     except OutputError as e:  # name the file the user asked for, not its temp name
                         raise OutputError(str(e).replace(str(w.done), str(w.path)) + " Nothing was written.") from None
@@ -245,13 +253,15 @@ class OpenOutput:
             raise
 
     def _lead_temps(self, temps: list[tuple[Path, Path]]) -> None:
-        """Add to `temps` the (temp, final) files that follow the weights: sidecar copies, then the index."""
+        """Add to `temps` the (temp, final) files that follow the weights: sidecar copies, the index, then `texts`."""
         folder = self.output.folder
         for src in self.output.copies:  # one at a time: a failed copy must not lose the earlier temps
             temps.append((copy_temp(src, folder), folder / src.name))
         if self.output.indexed:
             index = self.output.index
             temps.append((write_text_temp(folder, index, index_json(self.output.shards)), folder / index))
+        for name, text in self.output.texts:
+            temps.append((write_text_temp(folder, name, text), folder / name))
 
     def _unplace(self) -> None:
         for final in self._placed:

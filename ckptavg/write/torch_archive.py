@@ -215,6 +215,9 @@ class _StorageRef:
         self.pid = pid
 
 
+StorageRef = _StorageRef  # what a pickler of a whole training checkpoint writes as a persistent id
+
+
 class _TensorRef:
     """Stands for a tensor: pickled as the call that torch.load makes to rebuild it."""
 
@@ -239,6 +242,11 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
         strides.append(step)
         step *= max(n, 1)
     return tuple(reversed(strides))
+
+
+def tensor_ref(spec: TensorSpec, key: str) -> _TensorRef:
+    """A stand-in that pickles as torch pickles a contiguous tensor of `spec` in storage record `key`."""
+    return _tensor_ref(spec, key)
 
 
 def _tensor_ref(spec: TensorSpec, key: str) -> _TensorRef:
@@ -276,19 +284,21 @@ def metadata_json(metadata: dict[str, str]) -> bytes:
     return json.dumps(dict(sorted(metadata.items())), separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def plan_archive(specs: Sequence[TensorSpec], metadata: dict[str, str], data_pkl: bytes | None = None
-                 ) -> tuple[list[Record], list[bytes]]:
+def plan_archive(specs: Sequence[TensorSpec], metadata: dict[str, str], pickled: bytes | None = None,
+                 data: Sequence[tuple[str, int]] | None = None) -> tuple[list[Record], list[bytes]]:
     """The records of the file in the order they lie in it, and the contents of those before the tensors.
 
     Records: the leading ones (whose contents are returned), one per spec (``data/<i>``), then ``version``
-    and ``.data/serialization_id``. `data_pkl` replaces the state dict's pickle (`tensor_pickle`: one tensor).
+    and ``.data/serialization_id``. A training checkpoint around the state dict has a `pickled` data.pkl of its
+    own, and its `data` records (key, size) in their order: the specs' and storages copied from another file.
     """
-    head = [("data.pkl", state_dict_pickle(specs) if data_pkl is None else data_pkl), (".format_version", FORMAT_VERSION),
+    head = [("data.pkl", state_dict_pickle(specs) if pickled is None else pickled), (".format_version", FORMAT_VERSION),
             (".storage_alignment", str(ALIGN).encode()), ("byteorder", b"little")]
     if metadata:
         head.append((EXTRA_METADATA, metadata_json(metadata)))
     members = [(ARCHIVE + name, len(data)) for name, data in head]
-    members += [(f"{ARCHIVE}data/{i}", spec.nbytes) for i, spec in enumerate(specs)]
+    data = [(str(i), spec.nbytes) for i, spec in enumerate(specs)] if data is None else data
+    members += [(f"{ARCHIVE}data/{key}", size) for key, size in data]
     members += [(ARCHIVE + "version", len(FILE_VERSION)), (ARCHIVE + ".data/serialization_id", SERIALIZATION_ID_LEN)]
     return plan_records(members), [data for _, data in head]
 

@@ -18,8 +18,10 @@ same `OutputFile` as safetensors outputs. Nothing in it depends on the time, so 
 
 from __future__ import annotations
 
+import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +36,35 @@ from .torch_archive import FILE_VERSION, plan_archive, serialization_id
 from .verify import check_read_back, check_spec, check_tensor_names
 
 
+@dataclass(frozen=True)
+class Copied:
+    """A storage record copied byte for byte from another archive: its key here, and where its bytes lie."""
+
+    key: str
+    source: Path
+    start: int
+    size: int
+
+    def chunks(self, block: int = 16 * 2**20) -> Iterator[bytes]:
+        """The record's bytes, read with pread a block at a time."""
+        with open(self.source, "rb") as f:
+            for at in range(0, self.size, block):
+                n = min(block, self.size - at)
+                data = os.pread(f.fileno(), n, self.start + at)
+                if len(data) != n:
+                    raise OutputError(f"{self.source}: shorter than when it was read; nothing was written.")
+                yield data
+
+
+def _tensor_numbers(layout: Sequence[str | Copied]) -> list[int]:
+    """For each data record, the number of tensors of `order` before it (its own, for a tensor's)."""
+    out, n = [], 0
+    for r in layout:
+        out.append(n)
+        n += isinstance(r, str)
+    return out
+
+
 class TorchWriter(TempWriter):
     """Write tensors to `path` as a torch.save zip archive, in `order`, through a temp file renamed into
     place on success. The same interface as `SafetensorsWriter`.
@@ -42,11 +73,20 @@ class TorchWriter(TempWriter):
     nothing appears at `path`.
     """
 
-    def __init__(self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str], rename: bool = True) -> None:
+    def __init__(self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str], rename: bool = True, *,
+                 pickled: bytes | None = None, records: Sequence[str | Copied] | None = None) -> None:
         super().__init__(path, list(specs), rename)  # the state dict's own order: torch.load gives keys as given
-        self._records, self._head = plan_archive(self.order, metadata)  # the head: records before the tensors'
+        # A training checkpoint around the tensors (`container`) brings its own pickle, and `records`: the data
+        # records in the order they lie, each the key of the next tensor of `order` or a record copied whole.
+        # torch.load finds a storage's bytes by assuming the records lie in the order the pickle first refers
+        # to them, starting with key "0": the pickle's author lays them out so.
+        self._layout = list(records) if records is not None else [str(i) for i in range(len(self.order))]
+        data = [(r, self.order[i].nbytes) if isinstance(r, str) else (r.key, r.size)
+                for i, r in zip(_tensor_numbers(self._layout), self._layout, strict=True)]
+        self._records, self._head = plan_archive(self.order, metadata, pickled, data)
         self._crcs = [zlib.crc32(data) for data in self._head]
         self._crc = 0  # of the tensor being written
+        self._at = 0  # the data record being written
         self._size = arc.archive_len(self._records)
 
     def __enter__(self) -> TorchWriter:
@@ -54,7 +94,8 @@ class TorchWriter(TempWriter):
         try:
             lead = b"".join(rec.local_header() + data + rec.descriptor(crc) for rec, data, crc
                             in zip(self._records[: len(self._head)], self._head, self._crcs, strict=True))
-            self._file.write(memoryview(lead + self._opening()))
+            self._file.write(memoryview(lead))
+            self._advance(self._file)
         except BaseException:
             self._file.discard()
             raise
@@ -63,19 +104,31 @@ class TorchWriter(TempWriter):
     def _record(self, i: int) -> arc.Record:
         return self._records[len(self._head) + i]
 
-    def _opening(self) -> bytes:
-        """The local header of the next tensor's record, if one remains."""
-        return self._record(self._next).local_header() if self._next < len(self.order) else b""
+    def _advance(self, file: OutputFile) -> None:
+        """Write the copied records that come next, then the local header of the next tensor's, if one remains."""
+        while self._at < len(self._layout) and not isinstance(copied := self._layout[self._at], str):
+            rec = self._record(self._at)
+            file.write(memoryview(rec.local_header()))
+            crc = 0
+            for chunk in copied.chunks():
+                crc = zlib.crc32(chunk, crc)
+                file.write(memoryview(chunk))
+            self._crcs.append(crc)
+            file.write(memoryview(rec.descriptor(crc)))
+            self._at += 1
+        if self._at < len(self._layout):
+            file.write(memoryview(self._record(self._at).local_header()))
 
     def _data(self, file: OutputFile, data: memoryview) -> None:
         self._crc = zlib.crc32(data, self._crc)
         file.write(data)
 
     def _tensor_done(self, file: OutputFile) -> None:
-        done = self._record(self._next - 1).descriptor(self._crc)
+        file.write(memoryview(self._record(self._at).descriptor(self._crc)))
         self._crcs.append(self._crc)
         self._crc = 0
-        file.write(memoryview(done + self._opening()))
+        self._at += 1
+        self._advance(file)
 
     def _tail(self) -> bytes:
         """The last two records and the central directory, now that every CRC is known."""
