@@ -25,6 +25,7 @@ from .methods.lora import LoraAverage
 from .methods.lora_rows import SHARDED_NOTE, average_adapters
 from .methods.uniform import Copy, Swa
 from .read.checkpoint import LoadOptions, PathLike, check_unchanged, files_of
+from .read.dcp import extra_state_note
 from .read.dedupe import dedupe, fill_path_meta, skipped_note
 from .read.describe import describe, refuse_folder
 from .read.discover import Found, discover, find_checkpoints
@@ -36,6 +37,7 @@ from .results import AverageResult, PlanReport, provenance, score_rows
 from .results import RowEvaluation as RowEvaluation  # the argument of `average`, importable from here too
 from .select import Selection, order_checkpoints, refuse_twice, select_checkpoints
 from .write.container import refuse_container
+from .write.dcp_folder import plan_dcp_output, wants_dcp
 from .write.options import WriteOptions, output_format
 from .write.output import OpenOutput, Output, is_folder_output, plan_output
 from .write.safetensors import check_output
@@ -95,6 +97,8 @@ def _plan(found: Found, plan: Plan, select: Selection, load: LoadOptions, dtype:
         ordered, used = order_checkpoints(once.kept, select.order, once.identity, plan.combines_profiles)
         chosen = select_checkpoints(ordered, select)
         refuse_twice(chosen, once.identity)
+        if (extra := extra_state_note(chosen)) is not None:  # once per run, not once per checkpoint
+            warnings.warn(extra, stacklevel=1)
         specs = check_layout(chosen, OUT_DTYPES[dtype] if dtype else None)  # before the weights: graft reads tensors
         data = CheckpointData(chosen, specs, _steps_of(progress))
         matrix = plan.weights(chosen, data)
@@ -165,9 +169,12 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
     for target in targets:
         # one output: an existing directory means a folder; a row's output is a folder only when asked (DIR/)
         to_folder = sharded or (is_folder_output(target) if targets == [os.fspath(output)] else target.endswith(os.sep))
-        out = plan_output(target, report.specs, layout_from, to_folder=to_folder, max_bytes=write.max_bytes,
-                          like_input=write.shards_like_input, parts=parts, make_parent=target != os.fspath(output),
-                          fmt=write.format, texts={CONFIG: config} if config else None)
+        # DCP inputs give a DCP folder, written by one process: a torchrun job writes safetensors shards
+        dcp = wants_dcp(report.checkpoints, write.format, to_folder and parts == 1)
+        out = (plan_dcp_output if dcp else plan_output)(
+            target, report.specs, layout_from, to_folder=to_folder, max_bytes=write.max_bytes,
+            like_input=write.shards_like_input, parts=parts, make_parent=target != os.fspath(output), fmt=write.format,
+            texts={CONFIG: config} if config else None)
         out.check(files_of([*report.considered, *report.sources]), write.force)  # unselected inputs are still inputs
         outs.append(out)
     if report.lora and report.base is None and any(o.indexed for o in outs):

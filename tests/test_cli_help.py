@@ -18,7 +18,8 @@ ROOT = typer.main.get_command(app)
 COMMANDS = [[], ["plan"]] + [[n] for n in ROOT.commands if n != "plan"] + [  # type: ignore[attr-defined]
     ["plan", n] for n in ROOT.commands["plan"].commands]  # type: ignore[attr-defined]
 # Measured after this change (before: swa 150 lines, ema 222); a budget, so that help does not creep back.
-LINE_BUDGET = {"swa": 125, "ema": 160}  # 150 and 222 before the rewrite; +5 lines for --container, --keep-state, --lora, --lora-rank, --base
+# 150 and 222 lines before the rewrite; +5 for --container, --keep-state, --lora, --lora-rank and --base
+LINE_BUDGET = {"swa": 125, "ema": 160}
 
 
 def _help(*path: str) -> str:

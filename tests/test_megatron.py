@@ -12,6 +12,7 @@ import argparse
 import io
 import pickle
 import random
+import re
 import shutil
 import warnings
 from collections import OrderedDict
@@ -26,7 +27,7 @@ from safetensors.torch import load_file
 from ckptavg import CheckpointFormatError, CkptavgWarning
 from ckptavg.api import average
 from ckptavg.read.checkpoint import LoadOptions
-from ckptavg.read.dcp import is_dcp_folder
+from ckptavg.read.dcp import extra_state_note, is_dcp_folder
 from ckptavg.read.layouts import open_checkpoint
 from ckptavg.read.megatron import (
     is_megatron_iteration,
@@ -104,15 +105,19 @@ def test_mean_of_the_iterations_equals_the_mean_of_the_loaders_state_dicts(tmp_p
     for key, t in got.items():
         assert_bits_equal(t, (sum(w[key].double() for w in wants) / 3).float(), key)
     notes = [str(w.message) for w in caught if isinstance(w.message, CkptavgWarning)]
-    assert sum("'_extra_state' entries" in n for n in notes) == 3, notes
+    assert sum("'_extra_state' entries" in n for n in notes) == 1, notes  # once per run, not per checkpoint
+    assert "3 of 3 checkpoints" in notes[0] and "safetensors" not in notes[0]
     assert not any("_extra_state" in k for k in got)
 
 
 def test_extra_state_is_noted_listed_and_never_averaged() -> None:
-    with pytest.warns(CkptavgWarning, match=r"4 '_extra_state' entries .*not averaged.*copy them from the newest"):
-        ckpt = open_megatron_folder(RUN / ITERS[0])
+    ckpt = open_megatron_folder(RUN / ITERS[0])  # listed on the checkpoint; the run notes it once (extra_state_note)
     assert not any("_extra_state" in k for k in ckpt.tensors)
+    assert len(ckpt.extra_state) == 4 and all("._extra_state/shard_" in n for n in ckpt.extra_state)
     assert any("_extra_state" in e for e in ckpt.other_entries)
+    note = str(extra_state_note([ckpt, ckpt]))
+    assert re.search(r"2 of 2 checkpoints hold '_extra_state' entries \(4 in .*not averaged.*copy them from the newest",
+                     note), note
     assert any("common.pt" in e for e in ckpt.other_entries)
 
 
@@ -200,8 +205,8 @@ def make_legacy(run: Path, iterations: tuple[int, ...] = (10, 20), ranks: int = 
 
 def test_legacy_file_gives_the_model_only_without_trust_pickle(tmp_path: Path) -> None:
     models = make_legacy(tmp_path)
-    with pytest.warns(CkptavgWarning, match="2 '_extra_state' entries"):
-        ckpt = open_megatron_legacy(tmp_path / "iter_0000020" / "mp_rank_01" / "model_optim_rng.pt")
+    ckpt = open_megatron_legacy(tmp_path / "iter_0000020" / "mp_rank_01" / "model_optim_rng.pt")
+    assert len(ckpt.extra_state) == 2, ckpt.extra_state  # noted once per run (extra_state_note)
     want = {k: v for k, v in models[(20, 1)].items() if isinstance(v, torch.Tensor)}
     assert ckpt.location == "model" and set(ckpt.tensors) == set(want)
     for key, t in ckpt.tensors.items():

@@ -56,6 +56,7 @@ class Format(str, Enum):
 
     SAFETENSORS = "safetensors"
     TORCH = "torch"
+    DCP = "dcp"
 
 
 class LoraMode(str, Enum):
@@ -188,7 +189,7 @@ OutputOpt = Annotated[str, typer.Option(
     "Several outputs (comma lists, --window): a template such as 'ema-{decay}.safetensors', or a folder.")]
 FormatOpt = Annotated[Format | None, typer.Option(
     "--format", metavar="FORMAT", rich_help_panel=OUTPUT,
-    help="safetensors, or torch (.pt). Default: from the -o name.")]
+    help="safetensors, torch (.pt) or dcp (DCP folder). Default: from -o.")]
 MaxShardSizeOpt = Annotated[str | None, typer.Option(
     metavar="SIZE", rich_help_panel=OUTPUT,
     help="Write a folder of safetensors shards of at most SIZE (5GB, 500MB, 2GiB) and their index.")]

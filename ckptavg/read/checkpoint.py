@@ -80,6 +80,7 @@ class Checkpoint:
     file_metadata: dict[str, str] = field(default_factory=dict)
     other_entries: list[str] = field(default_factory=list)
     stamps: dict[Path, Stamp] = field(default_factory=dict)  # every file it was read from, as when opened
+    extra_state: list[str] = field(default_factory=list)  # `_extra_state` entries: not weights, not averaged
 
     @property
     def name(self) -> str:

@@ -14,9 +14,10 @@ torch.distributed code runs and nothing outside the list can be constructed.
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
-import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -32,6 +33,7 @@ from .locate import locate_weights, select_prefix
 from .metadata import meta_from_mapping, meta_from_name
 
 METADATA = ".metadata"
+PROVENANCE = "ckptavg.json"  # what ckptavg writes beside a DCP output's .metadata: its provenance
 RANK_METADATA = "__0.metadata"  # rank-local metadata, written by dcp.save(..., use_collectives=False)
 # Subtrees that torchtitan keeps next to top-level model weights; never weights themselves.
 TRAINING_ENTRIES = (
@@ -194,23 +196,42 @@ def open_dcp_folder(path: Path, options: LoadOptions) -> Checkpoint:
             "which ckptavg cannot combine; save with use_collectives=True (the default)."
         )
     stamps = {meta_path: stamp(meta_path)}
-    md = read_metadata(meta_path, options.trust_pickle)
-    entries = _entries(meta_path, md, _storage(path, meta_path, md, stamps))
+    entries, md = dcp_entries(path, options.trust_pickle, stamps)
     tree = _nest(entries, getattr(md, "planner_data", None))
     tensors, location, others = _locate(path, tree, entries, options.key)
     extra = extra_state_entries(entries, options.key)
-    if extra:
-        note_extra_state(path, extra)
-        others = others + [f"{len(extra)} _extra_state entries (bytes, not averaged, left out)"]
+    if extra:  # noted once per run, for all checkpoints (`extra_state_note`)
+        others = others + [f"{len(extra)} _extra_state entries (bytes, not averaged; a DCP output carries the newest's)"]
     meta = meta_from_mapping(_scalars(tree, options.trust_pickle), "DCP checkpoint", path)
     if isinstance(tree.get("train_state"), dict):  # torchtitan keeps the step there
         meta = meta.fill(meta_from_mapping(_scalars(tree["train_state"], options.trust_pickle), "DCP 'train_state'", path))
     version = getattr(md, "version", None)
     return Checkpoint(
         path, "dcp", tensors, location, meta.fill(meta_from_name(path.name, folder=True)),
-        file_metadata={"dcp_version": version} if isinstance(version, str) else {}, other_entries=others,
-        stamps=stamps,
+        file_metadata=({"dcp_version": version} if isinstance(version, str) else {}) | _provenance(path), other_entries=others,
+        stamps=stamps, extra_state=extra,
     )
+
+
+def _provenance(path: Path) -> dict[str, str]:
+    """The provenance ckptavg wrote beside a DCP output (`PROVENANCE`), or nothing: it only informs `inspect`."""
+    try:
+        with open(path / PROVENANCE, "rb") as f:
+            found = json.loads(f.read(MAX_SCALAR_BYTES))
+    except (OSError, ValueError):
+        return {}
+    ok = isinstance(found, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in found.items())
+    return found if ok else {}
+
+
+def dcp_entries(path: Path, trust_pickle: bool = False, stamps: dict[Path, Stamp] | None = None
+                ) -> tuple[dict[str, DcpTensor | BytesEntry], Any]:
+    """Every entry of the DCP folder `path` (tensors with their chunks, non-tensor entries with where their bytes
+    lie), checked against its data files, and its metadata as read (`planner_data`: the planner's key paths).
+    Each data file's stamp goes to `stamps`."""
+    meta_path = path / METADATA
+    md = read_metadata(meta_path, trust_pickle)
+    return _entries(meta_path, md, _storage(path, meta_path, md, {} if stamps is None else stamps)), md
 
 
 def extra_state_entries(entries: dict[str, Any], key: str | None) -> list[str]:
@@ -224,14 +245,21 @@ def extra_state_entries(entries: dict[str, Any], key: str | None) -> list[str]:
     ]
 
 
-def note_extra_state(path: Path, names: list[str]) -> None:
-    """Say that `_extra_state` entries are left out: they are serialized objects (FP8 scaling state), not weights,
-    so averaging them means nothing, and the outputs (safetensors, torch state dicts of tensors) cannot hold them."""
-    warnings.warn(CkptavgWarning(
-        f"{path}: {len(names)} '_extra_state' entries ({listing([one_line(n, 80) for n in names], 2)}: serialized "
-        "module extra state, such as Transformer Engine's FP8 scaling state) are not weights; they are not averaged "
-        "and the output does not hold them. Load the average with strict=False, or copy them from the newest checkpoint."
-    ), stacklevel=3)
+def extra_state_note(ckpts: Sequence[Checkpoint]) -> CkptavgWarning | None:
+    """One note for a run whose checkpoints hold `_extra_state` entries: they are serialized objects (FP8
+    scaling state), not weights, so averaging them means nothing; a DCP output carries the newest checkpoint's
+    (`write.dcp_folder`), other outputs (safetensors, torch state dicts of tensors) cannot hold them."""
+    holding = [c for c in ckpts if c.extra_state]
+    if not holding:
+        return None
+    names = holding[-1].extra_state
+    return CkptavgWarning(
+        f"{len(holding)} of {len(ckpts)} checkpoints hold '_extra_state' entries ({len(names)} in {holding[-1].path}: "
+        f"{listing([one_line(n, 80) for n in names], 2)}; serialized module extra state, such as Transformer Engine's "
+        "FP8 scaling state): they are not weights and are not averaged. A DCP output carries the newest checkpoint's "
+        "when it is a DCP folder; other outputs do not hold them: load those with strict=False, or copy "
+        "them from the newest checkpoint."
+    )
 
 
 def _nest(entries: dict[str, Any], planner_data: Any) -> dict[str, Any]:

@@ -115,7 +115,7 @@ def open_megatron_folder(path: Path, options: LoadOptions = LoadOptions()) -> Ch
     """Open a torch_dist iteration folder lazily, as a DCP folder; the step is its iteration (`iter_N`).
 
     `common.pt` (args, scheduler state) is never read; `_extra_state` entries are noted and left out (see
-    `dcp.note_extra_state`)."""
+    `dcp.extra_state_note`)."""
     check_torch_dist(path)
     ckpt = open_dcp_folder(path, options)
     step = megatron_step(path)

@@ -22,7 +22,6 @@ from typing import Any
 
 from ..errors import CheckpointFormatError, CkptavgWarning, first_line, one_line
 from .checkpoint import Checkpoint, LoadOptions, stamp
-from .dcp import note_extra_state
 from .deepspeed_pickle import unwrap
 from .fastpickle import Extended, _Tensor
 from .lazy import LazyTensor
@@ -130,13 +129,12 @@ def open_megatron_legacy(path: Path, options: LoadOptions = LoadOptions()) -> Ch
         others = [str(k) for k in obj if k not in names]
         if not tensors:
             raise CheckpointFormatError(f"{path}: '{location}' holds no tensors.")
-    extra = _extra_state(model)
-    if extra:
-        note_extra_state(path, extra)
+    extra = _extra_state(model)  # noted once per run (`dcp.extra_state_note`)
     meta = meta_from_mapping(obj, "Megatron checkpoint", path)
     step = megatron_step(path)
     meta = meta.fill(Meta(step, "Megatron iter_N folder" if step is not None else None))
-    return Checkpoint(path, "torch-zip", tensors, location, meta, other_entries=others, stamps={path: before})
+    return Checkpoint(path, "torch-zip", tensors, location, meta, other_entries=others, stamps={path: before},
+                      extra_state=extra)
 
 
 def _extra_state(model: Any) -> list[str]:

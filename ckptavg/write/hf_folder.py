@@ -41,7 +41,7 @@ def index_name(stem: str) -> str:
 # Files of a training folder that are not part of the model: never copied into the output.
 TRAINING_FILES = re.compile(
     r"(trainer_state\.json|training_args\.bin|optimizer\.(pt|bin)|scheduler\.(pt|bin)|scaler\.pt|rng_state.*\.pth"
-    r"|.*\.(safetensors|bin|pt|pth|ckpt|distcp)|.*\.index\.json|\.metadata)"
+    r"|.*\.(safetensors|bin|pt|pth|ckpt|distcp)|.*\.index\.json|\.metadata|ckptavg\.json)"
 )
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

@@ -9,7 +9,8 @@ from ..errors import PlanError
 from ..layout import ACCUM_DTYPES, OUT_DTYPES
 from .hf_folder import parse_size
 
-FORMATS = {"safetensors": (".safetensors",), "torch": (".pt", ".pth", ".bin", ".ckpt", ".tar")}
+FORMATS: dict[str, tuple[str, ...]] = {"safetensors": (".safetensors",), "torch": (".pt", ".pth", ".bin", ".ckpt", ".tar"),
+                                       "dcp": ()}  # dcp: a folder, never told from a file name
 
 
 def output_format(path: Path, fmt: str | None) -> str:
@@ -19,7 +20,7 @@ def output_format(path: Path, fmt: str | None) -> str:
     for name, suffixes in FORMATS.items():
         if path.name.endswith(suffixes):
             return name
-    choices = "; ".join(f"{' '.join(s)} for {n}" for n, s in FORMATS.items())
+    choices = "; ".join(f"{' '.join(s)} for {n}" for n, s in FORMATS.items() if s)
     raise PlanError(f"output {path}: cannot tell the format from the name; end it with {choices}, or pass format.",
                     params=("output", "format"))
 
@@ -41,7 +42,8 @@ class WriteOptions:
         verify: re-open every written file (with ckptavg's reader and with the format's own: safetensors, or
             ``torch.load(weights_only=True)``) and check each tensor's name, shape, dtype and (unless
             allow_nonfinite) finiteness before renaming it into place.
-        format: ``safetensors`` or ``torch`` (a ``torch.save`` state dict); None follows the output's
+        format: ``safetensors``, ``torch`` (a ``torch.save`` state dict) or ``dcp`` (a PyTorch Distributed
+            Checkpoint folder, the default for a folder output from DCP inputs); None follows the output's
             extension (``.safetensors``; ``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.tar``).
         container: write a copy of the newest input's training checkpoint (a torch file) with its weights
             replaced by the average; its optimizer, scheduler, loss scaler and RNG state are dropped.

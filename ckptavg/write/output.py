@@ -166,7 +166,7 @@ def plan_output(output: str | os.PathLike[str], specs: Sequence[TensorSpec], ckp
 
     A folder is sharded by `max_bytes`, like the first input (`like_input`), or into `parts` files of
     balanced size (one per torchrun rank); it gets the sidecars of the newest input folder, but for those
-    `texts` writes instead (name -> contents).
+    `texts` writes instead (name -> contents). (DCP folders: `dcp_folder.plan_dcp_output`.)
     """
     out = Path(output)
     if not to_folder:
@@ -238,17 +238,10 @@ class OpenOutput:
         the same output) this raises OutputError, and the files this commit already placed, new ones, are
         removed again. With `force`, existing regular files are replaced.
         """
-        folder = self.output.folder
         temps = [(w.done, w.path) for w in self.writers if w.done is not None]
         try:
             if lead:
-                for src in self.output.copies:  # one at a time: a failed copy must not lose the earlier temps
-                    temps.append((copy_temp(src, folder), folder / src.name))
-                if self.output.indexed:
-                    index = self.output.index
-                    temps.append((write_text_temp(folder, index, index_json(self.output.shards)), folder / index))
-                for name, text in self.output.texts:  # last: Megatron's tracker file names a complete folder
-                    temps.append((write_text_temp(folder, name, text), folder / name))
+                self._lead_temps(temps)
             for i, (tmp, final) in enumerate(temps):
                 place(tmp, final, force)
                 temps[i] = (final, final)
@@ -260,6 +253,17 @@ class OpenOutput:
             if not force:  # what this commit placed was new: take it back, all or nothing
                 self._unplace()
             raise
+
+    def _lead_temps(self, temps: list[tuple[Path, Path]]) -> None:
+        """Add to `temps` the (temp, final) files that follow the weights: sidecar copies, the index, then `texts`."""
+        folder = self.output.folder
+        for src in self.output.copies:  # one at a time: a failed copy must not lose the earlier temps
+            temps.append((copy_temp(src, folder), folder / src.name))
+        if self.output.indexed:
+            index = self.output.index
+            temps.append((write_text_temp(folder, index, index_json(self.output.shards)), folder / index))
+        for name, text in self.output.texts:
+            temps.append((write_text_temp(folder, name, text), folder / name))
 
     def _unplace(self) -> None:
         for final in self._placed:

@@ -271,6 +271,14 @@ def state_dict_pickle(specs: Sequence[TensorSpec]) -> bytes:
     return buf.getvalue()
 
 
+def tensor_pickle(spec: TensorSpec) -> bytes:
+    """data.pkl of ``torch.save(tensor)`` for one tensor (storage record ``data/0``): what a DCP data file
+    holds for each tensor chunk."""
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(_tensor_ref(spec, "0"))
+    return buf.getvalue()
+
+
 def metadata_json(metadata: dict[str, str]) -> bytes:
     """The extra metadata record: keys sorted, compact, UTF-8 (as a safetensors header's ``__metadata__``)."""
     return json.dumps(dict(sorted(metadata.items())), separators=(",", ":"), ensure_ascii=False).encode()
