@@ -114,6 +114,18 @@ class BlockPlanner(DefaultSavePlanner):
 
 
 GRID = [((0, 0), (2, 3)), ((0, 3), (2, 2)), ((2, 0), (3, 5))]  # uneven blocks of a 5 x 5 tensor
+ROWS = [((3, 0), (2, 5)), ((0, 0), (1, 5)), ((1, 0), (2, 5))]  # blocks of whole rows, as ranks split dim 0
+
+
+def ranged_bytes(t: DcpTensor, block: int) -> bytes:
+    """The tensor's bytes as the streaming reducer reads them: `ranges` of `block` elements at a time."""
+    got = bytearray()
+    for start in range(0, t.numel, block):
+        for path, offset, n in t.ranges(start, min(block, t.numel - start)):
+            with open(path, "rb") as f:
+                f.seek(offset)
+                got += f.read(n)
+    return bytes(got)
 
 
 def rewrite_metadata(folder: Path, change: Callable[[Any], None]) -> None:
@@ -149,7 +161,9 @@ def test_model_weights_read_back_tensor_for_tensor(tmp_path: Path) -> None:
     ckpt = open_checkpoint(folder)
     assert (ckpt.format, ckpt.location) == ("dcp", "model")
     assert_same(ckpt.tensors, weights(1))  # optimizer state is not among the weights
-    assert all(isinstance(t, DcpTensor) and not t.streamable for t in ckpt.tensors.values())
+    assert all(isinstance(t, DcpTensor) and t.streamable for t in ckpt.tensors.values())  # read block by block
+    for t in ckpt.tensors.values():
+        assert ranged_bytes(t, 5) == t.load().reshape(-1).view(torch.uint8).numpy().tobytes()
     assert sorted(ckpt.other_entries) == ["optim", "step"]
     assert (ckpt.meta.step, ckpt.meta.step_source) == (120, "DCP checkpoint 'step'")
 
@@ -194,6 +208,42 @@ def test_chunks_from_several_ranks_are_assembled(tmp_path: Path) -> None:
         warnings.simplefilter("ignore")
         dcp_load(reference, checkpoint_id=folder)
     assert torch.equal(reference["model"]["w"], full)  # torch reads the same folder the same way
+
+
+@pytest.mark.parametrize("fmt", [SerializationFormat.TORCH_SAVE, SerializationFormat.SAFETENSORS])
+def test_row_blocks_stream_and_other_splits_are_assembled(tmp_path: Path, cli: Cli, fmt: SerializationFormat) -> None:
+    """Chunks of whole rows (each rank's part of dim 0) are read block by block straight from the files;
+    a split along another dimension is assembled whole. Either way the average is the mean."""
+    fulls = [torch.arange(25, dtype=torch.float32).reshape(5, 5) * (i + 0.5) for i in range(3)]
+    folders = []
+    for i, full in enumerate(fulls):
+        blocks = ROWS if i != 1 else GRID  # one checkpoint split otherwise: the tensor is then reduced whole
+        folders.append(save({"model": {"w": full}, "step": i}, tmp_path / f"ckpt{i}", planner=BlockPlanner("model.w", blocks),
+                            serialization_format=fmt, single_file_per_rank=False))
+    rows, grid = open_checkpoint(folders[0]).tensors["w"], open_checkpoint(folders[1]).tensors["w"]
+    assert isinstance(rows, DcpTensor) and isinstance(grid, DcpTensor)
+    assert rows.streamable and not grid.streamable
+    assert len({path for path, _, _ in rows.ranges(0, 25)}) == 3  # three files, one per "rank"
+    for block in (1, 4, 7, 25):
+        assert ranged_bytes(rows, block) == fulls[0].reshape(-1).view(torch.uint8).numpy().tobytes()
+    for name, chosen in (("all", folders), ("rows", folders[::2])):
+        out = tmp_path / f"{name}.safetensors"
+        r = cli("swa", *chosen, "-o", out)
+        assert r.exit_code == 0, r.output
+        want = torch.stack([fulls[int(f.name[-1])] for f in chosen]).double().mean(0).float()
+        assert torch.equal(load_file(out)["w"], want)
+
+
+def test_a_chunk_that_cannot_be_located_is_read_whole_and_judged_there(tmp_path: Path) -> None:
+    folder = save({"model": weights(1)}, tmp_path / "ckpt")
+    (data,) = folder.glob("*.distcp")
+    raw = bytearray(data.read_bytes())
+    raw[64:72] = b"\xff" * 8  # inside the first item's pickle
+    data.write_bytes(raw)
+    t = open_checkpoint(folder).tensors["conv.weight"]
+    assert isinstance(t, DcpTensor) and not t.streamable
+    with pytest.raises(CheckpointFormatError, match="cannot be decoded"):
+        t.load()
 
 
 def test_assemble_places_blocks_and_refuses_overlap_and_gaps() -> None:

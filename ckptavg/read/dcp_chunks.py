@@ -10,8 +10,9 @@ import functools
 import io
 import math
 import struct
+import zipfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -19,6 +20,7 @@ import torch
 
 from ..errors import CheckpointFormatError, one_line
 from ..layout import SAFETENSORS_DTYPES
+from .fastpickle import load_plain
 from .lazy import MAX_INT64, LazyTensor, read_exact
 from .safetensors_file import MAX_HEADER_BYTES, read_json_header
 
@@ -56,17 +58,40 @@ def all_ints(value: Any) -> TypeGuard[list[int] | tuple[int, ...]]:
     return isinstance(value, tuple | list) and all(type(v) is int and 0 <= v <= MAX_INT64 for v in value)
 
 
+Run = tuple[int, int, Path, int]  # a chunk's (first element, element count, file, byte offset of its data)
+
+
 @dataclass
 class DcpTensor(LazyTensor):
     """A tensor of a DCP folder; `load()` decodes its chunks and assembles them into the full tensor."""
 
     key: str = ""
     chunks: tuple[Chunk, ...] = ()
+    _runs: list[Run] | None = field(default=None, init=False, repr=False, compare=False)
+    _located: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def streamable(self) -> bool:
-        """False: chunks are archives (or blocks of a larger tensor), not one byte range of a file."""
-        return False
+        """True when the chunks are blocks of whole rows (the usual split: one chunk, or one per rank along the
+        first dimension) whose elements lie plainly in the files: the tensor is then read block by block like
+        any other. Found on first use, with a few small reads per chunk (its archive's directory and pickle)."""
+        return self._chunk_runs() is not None
+
+    def ranges(self, start: int, count: int) -> list[tuple[Path, int, int]]:
+        """The byte runs of elements `start` to `start + count`, across the chunks they fall in."""
+        runs, size, end = self._chunk_runs(), self.dtype.itemsize, start + count
+        assert runs is not None, "ranges() of a DCP tensor that is not streamable"
+        out = []
+        for lo, n, file, offset in runs:
+            a, b = max(start, lo), min(end, lo + n)
+            if a < b:
+                out.append((file, offset + (a - lo) * size, (b - a) * size))
+        return out
+
+    def _chunk_runs(self) -> list[Run] | None:
+        if not self._located:
+            self._runs, self._located = _row_runs(self), True
+        return self._runs
 
     def load(self) -> torch.Tensor:
         """Read and assemble the whole tensor into a new CPU tensor."""
@@ -76,6 +101,113 @@ class DcpTensor(LazyTensor):
             return read_chunk(self.chunks[0], self.key, self.dtype)  # the usual case: no copy
         blocks = ((c.start, read_chunk(c, self.key, self.dtype)) for c in self.chunks)
         return assemble(f"{self.path.parent}: '{self.key}'", self.shape, self.dtype, blocks)
+
+
+def _row_runs(t: DcpTensor) -> list[Run] | None:
+    """Each chunk's elements as one run of the flattened tensor, in order, when the chunks split it into
+    blocks of whole rows and each chunk's data lies uncompressed and contiguous in its file; else None."""
+    if t.numel == 0 or not t.chunks:
+        return None
+    rows = math.prod(t.shape[1:]) if t.shape else 1
+    chunks = sorted(t.chunks, key=lambda c: c.start)
+    runs, next_row = [], 0
+    for c in chunks:
+        if len(c.start) != len(t.shape) or any(c.start[1:]) or tuple(c.sizes[1:]) != tuple(t.shape[1:]):
+            return None  # split along another dimension: assembled by load()
+        first = c.start[0] if t.shape else 0
+        if first != next_row:
+            return None
+        next_row += c.sizes[0] if t.shape else 1
+        at = chunk_data(c, t.key, t.dtype)
+        if at is None:
+            return None
+        runs.append((first * rows, math.prod(c.sizes), *at))
+    return runs if next_row == (t.shape[0] if t.shape else 1) else None
+
+
+def chunk_data(chunk: Chunk, key: str, dtype: torch.dtype) -> tuple[Path, int] | None:
+    """Where one chunk's elements lie, contiguous and as stored: (file, byte offset), or None when they do not
+    (a strided or compressed chunk, a storage extension, anything unexpected: `read_chunk` then judges it)."""
+    s = chunk.stored
+    if s.transforms or math.prod(chunk.sizes) == 0:
+        return None
+    try:
+        head = bytearray(8)
+        read_exact(s.file, s.offset, head)
+        if head[:4] == ZIP_MAGIC:
+            lazy = _archive_tensor(s)
+        else:
+            n = struct.unpack("<Q", head)[0]
+            lazy = _blob_tensor(s, key, n) if n <= min(MAX_HEADER_BYTES, s.file.stat().st_size - s.offset - 8) else None
+    except (CheckpointFormatError, OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError):
+        return None
+    if lazy is None or not lazy.streamable or lazy.dtype != dtype or lazy.shape != tuple(chunk.sizes):
+        return None
+    return s.file, lazy.file_offset
+
+
+def _archive_tensor(s: Stored) -> LazyTensor | None:
+    """The tensor of a chunk's `torch.save` archive as a LazyTensor into the DCP file, from the archive's
+    directory and pickle (read with the allow-list of the fast path; no tensor data is read)."""
+    with zipfile.ZipFile(_Window(s.file, s.offset, s.length)) as z:
+        pickles = [i for i in z.infolist() if i.filename.endswith("/data.pkl")]
+        if len(pickles) != 1 or any(i.compress_type != zipfile.ZIP_STORED for i in z.infolist()):
+            return None
+        prefix = pickles[0].filename[: -len("data.pkl")]
+        records = {}
+        for info in z.infolist():
+            if info.filename.startswith(prefix + "data/"):
+                local = bytearray(30)
+                read_exact(s.file, s.offset + info.header_offset, local)
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                start = info.header_offset + 30 + name_len + extra_len
+                if local[:4] != ZIP_MAGIC or start + info.file_size > s.length:
+                    return None
+                records[info.filename] = (s.offset + start, info.file_size)
+        found = load_plain(s.file, z.read(pickles[0]), prefix, records)
+    return found if isinstance(found, LazyTensor) else None
+
+
+def _blob_tensor(s: Stored, key: str, header_size: int) -> LazyTensor | None:
+    """A chunk stored as an entry of a safetensors blob (`SerializationFormat.SAFETENSORS`)."""
+    st = s.file.stat()
+    entry = _blob_header(s.file, s.offset, header_size, (st.st_size, st.st_mtime_ns)).get(key)
+    entry = entry if isinstance(entry, dict) else {}
+    name, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    dtype = SAFETENSORS_DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None or not all_ints(shape) or not all_ints(offs) or len(offs) != 2 or \
+            offs[1] - offs[0] != math.prod(shape) * dtype.itemsize or offs[1] > st.st_size - s.offset - 8 - header_size:
+        return None
+    return LazyTensor(s.file, dtype, tuple(shape), s.offset + 8 + header_size + offs[0])
+
+
+class _Window(io.RawIOBase):
+    """Bytes `offset` to `offset + length` of a file, as a read-only seekable file (for zipfile), read with pread."""
+
+    def __init__(self, path: Path, offset: int, length: int) -> None:
+        super().__init__()
+        self._path, self._offset, self._length, self._at = path, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._at
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._at, io.SEEK_END: self._length}[whence]
+        self._at = max(0, base + pos)
+        return self._at
+
+    def readinto(self, buf: Any) -> int:
+        n = max(0, min(len(buf), self._length - self._at))
+        if n:
+            read_exact(self._path, self._offset + self._at, memoryview(buf)[:n])
+        self._at += n
+        return n
 
 
 def assemble(
