@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -60,3 +61,14 @@ def fixture_paths(fmt: str) -> list[Path]:
         return int(digits[0])
 
     return sorted(items, key=number)
+
+
+def ranged_bytes(t: Any, block: int) -> bytes:
+    """A lazy tensor's bytes as the streaming reducer reads them: its `ranges` of `block` elements at a time."""
+    got = bytearray()
+    for start in range(0, t.numel, block):
+        for path, offset, n in t.ranges(start, min(block, t.numel - start)):
+            with open(path, "rb") as f:
+                f.seek(offset)
+                got += f.read(n)
+    return bytes(got)

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from refs import ranged_bytes
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat
@@ -115,17 +116,6 @@ class BlockPlanner(DefaultSavePlanner):
 
 GRID = [((0, 0), (2, 3)), ((0, 3), (2, 2)), ((2, 0), (3, 5))]  # uneven blocks of a 5 x 5 tensor
 ROWS = [((3, 0), (2, 5)), ((0, 0), (1, 5)), ((1, 0), (2, 5))]  # blocks of whole rows, as ranks split dim 0
-
-
-def ranged_bytes(t: DcpTensor, block: int) -> bytes:
-    """The tensor's bytes as the streaming reducer reads them: `ranges` of `block` elements at a time."""
-    got = bytearray()
-    for start in range(0, t.numel, block):
-        for path, offset, n in t.ranges(start, min(block, t.numel - start)):
-            with open(path, "rb") as f:
-                f.seek(offset)
-                got += f.read(n)
-    return bytes(got)
 
 
 def rewrite_metadata(folder: Path, change: Callable[[Any], None]) -> None:

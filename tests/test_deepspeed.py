@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from refs import ranged_bytes
 from safetensors.torch import load_file
 
 from ckptavg import CheckpointFormatError
@@ -196,13 +197,7 @@ def test_any_run_of_a_gathered_weight_reads_its_bytes(run: str) -> None:
     for t in gathered:
         whole = t.load().reshape(-1).view(torch.uint8)
         for block in (1, 3, 7, max(1, t.numel // 2)):
-            got = bytearray()
-            for start in range(0, t.numel, block):
-                for path, offset, n in t.ranges(start, min(block, t.numel - start)):
-                    with open(path, "rb") as f:
-                        f.seek(offset)
-                        got += f.read(n)
-            assert bytes(got) == whole.numpy().tobytes()
+            assert ranged_bytes(t, block) == whole.numpy().tobytes()
 
 
 # ---------------------------------------------------------------- refusals
