@@ -185,8 +185,8 @@ TrustPickleOpt = Annotated[bool, typer.Option(
 
 OutputOpt = Annotated[str, typer.Option(
     "--output", "-o", metavar="PATH", show_default=False, rich_help_panel=OUTPUT,
-    help="Safetensors file, or a folder (DIR/ or an existing directory) for a Hugging Face style folder. "
-    "Several outputs (comma lists, --window): a template such as 'ema-{decay}.safetensors', or a folder.")]
+    help="A .safetensors or torch (.pt, .pth, .bin, .ckpt) file, or DIR/ for a folder in the inputs' layout "
+    "(Hugging Face, diffusers, PEFT, DCP, Megatron). Several outputs: a template ('ema-{decay}.pt') or a folder.")]
 FormatOpt = Annotated[Format | None, typer.Option(
     "--format", metavar="FORMAT", rich_help_panel=OUTPUT,
     help="safetensors, torch (.pt) or dcp (DCP folder). Default: from -o.")]
