@@ -22,7 +22,7 @@ from .errors import BatchNormError, CkptavgWarning
 from .layout import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout
 from .methods.base import Plan
 from .methods.lora import LoraAverage
-from .methods.lora_rows import SHARDED_NOTE, average_adapters
+from .methods.lora_rows import SHARDED_NOTE, average_adapters, refuse_scored_soup
 from .methods.uniform import Copy, Swa
 from .read.checkpoint import LoadOptions, PathLike, check_unchanged, files_of
 from .read.dcp import extra_state_note
@@ -101,6 +101,7 @@ def _plan(found: Found, plan: Plan, select: Selection, load: LoadOptions, dtype:
             warnings.warn(extra, stacklevel=1)
         specs = check_layout(chosen, OUT_DTYPES[dtype] if dtype else None)  # before the weights: graft reads tensors
         data = CheckpointData(chosen, specs, _steps_of(progress))
+        refuse_scored_soup(plan, lora, specs)
         matrix = plan.weights(chosen, data)
         base = open_base(lora.base, load) if lora and lora.base is not None else None  # lora merge
         base_data = CheckpointData([base], check_layout([base], OUT_DTYPES[dtype] if dtype else None)) if base else None

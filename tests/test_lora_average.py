@@ -370,3 +370,22 @@ def test_dora_adapters_are_said_to_be_approximate(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="DoRA adapters: .* not the mean of the adapted weights"):
         report = plan_checkpoints(folders)
     assert any("DoRA" in w for w in report.warning_texts())
+
+
+def test_a_scored_soup_of_adapters_needs_lora_factors(cli: Cli, tmp_path: Path) -> None:
+    """Soup scores each candidate as the mean of its tensors (factor by factor for adapters): writing svd or
+    concat would write something else than what was scored, so that is refused before any scoring."""
+    evals = tmp_path / "evals.py"
+    evals.write_text("import pathlib\n"
+                     f"LOG = pathlib.Path({str(tmp_path / 'log')!r})\n"
+                     "def score(sd):\n"
+                     "    LOG.open('a').write('x')\n"
+                     "    return -sum(float(t.float().abs().sum()) for t in sd.values())\n")
+    for lora in ([], ["--lora", "concat"]):
+        r = cli("soup", *TRAINER, "--eval", f"{evals}:score", *lora, "-o", tmp_path / "soup.safetensors")
+        assert r.exit_code == 1 and len(r.stderr.splitlines()) == 1, r.output
+        assert "--lora factors" in r.stderr and not (tmp_path / "log").exists()  # refused before scoring
+    r = cli("soup", *TRAINER, "--eval", f"{evals}:score", "--lora", "factors", "-o", tmp_path / "soup.safetensors", "-q")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "log").exists()  # scored, and written as scored
+    assert cli("soup", *TRAINER, "--uniform", "-o", tmp_path / "u.safetensors", "-q").exit_code == 0  # nothing scored

@@ -18,9 +18,10 @@ import torch
 
 from ..errors import CkptavgWarning, IncompatibleCheckpointsError, PlanError
 from ..layout import TensorSpec
-from .base import TensorAccess, Weights
+from .base import Plan, TensorAccess, Weights
 from .lora import LoraAverage, adapter_config_for, lora_pairs
 from .lora_merge import MergedRow, merge_map
+from .soup import Soup
 
 FACTORS_NOTE = ("LoRA adapters are averaged factor by factor (the mean of the A and of the B matrices), which is not "
                 "the mean of their updates B·A: close, late checkpoints come out close, distant ones do not "
@@ -85,6 +86,21 @@ class AdapterAverage:
         first = self.summary(0)
         return {k: v for k, v in first.items() if k != "errors"} | {
             "outputs": [self.summary(r)["errors"] for r in range(len(self.errors))]}
+
+
+def refuse_scored_soup(plan: Plan, how: LoraAverage | None, specs: Sequence[TensorSpec]) -> None:
+    """A soup that scores candidates builds each as the plain mean of its tensors, which for LoRA adapters is the
+    factor-by-factor average: refused, before any scoring, unless that is what will be written (lora factors).
+
+    Raises:
+        PlanError: a scored soup of LoRA adapters with svd, concat or merge.
+    """
+    if isinstance(plan, Soup) and plan.evaluate is not None and (how is None or how.mode != "factors") \
+            and lora_pairs(s.name for s in specs):
+        mode = how.mode if how is not None else "svd"
+        raise PlanError(f"soup scores each candidate as the mean of its tensors, which for LoRA adapters is the factor "
+                        f"by factor average, not the lora {mode} that would be written; pass lora factors, so that what "
+                        "is written is what was scored.", params=("lora",))
 
 
 def average_adapters(how: LoraAverage | None, specs: Sequence[TensorSpec], rows: Sequence[Weights],
