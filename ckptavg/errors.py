@@ -33,11 +33,12 @@ class _Named:
     params: tuple[str, ...] = ()
 
     def with_names(self, names: Mapping[str, str]) -> str:
-        """The message with each of `params` replaced by its name in `names` (a flag), whole words only."""
+        """The message with each of `params` replaced by its name in `names` (a flag), whole words only: never
+        a part of a path or file name (`runs/best/last.pt` keeps its `best` and `last`), nor of a longer name."""
         text = str(self)
         for param in self.params:
             if param in names:
-                text = re.sub(rf"(?<![\w.-]){re.escape(param)}(?![\w-])", names[param], text)
+                text = re.sub(rf"(?<![\w./\\-]){re.escape(param)}(?![\w/\\-]|\.\w)", names[param], text)
         return text
 
 

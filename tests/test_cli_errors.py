@@ -172,3 +172,15 @@ def test_bar_of_a_run_on_a_tty(tmp_path: Path) -> None:
     assert code == 0, stderr
     assert "averaging: 100%" in stderr and "KiB of" in stderr, stderr
     assert not re.search(r"\d ?[kKMG]B\b|[kMG]B/s", stderr), stderr
+
+
+def test_flag_names_never_rewrite_a_path(tmp_path: Path) -> None:
+    """Parameters are shown as flags in the CLI, but a path that happens to hold a parameter's name (a folder
+    `best/`, a file `last.pth.tar`, `.../base/...`) is printed as it is."""
+    from ckptavg.errors import SelectionError
+
+    e = SelectionError("best/checkpoint-4.pth.tar and best/last.pth.tar are one checkpoint; pass last or best, "
+                       "not /x/base/m.safetensors base.", params=("best", "last", "base"))
+    assert e.with_names({"best": "--best", "last": "--last", "base": "--base"}) == (
+        "best/checkpoint-4.pth.tar and best/last.pth.tar are one checkpoint; pass --last or --best, "
+        "not /x/base/m.safetensors --base.")
