@@ -38,7 +38,7 @@ from .results import RowEvaluation as RowEvaluation  # the argument of `average`
 from .select import Selection, order_checkpoints, refuse_twice, select_checkpoints
 from .write.container import refuse_container
 from .write.dcp_folder import plan_dcp_output, wants_dcp
-from .write.options import WriteOptions, output_format
+from .write.options import WriteOptions, output_format, row_suffix
 from .write.output import OpenOutput, Output, is_folder_output, plan_output
 from .write.safetensors import check_output
 from .write.templates import row_targets
@@ -164,7 +164,7 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
     best_only = evaluation is not None and evaluation.keep == "best"
     # keeping the best row: a plain -o is its file; a template or folder is planned for every row, as the
     # name of the one written comes from the row that wins
-    targets = [os.fspath(output)] if single and (len(rows) == 1 or best_only) else row_targets(output, rows)
+    targets = [os.fspath(output)] if single and (len(rows) == 1 or best_only) else row_targets(output, rows, row_suffix(write.format))
     sharded = write.max_bytes is not None or write.shards_like_input or parts > 1
     outs = []
     for target in targets:

@@ -3,14 +3,18 @@ state dict that torch.load(weights_only=True) reads; format= overrides; an unkno
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import Result
 
 import ckptavg
 from ckptavg import PlanError, WriteOptions, average
+from ckptavg.errors import CkptavgWarning
 from ckptavg.read.layouts import open_checkpoint
 
 RUNS = Path(__file__).resolve().parent.parent / "fixtures" / "runs"
@@ -34,11 +38,27 @@ def test_torch_names_give_a_torch_file_equal_to_the_safetensors_output(tmp_path:
 
 def test_format_overrides_the_extension(tmp_path: Path) -> None:
     out = tmp_path / "weights.data"
-    average(RUNS / "plain", out, write=WriteOptions(format="torch"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a name that says nothing: no note
+        average(RUNS / "plain", out, write=WriteOptions(format="torch"))
     assert set(torch.load(out, weights_only=True)) == set(load_file(_sft(tmp_path)))
     out2 = tmp_path / "weights.pt"
-    average(RUNS / "plain", out2, write=WriteOptions(format="safetensors"))
+    with pytest.warns(CkptavgWarning, match=r"weights.pt: written as safetensors, as format asks, but its name says "
+                                            r"torch, and loaders go by the name"):
+        average(RUNS / "plain", out2, write=WriteOptions(format="safetensors"))
     assert set(load_file(out2)) == set(load_file(_sft(tmp_path)))
+
+
+def test_rows_in_a_folder_take_the_formats_extension(cli: Callable[..., Result], tmp_path: Path) -> None:
+    """A sweep into a folder with --format torch writes .pt files (a torch file named .safetensors would be
+    handed to safetensors by torch.load)."""
+    r = cli("ema", RUNS / "plain", "--decay", "0.5,0.9", "--format", "torch", "-o", f"{tmp_path / 'sweep'}/", "-q")
+    assert r.exit_code == 0, r.output
+    files = sorted(p.name for p in (tmp_path / "sweep").iterdir())
+    assert files == ["decay=0.5.pt", "decay=0.9.pt"]
+    assert all(torch.load(tmp_path / "sweep" / f, weights_only=True) for f in files)
+    r = cli("swa", RUNS / "plain", "--format", "torch", "-o", tmp_path / "x.safetensors", "-q")
+    assert r.exit_code == 0 and "Warning: " in r.stderr and "--format" in r.stderr  # said, in flags
 
 
 def _sft(tmp_path: Path) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import PlanError
+from ..errors import CkptavgWarning, PlanError
 from ..layout import ACCUM_DTYPES, OUT_DTYPES
 from .hf_folder import parse_size
 
@@ -13,13 +13,28 @@ FORMATS: dict[str, tuple[str, ...]] = {"safetensors": (".safetensors",), "torch"
                                        "dcp": ()}  # dcp: a folder, never told from a file name
 
 
+def contradicted(path: Path, fmt: str | None) -> CkptavgWarning | None:
+    """A note when `fmt` overrides the format that the file's name says: loaders go by the name (torch.load
+    hands a .safetensors name to safetensors; a safetensors .pt makes torch.load blame weights_only)."""
+    named = next((name for name, suffixes in FORMATS.items() if suffixes and path.name.endswith(suffixes)), None)
+    if fmt is None or named is None or fmt == named or not FORMATS.get(fmt):
+        return None
+    return CkptavgWarning(f"output {path}: written as {fmt}, as format asks, but its name says {named}, and loaders "
+                          f"go by the name; load it with {fmt}'s own reader, or name it {' or '.join(FORMATS[fmt])}.",
+                          params=("format",))
+
+
+def row_suffix(fmt: str | None) -> str:
+    """The extension of each row's file in a folder of several outputs: the format's first, safetensors' by
+    default."""
+    return FORMATS[fmt][0] if fmt in FORMATS and FORMATS[fmt] else ".safetensors"
+
+
 def output_format(path: Path, fmt: str | None) -> str:
     """The format of a file output: `fmt` when given, else the one its extension names."""
-    if fmt is not None:
-        return fmt
-    for name, suffixes in FORMATS.items():
-        if path.name.endswith(suffixes):
-            return name
+    named = next((name for name, suffixes in FORMATS.items() if suffixes and path.name.endswith(suffixes)), None)
+    if fmt is not None or named is not None:
+        return fmt or str(named)
     choices = "; ".join(f"{' '.join(s)} for {n}" for n, s in FORMATS.items() if s)
     raise PlanError(f"output {path}: cannot tell the format from the name; end it with {choices}, or pass format.",
                     params=("output", "format"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from .hf_folder import (
     weights_stem,
     write_text_temp,
 )
-from .options import output_format
+from .options import contradicted, output_format
 from .placing import place
 from .safetensors import SafetensorsWriter, check_output
 from .torch_file import TorchWriter, verify_torch_file
@@ -170,6 +171,8 @@ def plan_output(output: str | os.PathLike[str], specs: Sequence[TensorSpec], ckp
     """
     out = Path(output)
     if not to_folder:
+        if (note := contradicted(out, fmt)) is not None:
+            warnings.warn(note, stacklevel=2)
         return Output(out, out.parent, False, (Shard(out.name, tuple(specs)),), make_parent=make_parent,
                       format=output_format(out, fmt))
     if fmt == "torch":

@@ -25,9 +25,9 @@ class Row(Protocol):
     def params(self) -> Mapping[str, Any]: ...
 
 
-def row_targets(output: str | os.PathLike[str], rows: Sequence[Row]) -> list[str]:
+def row_targets(output: str | os.PathLike[str], rows: Sequence[Row], suffix: str = ".safetensors") -> list[str]:
     """Where each output row goes: `output` itself for one row; for several, a template with ``{field}``
-    placeholders (the rows' params, ``index``, ``name``) or a folder (one ``<row name>.safetensors`` each).
+    placeholders (the rows' params, ``index``, ``name``) or a folder (one ``<row name><suffix>`` file each).
 
     Raises:
         PlanError: several rows and `output` is neither a template nor a folder, names an unknown field, or
@@ -42,7 +42,7 @@ def row_targets(output: str | os.PathLike[str], rows: Sequence[Row]) -> list[str
             raise PlanError(f"output {text}: this plan gives {len(rows)} outputs ({', '.join(r.name for r in rows[:4])}"
                             f"{', ...' if len(rows) > 4 else ''}); give output a template with a field that varies "
                             f"({', '.join('{' + f + '}' for f in fields)}), or a folder.", params=("output",))
-        return [str(Path(text) / f"{r.name or i}.safetensors") for i, r in enumerate(rows)]
+        return [str(Path(text) / f"{r.name or i}{suffix}") for i, r in enumerate(rows)]
     names = []
     for i, r in enumerate(rows):
         values = {**{k: _text(v) for k, v in r.params.items()}, "index": str(i), "name": r.name}
