@@ -164,7 +164,8 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
     best_only = evaluation is not None and evaluation.keep == "best"
     # keeping the best row: a plain -o is its file; a template or folder is planned for every row, as the
     # name of the one written comes from the row that wins
-    targets = [os.fspath(output)] if single and (len(rows) == 1 or best_only) else row_targets(output, rows, row_suffix(write.format))
+    suffix = os.sep if config else row_suffix(write.format)  # an adapter row is a folder: its config holds r, alpha
+    targets = [os.fspath(output)] if single and (len(rows) == 1 or best_only) else row_targets(output, rows, suffix)
     sharded = write.max_bytes is not None or write.shards_like_input or parts > 1
     outs = []
     for target in targets:

@@ -172,14 +172,14 @@ def test_windows_average_each_row(cli: Cli, tmp_path: Path) -> None:
     out = tmp_path / "w"
     r = cli("swa", *TRAINER, "--window", "2", "--stride", "2", "--lora", "concat", "-o", f"{out}/", "-q")
     assert r.exit_code == 0, r.output
-    files = sorted(out.iterdir())
-    assert len(files) == 2
-    for f, members in zip(files, (TRAINER[:2], TRAINER[2:]), strict=True):
-        state = load_file(f)
+    rows = sorted(out.iterdir())  # an adapter folder per window
+    assert len(rows) == 2
+    for row, members in zip(rows, (TRAINER[:2], TRAINER[2:]), strict=True):
+        state = load_file(row / "adapter_model.safetensors")
+        assert (_config(row)["r"], _config(row)["lora_alpha"]) == (8, 16)  # rank 2·4, the inputs' scale
         for layer, m in _mean_updates(members).items():
             a, b = lora_pairs(state)[layer]
-            # each file holds rank 2·4 factors; the scale with alpha' = 2·8 is that of the inputs
-            assert _rel(_s(_config(TRAINER[-1])) * (state[b].double() @ state[a].double()), m) < 1e-6
+            assert _rel(_s(_config(row)) * (state[b].double() @ state[a].double()), m) < 1e-6
 
 
 class _TwoRows(Plan):
@@ -389,3 +389,25 @@ def test_a_scored_soup_of_adapters_needs_lora_factors(cli: Cli, tmp_path: Path) 
     assert r.exit_code == 0, r.output
     assert (tmp_path / "log").exists()  # scored, and written as scored
     assert cli("soup", *TRAINER, "--uniform", "-o", tmp_path / "u.safetensors", "-q").exit_code == 0  # nothing scored
+
+
+def test_rows_of_adapters_in_a_folder_are_adapter_folders(cli: Cli, tmp_path: Path) -> None:
+    """A sweep of adapters into a folder writes one PEFT adapter folder per row, each with the config that holds
+    its r and lora_alpha (a bare weights file could not be loaded: concat changes r)."""
+    out = tmp_path / "sweep"
+    r = cli("ema", *TRAINER, "--decay", "0.5,0.9", "--lora", "concat", "-o", f"{out}/", "-q")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["decay=0.5", "decay=0.9"]
+    for row in out.iterdir():
+        assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in row.iterdir()}
+        assert (_config(row)["r"], _config(row)["lora_alpha"]) == (16, 32)
+
+
+def test_an_svd_rank_above_n_r_says_the_rest_is_zeros(cli: Cli, tmp_path: Path) -> None:
+    r = cli("swa", *TRAINER, "--lora-rank", "20", "-o", f"{tmp_path / 'r20'}/", "-q")
+    assert r.exit_code == 0, r.output
+    assert "--lora-rank 20 is more than the mean update can have (at most 4 adapters x r = 16)" in r.stderr
+    state = load_file(tmp_path / "r20" / "adapter_model.safetensors")
+    a = state["base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"]
+    assert a.shape[0] == 20 and not a[16:].any() and a[:16].abs().sum(1).min() > 0  # exactly the zero padding
+    assert "is more than" not in cli("swa", *TRAINER, "--lora-rank", "16", "-o", f"{tmp_path / 'r16'}/", "-q").stderr

@@ -144,6 +144,12 @@ def average_adapters(how: LoraAverage | None, specs: Sequence[TensorSpec], rows:
     notes = [CkptavgWarning(FACTORS_NOTE, params=("lora",))] if how.mode == "factors" and multiple else []
     if config and config.get("use_dora") and multiple:
         notes.append(CkptavgWarning(DORA_NOTE))
+    by_name = {sp.name: sp for sp in specs}
+    most = n * max(by_name[a].shape[0] for a, _ in layers.values())
+    if how.mode == "svd" and how.rank is not None and how.rank > most:
+        notes.append(CkptavgWarning(f"lora.rank {how.rank} is more than the mean update can have (at most {n} "
+                                    f"adapters x r = {most}): the last {how.rank - most} ranks are zeros; "
+                                    f"lora.rank {most} stores the same update exactly.", params=("lora.rank",)))
     return AdapterAverage(how, layers, tuple(tensors), tuple(errors), out_config, tuple(notes))
 
 

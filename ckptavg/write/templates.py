@@ -42,7 +42,7 @@ def row_targets(output: str | os.PathLike[str], rows: Sequence[Row], suffix: str
             raise PlanError(f"output {text}: this plan gives {len(rows)} outputs ({', '.join(r.name for r in rows[:4])}"
                             f"{', ...' if len(rows) > 4 else ''}); give output a template with a field that varies "
                             f"({', '.join('{' + f + '}' for f in fields)}), or a folder.", params=("output",))
-        return [str(Path(text) / f"{r.name or i}{suffix}") for i, r in enumerate(rows)]
+        return [f"{Path(text) / (r.name or str(i))}{suffix}" for i, r in enumerate(rows)]  # suffix: may be a separator
     names = []
     for i, r in enumerate(rows):
         values = {**{k: _text(v) for k, v in r.params.items()}, "index": str(i), "name": r.name}
