@@ -156,8 +156,8 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
     config = report.lora.config_text() if report.lora else None  # written, not copied: r and lora_alpha may change
     layout_from = [report.base] if report.base else report.checkpoints  # a merged model is laid out as its base
     rows = report.matrix.rows
-    copy = training_output(output, report.specs, report.checkpoints, len(rows), load, write.container,
-                           write.keep_training_state, parts)
+    copy = training_output(output, report.specs, report.checkpoints, len(rows), load, write, parts,
+                           named=bn or evaluation or getattr(plan, "evaluate", None))
     if copy is not None:  # copies of the newest input's training checkpoints around the average
         copy.check(files_of(report.considered), write.force)
         return Job(report, (copy,), (row_metadata(report, 0, bn),), write, bn, evaluation)

@@ -16,13 +16,16 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from typer.testing import CliRunner, Result
 
 from ckptavg import CheckpointFormatError, CkptavgWarning, PlanError
 from ckptavg.api import average
 from ckptavg.cli.app import app
 from ckptavg.methods.ema import Ema
+from ckptavg.methods.soup import Soup
 from ckptavg.read.checkpoint import LoadOptions
+from ckptavg.read.container_tree import read_tree
 from ckptavg.write.options import WriteOptions
 
 ROOT = Path(__file__).resolve().parent.parent / "fixtures" / "real"
@@ -197,12 +200,47 @@ def test_fairseq_model_is_the_mean_under_its_own_names(tmp_path: Path) -> None:
 
 
 def test_strip_and_add_prefix_map_back_to_the_stored_names(tmp_path: Path) -> None:
+    """The prefix options rename the weights for what reads them by name (here a soup's evaluate), and the copy
+    still holds them under the checkpoint's own names."""
     paths = [tmp_path / f"checkpoint_{i}_{i * 10}.pt" for i in (1, 2)]
     models = [fairseq(p, i * 10, i) for i, p in zip((1, 2), paths, strict=True)]
     out = tmp_path / "avg.pt"
-    average(paths, out, load=LoadOptions(keep_prefix=True, strip_prefix="module.", add_prefix="m."),
+    seen: list[str] = []
+
+    def score(state: dict[str, torch.Tensor]) -> float:
+        seen.extend(state)
+        return 1.0
+
+    average(paths, out, Soup(evaluate=score, uniform=True),
+            load=LoadOptions(keep_prefix=True, strip_prefix="module.", add_prefix="m."),
             write=WriteOptions(container=True, verify=True))
+    assert seen and all(k.startswith("m.encoder.") or k.startswith("m.decoder.") for k in seen), seen
     check_copy(out, paths[-1], "model", mean(models), {"last_optimizer_state"})
+
+
+@pytest.mark.parametrize("load_options", [{"keep_prefix": True}, {"add_prefix": "m."},
+                                          {"strip_prefix": "module.", "keep_prefix": True}])
+def test_a_prefix_option_that_changes_nothing_is_refused(tmp_path: Path, load_options: dict[str, Any]) -> None:
+    paths = [tmp_path / f"checkpoint_{i}_{i * 10}.pt" for i in (1, 2)]
+    for i, p in zip((1, 2), paths, strict=True):
+        fairseq(p, i * 10, i)
+    with pytest.raises(PlanError, match="keeps the checkpoint's own tensor names") as exc:
+        average(paths, tmp_path / "avg.pt", load=LoadOptions(**load_options), write=WriteOptions(container=True))
+    assert exc.value.params[0] == "container" and set(load_options) <= set(exc.value.params)
+    assert not (tmp_path / "avg.pt").exists()
+
+
+@pytest.mark.parametrize(("inputs", "flags", "flag"), [
+    (TIMM, ["--add-prefix", "module."], "--add-prefix"),
+    (LIGHTNING, ["--strip-prefix", "net."], "--strip-prefix"),
+    (LIGHTNING, ["--keep-prefix"], "--keep-prefix"),
+])
+def test_cli_prefix_options_with_container_are_one_error_line(tmp_path: Path, inputs: list[Path], flags: list[str],
+                                                                 flag: str) -> None:
+    """They were ignored: the copy was byte for byte the one written without them."""
+    line = error_line(run("swa", *inputs, "--container", *flags, "-o", tmp_path / "avg.pt"))
+    assert line.startswith("Error: --container keeps the checkpoint's own tensor names") and f"leave out {flag}" in line
+    assert not any(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------- Megatron legacy rank files
@@ -297,6 +335,39 @@ def test_cli_refusals_are_one_error_line(tmp_path: Path, extra: list[str], words
     line = error_line(run("swa", *TIMM, "--container", *args))
     assert words in line and "--container" in line, line
     assert not any(tmp_path.iterdir())
+
+
+def test_cli_legacy_torch_and_safetensors_inputs_are_refused_by_kind(tmp_path: Path) -> None:
+    """Both used to be "broken zip archive ...; the file may be truncated": the newest input's kind is checked
+    first. Both still average to weights without container."""
+    legacy = [tmp_path / f"checkpoint-{i}.pth" for i in (1, 2)]
+    safe = [tmp_path / f"step{i}.safetensors" for i in (1, 2)]
+    for i, (lp, sp) in enumerate(zip(legacy, safe, strict=True)):
+        torch.save({"model": {"w": torch.full((3,), float(i))}, "epoch": i}, lp, _use_new_zipfile_serialization=False)
+        save_file({"w": torch.full((3,), float(i))}, sp)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run("swa", *legacy, "--container", "-o", out / "x.pt")  # after the note that legacy files are read whole
+    assert result.exit_code == 1 and [x for x in result.stderr.splitlines() if x.startswith("Error")] == [(
+f"Error: {legacy[-1]}: a legacy (non-zip) torch file; --container copies a torch zip archive: "
+                    "re-save it with a current torch.save, or leave out --container.")]
+    line = error_line(run("swa", *safe, "--container", "-o", out / "x.pt"))
+    assert line == (f"Error: {safe[-1]}: a safetensors file holds weights alone, no training checkpoint to copy; "
+                    "leave out --container.")
+    assert not any(out.iterdir())
+    with pytest.raises(CheckpointFormatError, match="legacy"):
+        read_tree(legacy[-1], trust=False)
+    for inputs in (legacy, safe):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CkptavgWarning)
+            average(inputs, out / "w.pt", write=WriteOptions(force=True))
+        assert torch.equal(load(out / "w.pt")["w"], torch.full((3,), 0.5))
+
+
+def test_format_dcp_with_container_is_refused() -> None:
+    with pytest.raises(PlanError, match="not dcp; give format torch") as exc:
+        WriteOptions(container=True, format="dcp")
+    assert exc.value.params == ("container", "format")
 
 
 def test_cli_keep_state_needs_container(tmp_path: Path) -> None:

@@ -332,6 +332,20 @@ def test_merge_to_a_folder_takes_the_bases_sidecars(cli: Cli, tmp_path: Path) ->
                                      "--base, the model folder or file the adapters were trained on."]
 
 
+@pytest.mark.parametrize("flags", [["--add-prefix", "x."], ["--strip-prefix", "base_model."],
+                                   ["--add-prefix", "x.", "--strip-prefix", "base_model."]])
+def test_merge_refuses_prefix_options_that_change_nothing(cli: Cli, tmp_path: Path, flags: list[str]) -> None:
+    """They renamed the adapters' tensors only: the merge writes the base's names (adapter tensors are matched to
+    them by their ends), and the output's tensors were the same with and without them."""
+    r = cli("swa", *TRAINER[:2], "--lora", "merge", "--base", PEFT / "lora-trainer-base", *flags, "-o",
+            tmp_path / "m.safetensors")
+    named = " and ".join(f for f in ("--strip-prefix", "--add-prefix") if f in flags)
+    assert r.exit_code == 1 and r.stderr.splitlines() == [
+        f"Error: --lora merge writes the base model's own tensor names, so {named.split(' and ')[0]} changes nothing; "
+        f"leave out {named}."]
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_sharded_adapter_is_said_to_be_for_ckptavg_only(cli: Cli, tmp_path: Path) -> None:
     out = tmp_path / "sh"
     r = cli("swa", *TRAINER, "--lora", "concat", "--max-shard-size", "2KB", "-o", f"{out}/", "-q")

@@ -112,3 +112,53 @@ def test_one_rank_files_still_average_to_a_weights_file(tmp_path: Path) -> None:
     got = torch.load(tmp_path / "avg.pt", weights_only=True)
     for k, t in rank_mean(models, 1, (10, 20)).items():
         assert_same(got[k], t, k)
+
+
+@pytest.mark.parametrize("fmt", ["dcp", "safetensors"])
+def test_a_format_other_than_torch_is_refused(tmp_path: Path, fmt: str) -> None:
+    """--format was ignored: torch rank files were written under any format."""
+    make_legacy(tmp_path / "run")
+    line = error_line(run("swa", tmp_path / "run", "--format", fmt, "-o", f"{tmp_path / 'avg'}/"))
+    assert line == (f"Error: output {tmp_path / 'avg'}/: a legacy Megatron run is written as a Megatron folder of rank "
+                    f"files (iter_N/mp_rank_XX/model_optim_rng.pt, torch files), not {fmt}; leave out --format, or average "
+                    "one rank's files (iter_*/mp_rank_00/model_optim_rng.pt) to a .safetensors file.")
+    assert not (tmp_path / "avg").exists()
+
+
+@pytest.mark.parametrize("flags", [["--format", "torch"], ["--container"], []])
+def test_format_torch_and_container_write_the_same_rank_files(tmp_path: Path, flags: list[str]) -> None:
+    """A legacy run's folder output is a copy of every rank's file: --container asks for what it does anyway."""
+    make_legacy(tmp_path / "run")
+    result = run("swa", tmp_path / "run", *flags, "-o", f"{tmp_path / 'avg'}/", "-q")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.relative_to(tmp_path / "avg").as_posix() for p in (tmp_path / "avg").rglob("*.pt")) == [
+        "iter_0000020/mp_rank_00/model_optim_rng.pt", "iter_0000020/mp_rank_01/model_optim_rng.pt"]
+
+
+@pytest.mark.parametrize("flags", [["--add-prefix", "m."], ["--keep-prefix"], ["--container", "--add-prefix", "m."]])
+def test_prefix_options_are_refused(tmp_path: Path, flags: list[str]) -> None:
+    make_legacy(tmp_path / "run")
+    line = error_line(run("swa", tmp_path / "run", *flags, "-o", f"{tmp_path / 'avg'}/"))
+    assert line == ("Error: a legacy Megatron run is written as copies of its rank files, which keep their own tensor "
+                    f"names; leave out {flags[-2] if flags[-1] == 'm.' else flags[-1]}.")
+    assert not (tmp_path / "avg").exists()
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_state_copies_the_distributed_optimizer_state(tmp_path: Path, keep: bool) -> None:
+    """distrib_optim.pt (Megatron's --use-distributed-optimizer state) is training state beside each rank's file:
+    copied byte for byte from the newest iteration with --keep-state, left out without."""
+    run_dir = tmp_path / "run"
+    make_legacy(run_dir)
+    for it in (10, 20):
+        for rank in (0, 1):
+            (run_dir / f"iter_{it:07d}" / f"mp_rank_{rank:02d}" / "distrib_optim.pt").write_bytes(bytes([it, rank]) * 50)
+    out = tmp_path / "avg"
+    quiet_average(run_dir, f"{out}/", write=WriteOptions(verify=True, keep_training_state=keep))
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("distrib_optim.pt"))
+    assert files == (["iter_0000020/mp_rank_00/distrib_optim.pt", "iter_0000020/mp_rank_01/distrib_optim.pt"] if keep
+                     else [])
+    for rank in (0, 1) if keep else ():
+        name = f"iter_0000020/mp_rank_{rank:02d}/distrib_optim.pt"
+        assert (out / name).read_bytes() == (run_dir / name).read_bytes()
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temp file left behind

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..errors import CheckpointFormatError, first_line, one_line
 from .pickle_scan import BadPickle, scan
+from .safetensors_file import sniff
 from .torch_zip import check_torch_zip
 
 _STORAGES = {f"{kind}Storage" for kind in ("Bool", "Byte", "Char", "Short", "Int", "Long", "Half", "BFloat16",
@@ -151,10 +152,10 @@ def read_tree(path: Path, trust: bool) -> Tree:
         CheckpointFormatError: for a legacy (non-zip) file, a class outside the allow-list (without `trust`;
             the message names it and the opt-in), or a pickle torch.save does not write.
     """
-    archive = check_torch_zip(path)
-    if archive is None:
+    if sniff(path) == "torch-legacy":
         raise CheckpointFormatError(f"{path}: a legacy (non-zip) torch file; container output copies a zip "
                                     "archive: re-save it with a current torch.save.")
+    archive = check_torch_zip(path)
     try:
         scan(archive.pickled, 0)
         root = _TreeUnpickler(archive.pickled, trust).load()

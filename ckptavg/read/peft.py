@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointFormatError
+from ..errors import CheckpointFormatError, PlanError
 from .checkpoint import Checkpoint, LoadOptions, PathLike
 from .layouts import open_checkpoint
 from .sidecars import read_json
@@ -42,7 +42,13 @@ def open_base(path: PathLike, load: LoadOptions) -> Checkpoint:
 
     Raises:
         CheckpointFormatError: It does not exist or is not a checkpoint.
+        PlanError: strip_prefix or add_prefix, which would change nothing: the merge writes the base's own names
+            (an adapter's tensors are matched to the base's by their ends).
     """
+    renaming = [p for p in ("strip_prefix", "add_prefix") if getattr(load, p)]
+    if renaming:
+        raise PlanError(f"lora merge writes the base model's own tensor names, so {renaming[0]} changes nothing; "
+                        f"leave out {' and '.join(renaming)}.", params=("lora", *renaming))
     base = Path(path)
     if not base.exists():
         raise CheckpointFormatError(f"{base}: no such base model; give base, the folder or weights file the adapters "

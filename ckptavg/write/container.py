@@ -122,7 +122,9 @@ def container_output(output: PathLike, specs: Sequence[TensorSpec], ckpts: Seque
     """The one file of `--container`: a copy of the newest of `ckpts` (the last) around the averaged `specs`.
 
     Raises:
-        PlanError: for a folder output, a safetensors name, several output rows, or folder inputs.
+        PlanError: for a folder output, a safetensors name, several output rows, or folder inputs; a newest
+            input that is a safetensors file.
+        CheckpointFormatError: a newest input that is a legacy (non-zip) torch file.
     """
     refuse_container(output)
     if is_folder_output(output):
@@ -139,7 +141,15 @@ def container_output(output: PathLike, specs: Sequence[TensorSpec], ckpts: Seque
         raise PlanError(f"{folders[0]}: a checkpoint folder has no training checkpoint file to copy; container "
                         "takes torch checkpoint files (leave out container to write the weights).",
                         params=("container",))
-    plan = plan_container(ckpts[-1], specs, load, keep_training_state)
+    newest = ckpts[-1]
+    if newest.format == "safetensors":
+        raise PlanError(f"{newest.path}: a safetensors file holds weights alone, no training checkpoint to copy; "
+                        "leave out container.", params=("container",))
+    if newest.format != "torch-zip":  # a legacy (non-zip) torch.save file: its storages are not records to copy
+        raise CheckpointFormatError(f"{newest.path}: a legacy (non-zip) torch file; container copies a torch zip "
+                                    "archive: re-save it with a current torch.save, or leave out container.",
+                                    params=("container",))
+    plan = plan_container(newest, specs, load, keep_training_state)
     out = plan_output(output, specs, ckpts, to_folder=False, fmt="torch")
     return replace(out, container=plan)
 

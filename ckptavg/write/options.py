@@ -79,9 +79,9 @@ class WriteOptions:
     keep_training_state: bool = False
 
     def __post_init__(self) -> None:
-        if self.container and self.format == "safetensors":
-            raise PlanError("container writes a torch file, a copy of the newest input's checkpoint; give format "
-                            "torch, or leave out container.", params=("container", "format"))
+        if self.container and self.format not in (None, "torch"):
+            raise PlanError(f"container writes a torch file, a copy of the newest input's checkpoint, not {self.format}; "
+                            "give format torch, or leave out container.", params=("container", "format"))
         if self.container and (self.max_shard_size is not None or self.shards_like_input):
             raise PlanError("container writes one torch file, a copy of the newest input's checkpoint; leave out "
                             "max_shard_size and shards_like_input.",

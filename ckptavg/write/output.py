@@ -98,6 +98,7 @@ class Output:
     stem: str = "model"  # a folder's weights: model.safetensors, or diffusers' diffusion_pytorch_model.safetensors
     container: Any = None  # a `container.ContainerPlan` (or one per rank): copies of training checkpoints
     texts: tuple[tuple[str, str], ...] = ()  # small files we write (an adapter_config.json, Megatron's tracker file)
+    placed_copies: tuple[tuple[str, Path], ...] = ()  # (name in the folder, source) copied as is (distrib_optim.pt)
 
     def check(self, inputs: Sequence[Path], force: bool) -> None:
         """Refuse an output that is an input, would overwrite something (without `force`), or cannot be made."""
@@ -109,6 +110,7 @@ class Output:
             return
         names = [sh.name for sh in self.shards] + [p.name for p in self.copies] + [n for n, _ in self.texts]
         names += [self.index] if self.indexed else []
+        names += [n for n, _ in self.placed_copies]
         check_folder(self.path, names, inputs, force)
 
     @property
@@ -262,6 +264,8 @@ class OpenOutput:
         folder = self.output.folder
         for src in self.output.copies:  # one at a time: a failed copy must not lose the earlier temps
             temps.append((copy_temp(src, folder), folder / src.name))
+        for name, src in self.output.placed_copies:
+            temps.append((copy_temp(src, (folder / name).parent), folder / name))
         if self.output.indexed:
             index = self.output.index
             temps.append((write_text_temp(folder, index, index_json(self.output.shards)), folder / index))
