@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..errors import OutputError, PlanError
+from ..errors import CkptavgWarning, OutputError, PlanError
 from ..layout import TensorSpec
 from ..read.checkpoint import Checkpoint
 from .hf_folder import (
@@ -97,6 +98,7 @@ class Output:
     stem: str = "model"  # a folder's weights: model.safetensors, or diffusers' diffusion_pytorch_model.safetensors
     container: Any = None  # a `container.ContainerPlan` (or one per rank): copies of training checkpoints
     texts: tuple[tuple[str, str], ...] = ()  # small files we write (an adapter_config.json, Megatron's tracker file)
+    notes: tuple[str, ...] = ()  # what the user must know of what is (not) written: warned once it passed `check`
 
     def check(self, inputs: Sequence[Path], force: bool) -> None:
         """Refuse an output that is an input, would overwrite something (without `force`), or cannot be made."""
@@ -137,6 +139,15 @@ class Output:
         except BaseException:
             _remove_folders(created)
             raise
+
+
+def announce(outputs: Sequence[Output], into: list[CkptavgWarning]) -> None:
+    """Warn once of each of the `outputs`' notes, and keep it in `into` (a report's warnings, for --json): called
+    once every output has passed its checks, so that a refused output gives its error alone."""
+    for text in dict.fromkeys(n for o in outputs for n in o.notes):
+        note = CkptavgWarning(text)
+        warnings.warn(note, stacklevel=3)
+        into.append(note)
 
 
 def _make_folder(folder: Path, created: list[Path]) -> None:
