@@ -39,7 +39,7 @@ from .select import Selection, order_checkpoints, refuse_twice, select_checkpoin
 from .write.container import refuse_container
 from .write.dcp_folder import plan_dcp_output, wants_dcp
 from .write.options import WriteOptions, output_format, row_suffix
-from .write.output import OpenOutput, Output, is_folder_output, plan_output
+from .write.output import OpenOutput, Output, announce, is_folder_output, plan_output
 from .write.safetensors import check_output
 from .write.templates import row_targets
 from .write.training import training_output
@@ -164,8 +164,10 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
     best_only = evaluation is not None and evaluation.keep == "best"
     # keeping the best row: a plain -o is its file; a template or folder is planned for every row, as the
     # name of the one written comes from the row that wins
-    suffix = os.sep if config else row_suffix(write.format)  # an adapter row is a folder: its config holds r, alpha
-    targets = [os.fspath(output)] if single and (len(rows) == 1 or best_only) else row_targets(output, rows, suffix)
+    # a row in a folder is a folder where its layout needs one: an adapter's config holds r and alpha; DCP
+    suffix = os.sep if config or wants_dcp(report.checkpoints, write.format, parts == 1) else row_suffix(write.format)
+    targets = ([os.fspath(output)] if single and (len(rows) == 1 or best_only)
+               else row_targets(output, rows, write.format, suffix))
     sharded = write.max_bytes is not None or write.shards_like_input or parts > 1
     outs = []
     for target in targets:
@@ -173,12 +175,12 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
         to_folder = sharded or (is_folder_output(target) if targets == [os.fspath(output)] else target.endswith(os.sep))
         # DCP inputs give a DCP folder, written by one process: a torchrun job writes safetensors shards
         dcp = wants_dcp(report.checkpoints, write.format, to_folder and parts == 1)
-        out = (plan_dcp_output if dcp else plan_output)(
-            target, report.specs, layout_from, to_folder=to_folder, max_bytes=write.max_bytes,
-            like_input=write.shards_like_input, parts=parts, make_parent=target != os.fspath(output), fmt=write.format,
-            texts={CONFIG: config} if config else None)
+        out = (plan_dcp_output if dcp else plan_output)(target, report.specs, layout_from, to_folder=to_folder,
+            max_bytes=write.max_bytes, like_input=write.shards_like_input, parts=parts,
+            make_parent=target != os.fspath(output), fmt=write.format, texts={CONFIG: config} if config else None)
         out.check(files_of([*report.considered, *report.sources]), write.force)  # unselected inputs are still inputs
         outs.append(out)
+    announce(outs, report.warnings)  # what the outputs leave out, once all of them passed their checks
     if report.lora and report.base is None and any(o.indexed for o in outs):
         warnings.warn(CkptavgWarning(SHARDED_NOTE, params=("max_shard_size", "shards_like_input")), stacklevel=1)
     metadata = tuple(row_metadata(report, r, bn) for r in range(len(outs)))

@@ -87,7 +87,9 @@ def test_megatron_run_to_a_run_folder_that_torch_reads_as_the_exact_mean(tmp_pat
     assert tensors["decoder.layers.mlp.linear_fc1.weight"].shape == (2, 32, 16)
     extra = sorted(k for k in state if "_extra_state" in k)
     assert len(extra) == 4 and all("/shard_" in k for k in extra)
-    assert "DCP output" in result.stderr and "latest_checkpointed_iteration.txt" in result.stderr
+    # the one note: what is copied as it is and what is not written (no listing of the files on every run)
+    notes = [ln for ln in result.stderr.splitlines() if ln.startswith("Warning: DCP output")]
+    assert len(notes) == 1 and "common.pt" in notes[0] and "optimizer and RNG state are not written" in notes[0], notes
 
 
 def test_megatron_extra_state_is_carried_byte_for_byte_from_the_newest(tmp_path: Path) -> None:

@@ -193,6 +193,11 @@ def _what(result: AverageResult) -> str:
     return text
 
 
+def _file_noun(result: AverageResult) -> str:
+    """What the files of a folder output are: a DCP folder's data files (beside .metadata), or weight files."""
+    return "DCP data file" if result.files and all(f.path.suffix == ".distcp" for f in result.files) else "weight file"
+
+
 def format_summary(result: AverageResult) -> str:
     """The success message: one line, then for several outputs or scores one line per output or score."""
     r = result.report
@@ -200,7 +205,7 @@ def format_summary(result: AverageResult) -> str:
     written = result.written()
     if len(written) == 1:
         head = (f"wrote {result.outputs[0] if result.outputs else result.output}: {what}, {human_bytes(result.nbytes)}, "
-                + (f"sha256 {result.sha256}" if result.sha256 else _count(len(result.files), "weight file"))
+                + (f"sha256 {result.sha256}" if result.sha256 else _count(len(result.files), _file_noun(result)))
                 + f", {result.seconds:.2f} s")
     else:
         head = f"wrote {len(written)} outputs: {what} each, {human_bytes(result.nbytes)} in all, {result.seconds:.2f} s"

@@ -23,13 +23,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import CkptavgWarning, OutputError, PlanError, listing, one_line
+from ..errors import OutputError, PlanError
 from ..layout import TensorSpec
 from ..read.checkpoint import Checkpoint
 from ..read.dcp import METADATA, PROVENANCE, TRAINING_ENTRIES, dcp_entries, is_dcp_folder
@@ -71,7 +70,8 @@ def plan_dcp_output(output: str | os.PathLike[str], specs: Sequence[TensorSpec],
                     ) -> DcpOutput:
     """The files of a DCP output at `output` for tensors `specs` from `ckpts` (the newest last); the same
     parameters as `output.plan_output` (`fmt`: ``dcp`` or None; `texts`, files ckptavg writes beside, must be
-    empty: only a LoRA adapter folder has one), and a note of what will be written."""
+    empty: only a LoRA adapter folder has one), with a note of the input's state it leaves out, if any (`notes`:
+    `api.prepare` gives it once every output has passed its checks)."""
     out = Path(output)
     if texts:
         raise PlanError(f"output {out}: a DCP folder cannot hold {', '.join(texts)}; give another format.",
@@ -98,10 +98,25 @@ def plan_dcp_output(output: str | os.PathLike[str], specs: Sequence[TensorSpec],
             folder, tracker = out / f"iter_{step:07d}", out / TRACKER
     shards = _files(specs, carried, max_bytes)
     plan = DcpPlan(names, carried, planner_data, tracker, step if tracker is not None else None)
-    dcp = DcpOutput(out, folder, True, tuple(shards), copies, make_parent, format="dcp", dcp=plan)
-    warnings.warn(CkptavgWarning(f"DCP output {dcp.describe()}. Optimizer and RNG state are not written."),
-                  stacklevel=2)
-    return dcp
+    dropped = _training_state(newest) if from_dcp else []
+    notes = (_not_written(newest, copies, dropped),) if copies or dropped else ()
+    return DcpOutput(out, folder, True, tuple(shards), copies, make_parent, format="dcp", dcp=plan, notes=notes)
+
+
+def _not_written(newest: Checkpoint, copies: Sequence[Path], dropped: Sequence[str]) -> str:
+    """What a DCP output written from DCP input `newest` leaves out, for the user to know before resuming from it."""
+    if copies:  # Megatron torch_dist: its optimizer and RNG state are in the sharded files
+        return (f"DCP output: {' and '.join(p.name for p in copies)} are copied as they are from {newest.path} (its "
+                "args, iteration and scheduler state); optimizer and RNG state are not written: load it without them "
+                "(Megatron: --finetune, or --no-load-optim --no-load-rng).")
+    return (f"DCP output: the training state of {newest.path} ({', '.join(dropped)}) is not written, "
+            "only its weights; load the output as weights, not to resume that training.")
+
+
+def _training_state(newest: Checkpoint) -> list[str]:
+    """The names of the training-state entries (optimizer, scheduler, RNG) that DCP input `newest` holds."""
+    entries, _ = dcp_entries(newest.path)
+    return sorted({name for fqn in entries for name in _training(fqn)})
 
 
 def _fqn(spec: TensorSpec, newest: Checkpoint) -> str:
@@ -128,10 +143,11 @@ def _key_path(fqn: str, given: Any) -> tuple[str | int, ...]:
     return (fqn,)
 
 
-def _training(fqn: str) -> bool:
-    """An entry under a training-state subtree: `optim.*`, `app.optim.*` (the DCP recipe), `rng_state/shard_*`."""
+def _training(fqn: str) -> frozenset[str]:
+    """The training-state subtree an entry is under, if any: `optim.*`, `app.optim.*` (the DCP recipe),
+    `rng_state/shard_*`."""
     parts = fqn.split("/")[0].split(".")
-    return bool(NOT_CARRIED & set(parts[:-1][:2] or parts[:1]))
+    return NOT_CARRIED & set(parts[:-1][:2] or parts[:1])
 
 
 def _files(specs: Sequence[TensorSpec], carried: Sequence[Carried], max_bytes: int | None) -> list[Shard]:
@@ -193,16 +209,6 @@ class DcpOutput(Output):
         except BaseException:
             _remove_folders(created)
             raise
-
-    def describe(self) -> str:
-        """What will be written, for the plan's notes."""
-        what = f"{self.folder}{os.sep}: {', '.join(self.file_names)}"
-        if self.dcp.tracker is not None:
-            what += f"; {self.dcp.tracker} naming iteration {self.dcp.iteration}"
-        if self.dcp.carried:
-            what += (f"; the newest checkpoint's non-tensor entries "
-                     f"{listing([one_line(c.fqn, 60) for c in self.dcp.carried], 2)}")
-        return what
 
 
 @dataclass

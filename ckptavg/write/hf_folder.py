@@ -17,15 +17,18 @@ from fractions import Fraction
 from pathlib import Path
 from typing import IO, Any
 
-from ..errors import OutputError, PlanError
+from ..errors import OutputError, PlanError, listing
 from ..layout import TensorSpec
 from ..read.checkpoint import Checkpoint
+from ..read.dcp import METADATA, PROVENANCE
 from ..read.files import training_state
 from ..read.hf_folder import HF_WEIGHT_FILES
+from ..read.megatron import TRACKER
 from .placing import check_replaceable, temp_beside, usual_mode
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+_RUN_FOLDER = re.compile(r"iter_\d+|release")  # a Megatron run's iteration folders
 STEMS = ("diffusion_pytorch_model", "adapter_model")  # diffusers' and PEFT's names for a folder's weights
 
 
@@ -187,10 +190,10 @@ def check_folder(out: Path, names: Sequence[str], inputs: Sequence[Path], force:
     for src in inputs:
         if src.resolve().parent == resolved or src.resolve() == resolved:
             raise OutputError(f"{out}: holds the input {src}; choose another output folder.")
-    stale = sorted(p.name for p in out.iterdir() if p.name not in names and _is_weights(p.name)) if out.is_dir() else []
+    stale = _other_weights(out, names) if out.is_dir() else []
     if stale:
-        raise OutputError(f"{out}: holds other weight files ({', '.join(stale[:3])}) that would mix with the new ones; "
-                          "remove them or choose an empty folder.")
+        raise OutputError(f"{out}: holds other weight files ({listing(stale, 3)}) that readers would mix with the new "
+                          "ones or load instead; remove them or choose an empty folder.")
     for n in names:
         check_replaceable(out / n)
     clash = [n for n in names if os.path.lexists(out / n)]
@@ -198,8 +201,26 @@ def check_folder(out: Path, names: Sequence[str], inputs: Sequence[Path], force:
         raise OutputError(f"{out}: already holds {', '.join(clash[:3])}; pass force to overwrite.", params=("force",))
 
 
+def _other_weights(out: Path, names: Sequence[str]) -> list[str]:
+    """The entries of folder `out` that hold another checkpoint than the files `names` (paths in `out`) write:
+    Hugging Face weights, a DCP folder's (`.metadata`, `*.distcp`, ckptavg's `ckptavg.json`), a Megatron run's
+    (`iter_N/` or `release/` folders, the tracker file) unless the output is a Megatron run itself (it writes
+    the tracker), whose other iterations are its own. Left beside the new files, they would be read instead of
+    them by one reader or another (torch's `dcp.load` reads `.metadata`, Megatron the tracker), or mixed in."""
+    ours = {Path(n).parts[0] for n in names}
+    run = TRACKER in ours
+    return [f"{p.name}{os.sep}" if p.is_dir() else p.name for p in sorted(out.iterdir(), key=lambda p: p.name)
+            if p.name not in ours and (_is_weights(p.name) or (not run and _is_run_entry(p)))]
+
+
 def _is_weights(name: str) -> bool:
-    return name in HF_WEIGHT_FILES or name.endswith((".safetensors", ".index.json")) or name.startswith("pytorch_model")
+    return (name in HF_WEIGHT_FILES or name.endswith((".safetensors", ".index.json", ".distcp"))
+            or name.startswith("pytorch_model") or name in (METADATA, PROVENANCE))
+
+
+def _is_run_entry(p: Path) -> bool:
+    """A Megatron run's tracker file or one of its iteration folders."""
+    return p.name == TRACKER or (_RUN_FOLDER.fullmatch(p.name) is not None and p.is_dir())
 
 
 def copy_temp(src: Path, folder: Path) -> Path:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..errors import OutputError, PlanError
+from ..errors import CkptavgWarning, OutputError, PlanError
 from ..layout import TensorSpec
 from ..read.checkpoint import Checkpoint
 from .hf_folder import (
@@ -99,6 +99,7 @@ class Output:
     container: Any = None  # a `container.ContainerPlan` (or one per rank): copies of training checkpoints
     texts: tuple[tuple[str, str], ...] = ()  # small files we write (an adapter_config.json, Megatron's tracker file)
     placed_copies: tuple[tuple[str, Path], ...] = ()  # (name in the folder, source) copied as is (distrib_optim.pt)
+    notes: tuple[str, ...] = ()  # what the user must know of what is (not) written: warned once it passed `check`
 
     def check(self, inputs: Sequence[Path], force: bool) -> None:
         """Refuse an output that is an input, would overwrite something (without `force`), or cannot be made."""
@@ -140,6 +141,15 @@ class Output:
         except BaseException:
             _remove_folders(created)
             raise
+
+
+def announce(outputs: Sequence[Output], into: list[CkptavgWarning]) -> None:
+    """Warn once of each of the `outputs`' notes, and keep it in `into` (a report's warnings, for --json): called
+    once every output has passed its checks, so that a refused output gives its error alone."""
+    for text in dict.fromkeys(n for o in outputs for n in o.notes):
+        note = CkptavgWarning(text)
+        warnings.warn(note, stacklevel=3)
+        into.append(note)
 
 
 def _make_folder(folder: Path, created: list[Path]) -> None:
