@@ -22,7 +22,7 @@ from .errors import BatchNormError, CkptavgWarning
 from .layout import ACCUM_DTYPES, OUT_DTYPES, TensorSpec, check_layout
 from .methods.base import Plan
 from .methods.lora import LoraAverage
-from .methods.lora_rows import SHARDED_NOTE, average_adapters, refuse_scored_soup
+from .methods.lora_rows import average_adapters, refuse_scored_soup, sharded_note
 from .methods.uniform import Copy, Swa
 from .read.checkpoint import LoadOptions, PathLike, check_unchanged, files_of
 from .read.dcp import extra_state_note
@@ -182,7 +182,7 @@ def prepare(inputs: Sequence[PathLike] | PathLike, output: PathLike, plan: Plan,
         outs.append(out)
     announce(outs, report.warnings)  # what the outputs leave out, once all of them passed their checks
     if report.lora and report.base is None and any(o.indexed for o in outs):
-        warnings.warn(CkptavgWarning(SHARDED_NOTE, params=("max_shard_size", "shards_like_input")), stacklevel=1)
+        warnings.warn(sharded_note(parts), stacklevel=1)
     metadata = tuple(row_metadata(report, r, bn) for r in range(len(outs)))
     return Job(report, tuple(outs), metadata, write, bn, evaluation)
 

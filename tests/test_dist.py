@@ -77,3 +77,22 @@ def test_balance_is_size_balanced_and_deterministic() -> None:
     assert sorted(loads) == [101, 102, 103]  # 100+3, 90+10+2, 50+50+1
     assert owner == balance(sizes, 3)
     assert balance([5, 5], 4) == [0, 1]
+
+
+def test_two_ranks_average_lora_adapters_as_one_process(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """--lora svd (the default) under torchrun: the same factors as one process, and each warning said once, by
+    rank 0, naming what sharded the adapter folder (the job, not an option the user did not give)."""
+    run = Path(__file__).resolve().parent.parent / "fixtures" / "real" / "peft" / "lora-trainer"
+    assert cli("swa", run, "-o", f"{tmp_path / 'single'}/", "-q").exit_code == 0
+    r = _torchrun("swa", run, "-o", f"{tmp_path / 'dist'}/")
+    assert r.returncode == 0, r.stderr
+    warned = [line for line in r.stderr.splitlines() if line.startswith("Warning: ")]
+    assert len(warned) == len(set(warned)) == 2, warned  # the final model left out; the sharded adapter folder
+    assert "a torchrun job of 2 processes writes one shard each" in warned[1] and "--max-shard-size" not in warned[1]
+    want = load_file(tmp_path / "single" / "adapter_model.safetensors")
+    index = json.loads((tmp_path / "dist" / "adapter_model.safetensors.index.json").read_text())
+    got = {}
+    for name, file in index["weight_map"].items():
+        with safe_open(tmp_path / "dist" / file, "pt") as f:
+            got[name] = f.get_tensor(name)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

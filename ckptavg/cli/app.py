@@ -94,12 +94,13 @@ def _usage_error(e: _ClickError, ctx: Any) -> int:
 
 @contextmanager
 def _warnings_as_lines() -> Iterator[None]:
-    """Show each distinct warning once, as a `Warning:` line on stderr."""
+    """Show each distinct warning once, as a `Warning:` line on stderr (by rank 0 only, in a torchrun job: every
+    rank plans the same run and would say the same)."""
     seen: set[str] = set()
 
     def show(message: Warning | str, *_: object, **__: object) -> None:
         text = one_line(message.with_names(PARAM_FLAGS) if isinstance(message, CkptavgWarning) else str(message))
-        if text not in seen:
+        if text not in seen and lead():
             seen.add(text)
             print(f"Warning: {text}", file=sys.stderr)
 

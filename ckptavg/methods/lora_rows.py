@@ -28,8 +28,13 @@ FACTORS_NOTE = ("LoRA adapters are averaged factor by factor (the mean of the A 
                 "(docs/ALGORITHMS.md §13).")
 DORA_NOTE = ("DoRA adapters: the update B·A is averaged as said, but each layer's magnitude vector is averaged on "
              "its own, and DoRA rescales W + s·B·A by it, so the result is not the mean of the adapted weights.")
-SHARDED_NOTE = ("PEFT loads an adapter from one adapter_model.safetensors; this sharded adapter folder is for "
-                "ckptavg and safetensors readers only (leave out max_shard_size and shards_like_input).")
+def sharded_note(parts: int) -> CkptavgWarning:
+    """What a sharded adapter folder cannot do, and what sharded it: the options, or a torchrun job's ranks."""
+    why = (f"a torchrun job of {parts} processes writes one shard each; run it in one process" if parts > 1
+           else "leave out max_shard_size and shards_like_input")
+    return CkptavgWarning("PEFT loads an adapter from one adapter_model.safetensors; this sharded adapter folder is "
+                          f"for ckptavg and safetensors readers only ({why}).",
+                          params=() if parts > 1 else ("max_shard_size", "shards_like_input"))
 # What sets the scale s of every update: the adapters must agree on it, or Σ w_k B_k A_k mixes scales.
 SCALE_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
 
