@@ -214,7 +214,8 @@ def _reduce(job: Job, specs: Sequence[TensorSpec], sinks: Sequence[Callable[[Ten
     ckpts, rows = report.checkpoints, report.matrix.rows
     fixed = report.lora.tensors if report.lora else ()  # LoRA factors averaged by the plan, one dict per row
     computed = {name for row in fixed[:1] for name in row}  # (or a whole merged model)
-    total = sum(work_bytes(s, ckpts, [r.for_tensor(s.name) for r in rows]) for s in specs if s.name not in computed)
+    total = sum(s.nbytes * len(rows) if s.name in computed else work_bytes(s, ckpts, [r.for_tensor(s.name) for r in rows])
+                for s in specs)  # a computed tensor (LoRA, a merged model's) counts as the bytes it writes
     done = 0
 
     def on_read(n: int) -> None:
@@ -235,6 +236,7 @@ def _reduce(job: Job, specs: Sequence[TensorSpec], sinks: Sequence[Callable[[Ten
             for s in run:
                 for sink, tensors in zip(sinks, fixed, strict=True):
                     checked(sink)(s, 0, tensors[s.name].reshape(-1))
+                    on_read(s.nbytes)
             continue
         stream_rows(list(run), ckpts, lambda s: [r.for_tensor(s.name) for r in rows], [checked(s) for s in sinks],
                     accum_dtype=ACCUM_DTYPES[write.accum_dtype], device=write.device, on_read=on_read)

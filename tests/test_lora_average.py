@@ -425,3 +425,13 @@ def test_an_svd_rank_above_n_r_says_the_rest_is_zeros(cli: Cli, tmp_path: Path) 
     a = state["base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"]
     assert a.shape[0] == 20 and not a[16:].any() and a[:16].abs().sum(1).min() > 0  # exactly the zero padding
     assert "is more than" not in cli("swa", *TRAINER, "--lora-rank", "16", "-o", f"{tmp_path / 'r16'}/", "-q").stderr
+
+
+@pytest.mark.parametrize("how", [LoraAverage("svd"), LoraAverage("merge", base=str(PEFT / "lora-trainer-base"))])
+def test_progress_counts_the_tensors_the_plan_computes(tmp_path: Path, how: LoraAverage) -> None:
+    """The LoRA layers (and a merge's every tensor) are computed, not streamed: progress still moves through
+    them and ends at its total."""
+    calls: list[tuple[int, int]] = []
+    average(TRAINER[:2], f"{tmp_path / 'out'}/", lora=how, progress=lambda done, total: calls.append((done, total)))
+    assert len(calls) > 2 and calls[-1][0] == calls[-1][1] > 0
+    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:], strict=False))
