@@ -27,9 +27,9 @@ from .methods.uniform import Copy, Swa
 from .read.checkpoint import LoadOptions, PathLike, check_unchanged, files_of
 from .read.dcp import extra_state_note
 from .read.dedupe import dedupe, fill_path_meta, skipped_note
-from .read.describe import describe, refuse_folder
+from .read.describe import inspect_checkpoint as inspect_checkpoint  # a verb of the public face, read-only
 from .read.discover import Found, discover, find_checkpoints
-from .read.layouts import is_checkpoint_folder, open_checkpoint
+from .read.layouts import open_checkpoint
 from .read.peft import CONFIG, adapter_config, open_base
 from .reduce.stream import resolve_device, stream_rows
 from .reduce.tensor import CheckpointData, check_finite, work_bytes
@@ -380,14 +380,3 @@ def recalibrate_bn(
                              f"not {len(found)}.")
     return average(found, output, Copy(), select=Selection(), load=load, write=write, bn=bn, progress=progress)
 
-
-def inspect_checkpoint(path: PathLike, load: LoadOptions = LoadOptions()) -> dict[str, Any]:
-    """Describe one checkpoint without reading its tensor data: format, weights location, metadata, tensors.
-
-    For a file written by ckptavg, the ``ckptavg`` entry holds its provenance (version, method,
-    parameters, inputs with their weights).
-    """
-    folder = Path(path)
-    if folder.is_dir() and not is_checkpoint_folder(folder):
-        refuse_folder(folder)
-    return describe(open_checkpoint(path, load))

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointFormatError, CkptavgError, listing
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, LoadOptions, PathLike
 from .discover import find_checkpoints
+from .layouts import is_checkpoint_folder, open_checkpoint
 from .sidecars import parse_provenance
 
 
@@ -49,3 +50,15 @@ def refuse_folder(folder: Path) -> None:
                 runs.append(f"{sub.name}/ ({n})")
     hint = f"; its subfolders hold checkpoints: {listing(runs, 5)}" if runs else ""
     raise CheckpointFormatError(f"{folder}: a folder, not a checkpoint{hint}.")
+
+
+def inspect_checkpoint(path: PathLike, load: LoadOptions = LoadOptions()) -> dict[str, Any]:
+    """Describe one checkpoint without reading its tensor data: format, weights location, metadata, tensors.
+
+    For a file written by ckptavg, the ``ckptavg`` entry holds its provenance (version, method,
+    parameters, inputs with their weights).
+    """
+    folder = Path(path)
+    if folder.is_dir() and not is_checkpoint_folder(folder):
+        refuse_folder(folder)
+    return describe(open_checkpoint(path, load))
