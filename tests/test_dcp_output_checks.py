@@ -185,3 +185,16 @@ def test_a_sweep_of_megatron_iterations_writes_a_run_folder_per_row(cli: Cli, tm
     for row in ("decay=0.5", "decay=0.9"):
         assert (tmp_path / "sweep" / row / "latest_checkpointed_iteration.txt").read_text().strip() == "9"
         assert (tmp_path / "sweep" / row / "iter_0000009" / ".metadata").is_file()
+
+
+def test_a_dcp_folder_over_a_megatron_iteration_does_not_inherit_its_common_state(cli: Cli, tmp_path: Path) -> None:
+    """Our DCP folder written into an old Megatron iteration (even with --force) would sit beside that run's
+    common.pt and metadata.json, and read as that run's iteration: refused, naming them."""
+    run = Path(__file__).resolve().parent.parent / "fixtures" / "real" / "megatron" / "checkpoints"
+    assert cli("swa", run, "-o", f"{tmp_path / 'meg'}/", "-q").exit_code == 0
+    iteration = tmp_path / "meg" / "iter_0000009"
+    before = sorted(p.name for p in iteration.iterdir())
+    runs = plain_run(tmp_path / "runs")
+    line = only_error(cli("swa", runs, "--format", "dcp", "-o", f"{iteration}/", "-f"))
+    assert "holds other weight files" in line and "common.pt" in line and "metadata.json" in line, line
+    assert sorted(p.name for p in iteration.iterdir()) == before

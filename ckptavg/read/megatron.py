@@ -27,6 +27,7 @@ from .metadata import Meta
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MEGATRON_METADATA = "metadata.json"
+MEGATRON_COMMON = "common.pt"  # args, iteration, scheduler state: never read
 LEGACY_FILE = "model_optim_rng.pt"
 _ITER = re.compile(r"iter_(\d{1,18})")
 _RANK = re.compile(r"mp_rank_\d+(?:_\d+)?")

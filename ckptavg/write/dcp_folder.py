@@ -33,13 +33,12 @@ from ..layout import TensorSpec
 from ..read.checkpoint import Checkpoint
 from ..read.dcp import METADATA, PROVENANCE, TRAINING_ENTRIES, dcp_entries, is_dcp_folder
 from ..read.dcp_chunks import BytesEntry, DcpTensor
-from ..read.megatron import MEGATRON_METADATA, TRACKER, is_torch_dist, megatron_step
+from ..read.megatron import MEGATRON_COMMON, MEGATRON_METADATA, TRACKER, is_torch_dist, megatron_step
 from .dcp_writer import Carried, DcpWriter, TensorArchive, metadata_pickle
 from .hf_folder import Shard, check_folder, copy_temp, write_text_temp
 from .output import OpenOutput, Output, Writer, _make_folder, _remove_folders
 from .placing import check_replaceable
 
-COMMON = "common.pt"
 # Entries that are training state, never carried: torchtitan's and the DCP recipe's, Megatron's RNG state.
 NOT_CARRIED = frozenset({*TRAINING_ENTRIES, "rng_state", "rng", "rng_states", "scaler", "grad_scaler"})
 _ITER_NAME = re.compile(r"iter_\d+|release")
@@ -92,7 +91,7 @@ def plan_dcp_output(output: str | os.PathLike[str], specs: Sequence[TensorSpec],
     copies: tuple[Path, ...] = ()
     folder, tracker, step = out, None, None
     if from_dcp and is_torch_dist(newest.path):
-        copies = tuple(newest.path / n for n in (COMMON, MEGATRON_METADATA) if (newest.path / n).is_file())
+        copies = tuple(newest.path / n for n in (MEGATRON_COMMON, MEGATRON_METADATA) if (newest.path / n).is_file())
         step = megatron_step(newest.path)
         if step is not None and not _ITER_NAME.fullmatch(out.name):
             folder, tracker = out / f"iter_{step:07d}", out / TRACKER

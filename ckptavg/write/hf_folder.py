@@ -23,7 +23,7 @@ from ..read.checkpoint import Checkpoint
 from ..read.dcp import METADATA, PROVENANCE
 from ..read.files import training_state
 from ..read.hf_folder import HF_WEIGHT_FILES
-from ..read.megatron import TRACKER
+from ..read.megatron import MEGATRON_COMMON, MEGATRON_METADATA, TRACKER
 from .placing import check_replaceable, temp_beside, usual_mode
 
 SINGLE = "model.safetensors"
@@ -209,8 +209,10 @@ def _other_weights(out: Path, names: Sequence[str]) -> list[str]:
     them by one reader or another (torch's `dcp.load` reads `.metadata`, Megatron the tracker), or mixed in."""
     ours = {Path(n).parts[0] for n in names}
     run = TRACKER in ours
+    # a Megatron iteration's common state and backend file, which our DCP folder would seem to belong with
+    megatron = {MEGATRON_COMMON, MEGATRON_METADATA} if (out / METADATA).exists() or METADATA in ours else {MEGATRON_COMMON}
     return [f"{p.name}{os.sep}" if p.is_dir() else p.name for p in sorted(out.iterdir(), key=lambda p: p.name)
-            if p.name not in ours and (_is_weights(p.name) or (not run and _is_run_entry(p)))]
+            if p.name not in ours and (_is_weights(p.name) or p.name in megatron or (not run and _is_run_entry(p)))]
 
 
 def _is_weights(name: str) -> bool:
