@@ -144,12 +144,12 @@ def average_adapters(how: LoraAverage | None, specs: Sequence[TensorSpec], rows:
                               output_specs=plan.specs)
     n = max((sum(x != 0 for x in w) for by_layer in weights for w in by_layer.values()), default=1) or 1
     out_config = _output_config(how, config, n, specs, layers)
-    tensors, errors = _average_layers(how, layers, weights, n, {s.name: s for s in specs}, data)
+    by_name = {sp.name: sp for sp in specs}
+    tensors, errors = _average_layers(how, layers, weights, n, by_name, data)
     multiple = any(sum(x != 0 for x in row.values) > 1 for row in rows)
     notes = [CkptavgWarning(FACTORS_NOTE, params=("lora",))] if how.mode == "factors" and multiple else []
     if config and config.get("use_dora") and multiple:
         notes.append(CkptavgWarning(DORA_NOTE))
-    by_name = {sp.name: sp for sp in specs}
     most = n * max(by_name[a].shape[0] for a, _ in layers.values())
     if how.mode == "svd" and how.rank is not None and how.rank > most:
         notes.append(CkptavgWarning(f"lora.rank {how.rank} is more than the mean update can have (at most {n} "

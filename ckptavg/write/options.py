@@ -13,10 +13,15 @@ FORMATS: dict[str, tuple[str, ...]] = {"safetensors": (".safetensors",), "torch"
                                        "dcp": ()}  # dcp: a folder, never told from a file name
 
 
+def named_format(path: Path) -> str | None:
+    """The format a file's extension names (``.safetensors``, ``.pt``, ...), or None."""
+    return next((name for name, suffixes in FORMATS.items() if suffixes and path.name.endswith(suffixes)), None)
+
+
 def contradicted(path: Path, fmt: str | None) -> CkptavgWarning | None:
     """A note when `fmt` overrides the format that the file's name says: loaders go by the name (torch.load
     hands a .safetensors name to safetensors; a safetensors .pt makes torch.load blame weights_only)."""
-    named = next((name for name, suffixes in FORMATS.items() if suffixes and path.name.endswith(suffixes)), None)
+    named = named_format(path)
     if fmt is None or named is None or fmt == named or not FORMATS.get(fmt):
         return None
     return CkptavgWarning(f"output {path}: written as {fmt}, as format asks, but its name says {named}, and loaders "
@@ -32,9 +37,9 @@ def row_suffix(fmt: str | None) -> str:
 
 def output_format(path: Path, fmt: str | None) -> str:
     """The format of a file output: `fmt` when given, else the one its extension names."""
-    named = next((name for name, suffixes in FORMATS.items() if suffixes and path.name.endswith(suffixes)), None)
-    if fmt is not None or named is not None:
-        return fmt or str(named)
+    found = fmt or named_format(path)
+    if found is not None:
+        return found
     choices = "; ".join(f"{' '.join(s)} for {n}" for n, s in FORMATS.items() if s)
     raise PlanError(f"output {path}: cannot tell the format from the name; end it with {choices}, or pass format.",
                     params=("output", "format"))
