@@ -21,6 +21,7 @@ from ckptavg.read import torch_file as pickles
 from ckptavg.read.fastpickle import load_plain
 from ckptavg.read.layouts import open_checkpoint
 from ckptavg.read.lazy import LazyTensor
+from ckptavg.read.torch_zip import data_records
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "runs"
 
@@ -185,7 +186,7 @@ def test_a_storage_keeps_the_dtype_of_its_first_reference(tmp_path: Path) -> Non
             z.writestr(name, data)
     reference = torch.load(path, weights_only=True)
     with zipfile.ZipFile(path) as z:
-        records = pickles._data_records(path, z.infolist())
+        records = data_records(path, z.infolist())
     got = load_plain(path, buf.getvalue(), "c/", records)
     assert got is not None and reference["b"].dtype == torch.float32
     assert got["b"].dtype == torch.float32 and torch.equal(got["b"].load(), reference["b"])

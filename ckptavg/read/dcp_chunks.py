@@ -23,6 +23,7 @@ from ..layout import SAFETENSORS_DTYPES
 from .fastpickle import load_plain
 from .lazy import MAX_INT64, LazyTensor, read_exact
 from .safetensors_file import MAX_HEADER_BYTES, read_json_header
+from .torch_zip import data_records
 
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -132,13 +133,8 @@ def chunk_data(chunk: Chunk, key: str, dtype: torch.dtype) -> tuple[Path, int] |
     if s.transforms or math.prod(chunk.sizes) == 0:
         return None
     try:
-        head = bytearray(8)
-        read_exact(s.file, s.offset, head)
-        if head[:4] == ZIP_MAGIC:
-            lazy = _archive_tensor(s)
-        else:
-            n = struct.unpack("<Q", head)[0]
-            lazy = _blob_tensor(s, key, n) if n <= min(MAX_HEADER_BYTES, s.file.stat().st_size - s.offset - 8) else None
+        kind, n = _kind(s)
+        lazy = _archive_tensor(s) if kind == "zip" else _blob_tensor(s, key, n) if kind == "safetensors" else None
     except (CheckpointFormatError, OSError, ValueError, zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError):
         return None
     if lazy is None or not lazy.streamable or lazy.dtype != dtype or lazy.shape != tuple(chunk.sizes):
@@ -148,23 +144,14 @@ def chunk_data(chunk: Chunk, key: str, dtype: torch.dtype) -> tuple[Path, int] |
 
 def _archive_tensor(s: Stored) -> LazyTensor | None:
     """The tensor of a chunk's `torch.save` archive as a LazyTensor into the DCP file, from the archive's
-    directory and pickle (read with the allow-list of the fast path; no tensor data is read)."""
+    directory (checked as for any torch file) and pickle (read with the allow-list of the fast path; no
+    tensor data is read)."""
     with zipfile.ZipFile(_Window(s.file, s.offset, s.length)) as z:
         pickles = [i for i in z.infolist() if i.filename.endswith("/data.pkl")]
         if len(pickles) != 1 or any(i.compress_type != zipfile.ZIP_STORED for i in z.infolist()):
             return None
-        prefix = pickles[0].filename[: -len("data.pkl")]
-        records = {}
-        for info in z.infolist():
-            if info.filename.startswith(prefix + "data/"):
-                local = bytearray(30)
-                read_exact(s.file, s.offset + info.header_offset, local)
-                name_len, extra_len = struct.unpack("<HH", local[26:30])
-                start = info.header_offset + 30 + name_len + extra_len
-                if local[:4] != ZIP_MAGIC or start + info.file_size > s.length:
-                    return None
-                records[info.filename] = (s.offset + start, info.file_size)
-        found = load_plain(s.file, z.read(pickles[0]), prefix, records)
+        records = data_records(s.file, z.infolist(), z.start_dir, base=s.offset, length=s.length)
+        found = load_plain(s.file, z.read(pickles[0]), pickles[0].filename[: -len("data.pkl")], records)
     return found if isinstance(found, LazyTensor) else None
 
 
@@ -175,10 +162,28 @@ def _blob_tensor(s: Stored, key: str, header_size: int) -> LazyTensor | None:
     entry = entry if isinstance(entry, dict) else {}
     name, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     dtype = SAFETENSORS_DTYPES.get(name) if isinstance(name, str) else None
-    if dtype is None or not all_ints(shape) or not all_ints(offs) or len(offs) != 2 or \
-            offs[1] - offs[0] != math.prod(shape) * dtype.itemsize or offs[1] > st.st_size - s.offset - 8 - header_size:
+    if (
+        dtype is None or not all_ints(shape) or not all_ints(offs) or len(offs) != 2
+        or offs[1] - offs[0] != math.prod(shape) * dtype.itemsize
+        or offs[1] > st.st_size - s.offset - 8 - header_size or offs[1] - offs[0] > s.length
+    ):
         return None
     return LazyTensor(s.file, dtype, tuple(shape), s.offset + 8 + header_size + offs[0])
+
+
+def _kind(s: Stored) -> tuple[str, int]:
+    """What a stored item is: ("zip", 0), a `torch.save` archive; ("safetensors", header size), an entry of a
+    safetensors blob; or ("", 0), neither."""
+    size = s.file.stat().st_size
+    # 8 bytes even when `length` is shorter: with safetensors serialization `length` counts only the
+    # tensor's data, and `offset` points at the blob's 8-byte header length
+    head = bytearray(max(0, min(8, size - s.offset)))
+    read_exact(s.file, s.offset, head)
+    if head[:4] == ZIP_MAGIC:
+        return "zip", 0
+    if len(head) == 8 and (n := struct.unpack("<Q", head)[0]) <= min(MAX_HEADER_BYTES, size - s.offset - 8):
+        return "safetensors", n
+    return "", 0
 
 
 class _Window(io.RawIOBase):
@@ -242,14 +247,10 @@ def read_chunk(chunk: Chunk, key: str, dtype: torch.dtype) -> torch.Tensor:
     if math.prod(chunk.sizes) == 0:
         return torch.empty(chunk.sizes, dtype=dtype)
     try:
-        size = s.file.stat().st_size
-        # 8 bytes even when `length` is shorter: with safetensors serialization `length` counts only the
-        # tensor's data, and `offset` points at the blob's 8-byte header length
-        head = bytearray(max(0, min(8, size - s.offset)))
-        read_exact(s.file, s.offset, head)
-        if head[:4] == ZIP_MAGIC:
+        kind, n = _kind(s)
+        if kind == "zip":
             t = _from_archive(s, key)
-        elif len(head) == 8 and (n := struct.unpack("<Q", head)[0]) <= min(MAX_HEADER_BYTES, size - s.offset - 8):
+        elif kind == "safetensors":
             t = _from_safetensors(s, key, n)
         else:
             raise CheckpointFormatError(
@@ -283,24 +284,13 @@ def _from_archive(s: Stored, key: str) -> torch.Tensor:
 
 
 def _from_safetensors(s: Stored, key: str, header_size: int) -> torch.Tensor:
-    st = s.file.stat()
-    header = _blob_header(s.file, s.offset, header_size, (st.st_size, st.st_mtime_ns))
-    entry = header.get(key)
-    entry = entry if isinstance(entry, dict) else {}
-    name, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    dtype = SAFETENSORS_DTYPES.get(name) if isinstance(name, str) else None
-    if (
-        dtype is None or not all_ints(shape) or not all_ints(offs) or len(offs) != 2
-        or offs[1] - offs[0] != math.prod(shape) * dtype.itemsize
-        or offs[1] > st.st_size - s.offset - 8 - header_size or offs[1] - offs[0] > s.length  # before allocating
-    ):
+    lazy = _blob_tensor(s, key, header_size)  # checked against the blob and the file before allocating
+    if lazy is None:
         raise CheckpointFormatError(
             f"{s.file}: the safetensors data at offset {s.offset} has no readable entry '{one_line(key, 120)}'; the "
             "file is corrupt."
         )
-    buf = bytearray(offs[1] - offs[0])
-    read_exact(s.file, s.offset + 8 + header_size + offs[0], buf)
-    return torch.frombuffer(buf, dtype=dtype).view(shape)
+    return lazy.load()
 
 
 @functools.lru_cache(maxsize=8)

@@ -22,7 +22,6 @@ from .lazy import LazyTensor, check_view, lazy_view
 from .locate import ModuleState
 from .pickle_scan import TORCH_WEIGHTS_ONLY, BadPickle, scan
 from .safe_pickle import refusal
-from .torch_zip import _data_records as _data_records  # tests check records with it
 from .torch_zip import check_torch_zip
 from .walk import Cycle, rebuild
 

@@ -47,7 +47,7 @@ def check_torch_zip(path: Path) -> Archive:
                 raise CheckpointFormatError(
                     f"{path}: big-endian torch checkpoints are not supported; re-save on a little-endian machine."
                 )
-            records = _data_records(path, z.infolist(), z.start_dir)
+            records = data_records(path, z.infolist(), z.start_dir)
             return Archive(records, z.read(pickles[0]), pickles[0][: -len("data.pkl")])
     except CheckpointFormatError:  # a ValueError too: keep the message as it is
         raise
@@ -71,23 +71,26 @@ def _check_compression(path: Path, infos: list[zipfile.ZipInfo]) -> None:
             )
 
 
-def _data_records(path: Path, infos: list[zipfile.ZipInfo], directory_at: int | None = None) -> dict[str, tuple[int, int]]:
-    """Where each tensor record's bytes start (after its local header), and how many there are.
+def data_records(path: Path, infos: list[zipfile.ZipInfo], directory_at: int | None = None, *, base: int = 0,
+                 length: int | None = None) -> dict[str, tuple[int, int]]:
+    """Where each tensor record's bytes start in the file (after its local header), and how many there are.
 
     torch (on the meta device) computes each storage's offset from the sizes declared in the pickle; a
     corrupt or hand-made archive can make those point anywhere, so they are checked against these. Every
     record must be where the central directory says, under its own name, and apart from every other: a
     directory entry pointing at another record's bytes would make those bytes a second storage.
     `directory_at`: where the central directory starts, which no record may reach (None: not checked).
+    `base`, `length`: an archive that is bytes `base` to `base + length` of the file (a DCP chunk), whose
+    directory's offsets count from `base`.
     """
-    size = path.stat().st_size
+    size = base + length if length is not None else path.stat().st_size
     records: dict[str, tuple[int, int]] = {}
     extents: list[tuple[int, int, str]] = []
     fd = os.open(path, os.O_RDONLY)
     try:
         for info in infos:
             # the header and, if it is the name the directory gives, the name: one read
-            local = os.pread(fd, 30 + len(info.orig_filename.encode("utf-8", "replace")), info.header_offset)
+            local = os.pread(fd, 30 + len(info.orig_filename.encode("utf-8", "replace")), base + info.header_offset)
             if len(local) < 30 or local[:4] != b"PK\x03\x04":
                 raise CheckpointFormatError(f"{path}: broken zip archive (bad local header of '{one_line(info.filename, 120)}').")
             name_len, extra_len = struct.unpack("<HH", local[26:30])
@@ -99,12 +102,12 @@ def _data_records(path: Path, infos: list[zipfile.ZipInfo], directory_at: int | 
                     f"{path}: broken zip archive (the directory entry '{one_line(info.filename, 120)}' points at "
                     f"the record '{one_line(local_name.decode('cp437'), 120)}'); the file is corrupt or crafted."
                 )
-            start = info.header_offset + 30 + name_len + extra_len
+            start = base + info.header_offset + 30 + name_len + extra_len
             if start + info.compress_size > size:
                 raise CheckpointFormatError(
                     f"{path}: record '{one_line(info.filename, 120)}' ends past the end of the file; the file is truncated."
                 )
-            extents.append((info.header_offset, start + info.compress_size, info.filename))
+            extents.append((base + info.header_offset, start + info.compress_size, info.filename))
             if not re.fullmatch(r"[^/]+/data/\d+", info.filename):
                 continue
             if info.external_attr & 0x10:  # the MS-DOS directory bit: torch's reader then returns no bytes
@@ -113,7 +116,7 @@ def _data_records(path: Path, infos: list[zipfile.ZipInfo], directory_at: int | 
     finally:
         os.close(fd)
     extents.sort()
-    after = [(directory_at, 0, "")] if directory_at is not None else []
+    after = [(base + directory_at, 0, "")] if directory_at is not None else []
     for (_, end, record), (begin, _, other) in zip(extents, [*extents[1:], *after], strict=False):
         if end > begin:
             what = f"record '{one_line(other, 120)}'" if other else "the central directory"
