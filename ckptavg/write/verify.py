@@ -8,15 +8,14 @@ no NaN or Inf, so memory does not grow with the size of the file or of its large
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointFormatError, CkptavgError, OutputError, listing, one_line
 from ..layout import DTYPE_NAMES, TensorSpec
-from ..read.lazy import LazyTensor, pread_exact
+from ..read.lazy import LazyTensor, read_exact
 from ..read.safetensors_file import read_safetensors_header
 
 BLOCK_BYTES = 16 * 1024 * 1024  # read back this much at a time when checking finiteness
@@ -91,28 +90,27 @@ def check_spec(path: Path, spec: TensorSpec, shape: tuple[int, ...], dtype: str,
 
 def _check_finite(path: Path, name: str, lazy: LazyTensor) -> None:
     """Read the tensor's bytes block by block and refuse the first NaN or Inf, naming its flat index."""
-    item = lazy.dtype.itemsize
-    total = lazy.nbytes
-    step = max(BLOCK_BYTES // item, 1) * item
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for start in range(0, total, step):
-            block = _pread(fd, path, lazy.file_offset + start, min(step, total - start))
-            values = torch.frombuffer(block, dtype=lazy.dtype)
-            if values.dtype.itemsize == 1:  # float8: isfinite is not implemented for it
-                values = values.float()
-            bad = (~torch.isfinite(values)).nonzero()
-            if bad.numel():
-                index = start // item + int(bad[0, 0])
-                raise OutputError(f"{path}: '{one_line(name, 120)}' holds NaN or Inf (first at flat index {index}).")
-    finally:
-        os.close(fd)
+    step = max(BLOCK_BYTES // lazy.dtype.itemsize, 1)
+    for start, block in read_blocks(path, lazy, step):
+        values = torch.frombuffer(block, dtype=lazy.dtype)
+        if values.dtype.itemsize == 1:  # float8: isfinite is not implemented for it
+            values = values.float()
+        bad = (~torch.isfinite(values)).nonzero()
+        if bad.numel():
+            index = start + int(bad[0, 0])
+            raise OutputError(f"{path}: '{one_line(name, 120)}' holds NaN or Inf (first at flat index {index}).")
 
 
-def _pread(fd: int, path: Path, offset: int, size: int) -> bytearray:
-    buf = bytearray(size)
-    try:
-        pread_exact(fd, path, offset, memoryview(buf))
-    except CheckpointFormatError:
-        raise OutputError(f"{path}: the written file is shorter than its header says.") from None
-    return buf
+def read_blocks(path: Path, lazy: LazyTensor, step: int) -> Iterator[tuple[int, bytearray]]:
+    """A written tensor's bytes, `step` elements at a time: (first element, bytes), through `lazy.ranges` (one
+    run in a file; a DCP tensor's may lie in several)."""
+    for start in range(0, lazy.numel, step):
+        count = min(step, lazy.numel - start)
+        block, at = bytearray(count * lazy.dtype.itemsize), 0
+        for file, offset, n in lazy.ranges(start, count):
+            try:
+                read_exact(file, offset, memoryview(block)[at:at + n])
+            except CheckpointFormatError:
+                raise OutputError(f"{path}: the written file is shorter than its header says.") from None
+            at += n
+        yield start, block
