@@ -14,13 +14,16 @@ from .lazy import LazyTensor
 WEIGHT_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
 # A checkpoint that wraps everything one level down, as the PyTorch DCP recipe saves {"app": {"model", "optim"}}.
 WRAPPERS = ("app",)
-# Entries that are training state, never weights, whatever they hold (optimizer moments, scheduler, RNG,
-# loss scaler, data loader position).
-NOT_WEIGHTS = frozenset((
-    "optimizer", "optimizers", "optim", "optimizer_states", "optimizer_state_dict", "optim_state", "lr_scheduler",
-    "lr_schedulers", "scheduler", "schedulers", "scaler", "grad_scaler", "loss_scaler", "amp", "rng_state",
-    "rng_states", "rng", "random_states", "dataloader", "train_state", "loops",
+# Top-level entries that are training state: optimizer moments, schedulers, loss scalers and RNG state of timm,
+# Lightning, fairseq, Megatron and plain loops (a copy of the checkpoint, --container, drops them).
+TRAINING_STATE = frozenset((
+    "optimizer", "optimizers", "optim", "optimizer_states", "optimizer_state_dict", "optim_state",
+    "last_optimizer_state", "lr_scheduler", "lr_schedulers", "scheduler", "schedulers", "opt_param_scheduler",
+    "scaler", "grad_scaler", "loss_scaler", "amp", "amp_scaler", "rng_state", "rng_states", "rng", "random_states",
 ))
+# Entries that are never weights, whatever they hold: the training state, and the loop's and data loader's
+# position (which a copy keeps).
+NOT_WEIGHTS = TRAINING_STATE | {"dataloader", "train_state", "loops"}
 # Pickled modules, best first: Ultralytics keeps both and its `ema` is the one it evaluates and exports.
 MODULE_KEYS = ("ema", "model")
 # ema-pytorch's EMA.state_dict(): two models under these prefixes in one flat dict.

@@ -37,7 +37,7 @@ from ..read.container_tree import (
     tensor_leaves,
 )
 from ..read.lazy import LazyTensor
-from ..read.locate import change_prefix
+from ..read.locate import TRAINING_STATE, change_prefix
 from ..read.torch_file import _SAFE_EXTRAS, load_torch
 from .options import FORMATS
 from .output import Output, is_folder_output, plan_output
@@ -45,13 +45,6 @@ from .torch_archive import StorageRef, tensor_ref
 from .torch_file import Copied, TorchWriter
 from .verify import check_read_back, check_spec, check_tensor_names
 
-# Top-level entries that are training state, dropped unless keep_training_state: optimizer moments, schedulers,
-# loss scalers and RNG state of timm, Lightning, fairseq, Megatron and plain loops.
-TRAINING_STATE = frozenset((
-    "optimizer", "optimizers", "optim", "optimizer_states", "optimizer_state_dict", "optim_state",
-    "last_optimizer_state", "lr_scheduler", "lr_schedulers", "scheduler", "schedulers", "opt_param_scheduler",
-    "scaler", "grad_scaler", "loss_scaler", "amp", "amp_scaler", "rng_state", "rng_states", "rng", "random_states",
-))
 # Globals torch.load(weights_only=True) accepts (with ckptavg's Namespace and AttributeDict): a copy that needs
 # no other is checked with it by --verify.
 _WEIGHTS_ONLY_MODULES = ("torch", "torch._utils", "torch.storage", "collections", "argparse", "_codecs", "codecs",
