@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,10 +24,6 @@ from ..layout import DTYPE_NAMES, TensorSpec
 from ..read.checkpoint import Checkpoint, LoadOptions, PathLike
 from ..read.container_tree import (
     PARAMETER,
-    UNSET,
-    Global,
-    Opaque,
-    Stored,
     Tree,
     get,
     mapping_items,
@@ -39,17 +34,12 @@ from ..read.container_tree import (
 from ..read.lazy import LazyTensor
 from ..read.locate import TRAINING_STATE, change_prefix
 from ..read.torch_file import _SAFE_EXTRAS, load_torch
+from .container_pickle import TreePickler
 from .options import FORMATS
 from .output import Output, is_folder_output, plan_output
-from .torch_archive import StorageRef, tensor_ref
+from .torch_archive import tensor_ref
 from .torch_file import Copied, TorchWriter
 from .verify import check_read_back, check_spec, check_tensor_names
-
-# Globals torch.load(weights_only=True) accepts (with ckptavg's Namespace and AttributeDict): a copy that needs
-# no other is checked with it by --verify.
-_WEIGHTS_ONLY_MODULES = ("torch", "torch._utils", "torch.storage", "collections", "argparse", "_codecs", "codecs",
-                         "lightning.fabric.utilities.data", "pytorch_lightning.utilities.parsing",
-                         "lightning_fabric.utilities.data")
 
 
 @dataclass
@@ -91,7 +81,7 @@ class ContainerPlan:
             old, new = get(holder, slot), tensor_ref(spec, str(i))
             put(holder, slot, old.rebuilt((new, *old.args[1:])) if old.where == PARAMETER else new)
         buf = io.BytesIO()
-        pickler = _Pickler(buf)
+        pickler = TreePickler(buf)
         pickler.dump(_without(self.tree.root, self.dropped))
         self.plain = pickler.plain
         order: list[TensorSpec] = []
@@ -226,71 +216,6 @@ def _without(root: Any, dropped: list[str]) -> Any:
     kept = root.rebuilt(root.args)
     kept.pairs = [(k, v) for k, v in root.pairs if k not in dropped]
     return kept
-
-
-_PythonPickler: Any = pickle._Pickler  # its `save` can be extended: see _Pickler
-
-
-class _Pickler(_PythonPickler):  # type: ignore[misc]
-    """Pickles a tree of stand-ins back to the opcodes they were read from (protocol 2, as torch.save)."""
-
-    def __init__(self, file: io.BytesIO) -> None:
-        super().__init__(file, protocol=2)
-        # (averaged?, key of the source's storage or the averaged tensor's number) -> key in the copy, numbered
-        # as first referred to
-        self.renamed: dict[tuple[bool, str], str] = {}
-        self.plain = True
-
-    def persistent_id(self, obj: Any) -> Any:
-        if not isinstance(obj, StorageRef | Stored):
-            return None
-        source = (isinstance(obj, StorageRef), str(obj.pid[2]))
-        key = self.renamed.setdefault(source, str(len(self.renamed)))
-        return (obj.pid[0], obj.pid[1], key, *obj.pid[3:])
-
-    def save(self, obj: Any, save_persistent_id: bool = True) -> None:
-        if isinstance(obj, Global):
-            self._save_global(obj)
-        elif isinstance(obj, Opaque):
-            self._save_opaque(obj)
-        else:
-            super().save(obj, save_persistent_id)
-
-    def _memoized(self, obj: Any) -> bool:
-        x = self.memo.get(id(obj))
-        if x is not None:
-            self.write(self.get(x[0]))
-        return x is not None
-
-    def _save_global(self, cls: Global) -> None:
-        if self._memoized(cls):
-            return
-        module, name = cls.where
-        self.plain = self.plain and module in _WEIGHTS_ONLY_MODULES
-        self.write(pickle.GLOBAL + module.encode() + b"\n" + name.encode() + b"\n")
-        self.memoize(cls)
-
-    def _save_opaque(self, obj: Opaque) -> None:
-        if self._memoized(obj):
-            return
-        self.save(type(obj))
-        self.save(obj.args)
-        self.write(pickle.NEWOBJ if obj.newobj else pickle.REDUCE)
-        self.memoize(obj)
-        if obj.items:
-            self.write(pickle.MARK)
-            for item in obj.items:
-                self.save(item)
-            self.write(pickle.APPENDS)
-        if obj.pairs:
-            self.write(pickle.MARK)
-            for k, v in obj.pairs:
-                self.save(k)
-                self.save(v)
-            self.write(pickle.SETITEMS)
-        if obj.state is not UNSET:
-            self.save(obj.state)
-            self.write(pickle.BUILD)
 
 
 def verify_container(plan: ContainerPlan, path: Path, specs: Sequence[TensorSpec], check_finite: bool) -> None:
